@@ -1,0 +1,84 @@
+"""`meansparse` command line: train, calibrate, evaluate, sweep, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import torch
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a (robust) model and write a safetensors checkpoint")
+    p.add_argument("--model", default="resnet18", help="registry name (see `meansparse models`)")
+    p.add_argument("--width", type=int, default=None, help="base width (ResNet-18: 64 = standard)")
+    p.add_argument("--activation", default="gelu")
+    p.add_argument("--data", default="cifar10-jpg", help="digits | cifar10-jpg | cifar10 | cifar100 | path")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--method", default="pgd", choices=["pgd", "trades", "fgsm-rs", "standard"])
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--steps", type=int, default=2, help="attack steps per training batch")
+    p.add_argument("--step-size", type=float, default=None)
+    p.add_argument("--trades-beta", type=float, default=6.0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--schedule", default="cyclic", choices=["cyclic", "piecewise"])
+    p.add_argument("--n-holdout", type=int, default=1000)
+    p.add_argument("--eval-n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--out", required=True, help="run folder (epoch checkpoints; best.safetensors/json)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = {"activation": args.activation}
+    if args.width is not None:
+        kwargs["width"] = args.width
+    cfg = TrainConfig(model=args.model, model_kwargs=kwargs, dataset=args.data, data_root=args.data_root,
+                      method=args.method, norm=args.norm, eps=args.eps, steps=args.steps,
+                      step_size=args.step_size, trades_beta=args.trades_beta, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                      n_holdout=args.n_holdout, eval_n=args.eval_n, seed=args.seed)
+    command = "meansparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    best = train(cfg, args.out, resume=not args.no_resume, command=command)
+    print(json.dumps({"best_checkpoint": str(best)}))
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list registered architectures")
+    p.set_defaults(func=lambda a: print("\n".join(__import__("meansparse.models", fromlist=["x"]).list_models()))
+                   or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meansparse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_models(sub)
+    try:
+        from .evaluation.cli import add_evaluate_parser
+    except ImportError:  # evaluation extra not importable: the other commands still work
+        pass
+    else:
+        add_evaluate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""One entry point, `load_dataset`, that resolves a name or a path to an `ImageSet`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .imageset import ImageSet
+from .sources import load_cifar_python, load_digits, load_image_folder, load_jpeg_archive
+
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10-jpg")
+
+
+def _find_shared_cifar_jpg() -> Path | None:
+    """The shared JPEG copy of CIFAR-10: $MEANSPARSE_CIFAR10_JPG, else ../shared/data beside the checkout."""
+    env = os.environ.get("MEANSPARSE_CIFAR10_JPG")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [p / "shared" / "data" / "cifar10-jpg.tar.gz" for p in here.parents]
+    candidates.append(Path.cwd().parent / "shared" / "data" / "cifar10-jpg.tar.gz")
+    return next((c for c in candidates if c.exists()), None)
+
+
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
+                 download: bool = False, size: int | None = None) -> ImageSet:
+    """Load `split` ("train" or "test") of a named data set or of a path.
+
+    - "digits": scikit-learn's bundled digits (offline default);
+    - "cifar10"/"cifar100": python-format folders under `root` (download=True fetches them);
+    - "cifar10-jpg" or a path to a `.tar.gz`/folder laid out as split/class/NNNN.jpg;
+    - a folder of class sub-folders (ImageNet-style val set), resized/center-cropped to `size`.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: use 'train' or 'test'")
+    if name == "digits":
+        return load_digits(split)
+    if name in ("cifar10", "cifar100"):
+        if root is None:
+            raise ValueError(f"{name}: pass root= (the folder holding {name}'s python-format batches)")
+        return load_cifar_python(root, name, split, download=download)
+    if name == "cifar10-jpg":
+        path = Path(root) if root else _find_shared_cifar_jpg()
+        if path is None:
+            raise FileNotFoundError(
+                "cifar10-jpg: archive not found; set MEANSPARSE_CIFAR10_JPG or pass root=path/to/cifar10-jpg.tar.gz"
+            )
+        return load_jpeg_archive(path, split)
+    path = Path(name)
+    if path.exists():
+        if path.is_file() or (path / split).is_dir():
+            return load_jpeg_archive(path, split, size)
+        return load_image_folder(path, size or 224)
+    raise ValueError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} or a path")

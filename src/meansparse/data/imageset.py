@@ -1,0 +1,46 @@
+"""The one in-memory container every loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, C, H, W) and int64 labels; `float()` gives the [0, 1] view models expect."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"{self.name or 'ImageSet'}: images must be (N, C, H, W), got {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(
+                f"{self.name or 'ImageSet'}: {len(self.images)} images but {len(self.labels)} labels"
+            )
+        self.labels = self.labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.labels.max()) + 1
+
+    def float(self) -> torch.Tensor:
+        """Images as float32 in [0, 1]."""
+        if self.images.dtype == torch.uint8:
+            return self.images.float().div_(255.0)
+        return self.images.float()
+
+    def subset(self, index: torch.Tensor | slice, name: str | None = None) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], list(self.classes), name or self.name)
+
+    def head(self, n: int | None) -> ImageSet:
+        """The first n examples (all if n is None); a deterministic evaluation subset."""
+        return self if n is None or n >= len(self) else self.subset(slice(0, n))

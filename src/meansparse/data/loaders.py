@@ -1,0 +1,63 @@
+"""Splitting and batching (with the standard CIFAR augmentation) of in-memory image sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .imageset import ImageSet
+
+
+def holdout_split(data: ImageSet, n_holdout: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Disjoint (train, held-out) parts of a TRAINING split; α is chosen on the held-out part, never on test."""
+    if not 0 < n_holdout < len(data):
+        raise ValueError(f"n_holdout must be in (0, {len(data)}), got {n_holdout}")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    hold, train = perm[:n_holdout].sort().values, perm[n_holdout:].sort().values
+    return data.subset(train, f"{data.name}-fit"), data.subset(hold, f"{data.name}-holdout")
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int | None = None) -> torch.Tensor:
+    """Random crop with zero padding (4 px on 32x32, scaled with size) and horizontal flip, per image."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8) if pad is None else pad
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def batches(data: ImageSet, batch_size: int, shuffle: bool = False, augment: bool = False,
+            seed: int = 0, epoch: int = 0, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0, 1], labels); deterministic given (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(data), generator=g) if shuffle else torch.arange(len(data))
+    stop = len(data) - (len(data) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        x = data.images[idx]
+        if augment:
+            x = random_crop_flip(x, g)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        yield x, data.labels[idx]
+
+
+class Batches:
+    """A re-iterable wrapper around `batches` so it can be passed where a DataLoader is expected."""
+
+    def __init__(self, data: ImageSet, batch_size: int, **kwargs) -> None:
+        self.data, self.batch_size, self.kwargs = data, batch_size, kwargs
+
+    def __iter__(self):
+        return batches(self.data, self.batch_size, **self.kwargs)
+
+    def __len__(self) -> int:
+        n, b = len(self.data), self.batch_size
+        return n // b if self.kwargs.get("drop_last") else -(-n // b)

@@ -1,0 +1,227 @@
+"""Readers for every supported on-disk format, each returning an `ImageSet` of uint8 NCHW images."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .imageset import ImageSet
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+# md5 sums published on the CIFAR page.
+CIFAR_MD5 = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+}
+CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def cache_dir() -> Path:
+    """Where decoded arrays are kept (MEANSPARSE_CACHE, else ~/.cache/meansparse)."""
+    root = Path(os.environ.get("MEANSPARSE_CACHE", Path.home() / ".cache" / "meansparse"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _file_key(path: Path, *extra: object) -> str:
+    st = path.stat()
+    text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|" + "|".join(map(str, extra))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cached(key: str, build) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode once, then serve uint8 arrays from an .npz cache (no pickles)."""
+    path = cache_dir() / f"{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            return z["images"], z["labels"], [str(c) for c in z["classes"]]
+    images, labels, classes = build()
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
+    os.replace(tmp, path)
+    return images, labels, classes
+
+
+def _to_set(images: np.ndarray, labels: np.ndarray, classes: list[str], name: str) -> ImageSet:
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), classes, name)
+
+
+# --------------------------------------------------------------------------------------------- digits
+def load_digits(split: str = "train", test_fraction: float = 0.25) -> ImageSet:
+    """scikit-learn's bundled 8x8 digits (1,797 images, fully offline), split deterministically."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    images = np.round(d.images / 16.0 * 255.0).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    labels = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    n_test = int(round(len(labels) * test_fraction))
+    idx = order[n_test:] if split == "train" else order[:n_test]
+    if split not in ("train", "test"):
+        raise ValueError(f"digits: unknown split {split!r} (use 'train' or 'test')")
+    idx = np.sort(idx)
+    return _to_set(images[idx], labels[idx], [str(i) for i in range(10)], f"digits-{split}")
+
+
+# ------------------------------------------------------------------------------- CIFAR python format
+def download_cifar(name: str, root: str | os.PathLike) -> Path:
+    """Download and extract the official CIFAR python archive into `root` (needs internet)."""
+    url = {"cifar10": CIFAR10_URL, "cifar100": CIFAR100_URL}[name]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / url.rsplit("/", 1)[1]
+    if not archive.exists():
+        tmp = archive.with_suffix(".part")
+        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
+        os.replace(tmp, archive)
+    _check_md5(archive, CIFAR_MD5[archive.name])
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    return root / CIFAR_DIRS[name]
+
+
+def _check_md5(path: Path, expected: str) -> None:
+    digest = hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - checksum, not security
+    if digest != expected:
+        raise ValueError(f"{path}: md5 {digest} does not match the published {expected}; delete it and retry")
+
+
+def _unpickle_cifar_batch(path: Path) -> dict:
+    # The official format is a Python pickle of plain arrays/lists. Restrict unpickling to builtins and
+    # numpy reconstruction so a tampered file cannot run code.
+    import pickle
+
+    allowed = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    class _Safe(pickle.Unpickler):
+        def find_class(self, module, name):  # noqa: D401
+            if (module, name) in allowed:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{path}: refusing to load {module}.{name}")
+
+    with open(path, "rb") as f:
+        return _Safe(f, encoding="latin1").load()
+
+
+def load_cifar_python(root: str | os.PathLike, name: str = "cifar10", split: str = "train",
+                      download: bool = False) -> ImageSet:
+    """The standard `cifar-10-batches-py` / `cifar-100-python` folders (optionally downloading them)."""
+    root = Path(root)
+    folder = root / CIFAR_DIRS[name] if (root / CIFAR_DIRS[name]).is_dir() else root
+    if not (folder / ("batches.meta" if name == "cifar10" else "meta")).exists():
+        if not download:
+            raise FileNotFoundError(
+                f"{name}: no {CIFAR_DIRS[name]} folder under {root}; pass download=True (needs internet) "
+                "or point at the extracted folder"
+            )
+        folder = download_cifar(name, root)
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta = _unpickle_cifar_batch(folder / "batches.meta")["label_names"]
+        label_key = "labels"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        meta = _unpickle_cifar_batch(folder / "meta")["fine_label_names"]
+        label_key = "fine_labels"
+    xs, ys = [], []
+    for fname in files:
+        batch = _unpickle_cifar_batch(folder / fname)
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+    return _to_set(np.concatenate(xs), np.concatenate(ys), list(meta), f"{name}-{split}")
+
+
+# ------------------------------------------------------------------ JPEG archive split/class/NNNN.jpg
+def _decode(data: bytes, size: int | None = None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if size is not None:
+            im = _resize_center_crop(im, size)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _resize_center_crop(im, size: int):
+    from PIL import Image
+
+    short = int(round(size / 0.875))  # ImageNet-style resize-then-crop (256 -> 224)
+    w, h = im.size
+    scale = short / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _collect(entries, split: str, source: str, size: int | None):
+    """entries: iterable of (relative path parts, bytes loader). Layout: split/class/file."""
+    by_class: dict[str, list] = {}
+    for parts, read in entries:
+        if len(parts) < 3 or parts[-3] != split or Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        by_class.setdefault(parts[-2], []).append((parts[-1], read))
+    if not by_class:
+        raise FileNotFoundError(f"{source}: no images under '{split}/<class>/' (expected split/class/NNNN.jpg)")
+    classes = sorted(by_class)
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for _, read in sorted(by_class[cls], key=lambda t: t[0]):
+            images.append(_decode(read(), size))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def load_jpeg_archive(path: str | os.PathLike, split: str = "train", size: int | None = None) -> ImageSet:
+    """`split/class/NNNN.jpg` trees, from a .tar.gz (read in place) or an extracted folder; cached."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such archive or folder")
+
+    def build():
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            entries = [(p.relative_to(path).parts, p.read_bytes) for p in files]
+            return _collect(entries, split, str(path), size)
+        with tarfile.open(path, "r:*") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            entries = [(Path(m.name).parts, (lambda m=m: tar.extractfile(m).read())) for m in members]
+            return _collect(entries, split, str(path), size)
+
+    key = _file_key(path, "jpeg", split, size) if path.is_file() else None
+    images, labels, classes = _cached(key, build) if key else build()
+    return _to_set(images, labels, classes, f"{path.name}-{split}")
+
+
+def load_image_folder(path: str | os.PathLike, size: int = 224) -> ImageSet:
+    """An ImageNet-style `class/xxx.JPEG` folder, resized and center-cropped to `size`."""
+    path = Path(path)
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{path}: no class sub-folders")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(_decode(f.read_bytes(), size))
+                labels.append(label)
+    if not images:
+        raise FileNotFoundError(f"{path}: no images in the class folders")
+    return _to_set(np.stack(images), np.asarray(labels, dtype=np.int64), classes, path.name)

@@ -1,0 +1,246 @@
+"""Adversarial training (PGD-AT, TRADES, FGSM-RS) and standard training, resumable epoch by epoch.
+
+The best epoch is chosen by PGD accuracy on a held-out part of the training split, as the paper does; the
+test split is never looked at here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageSet, batches, holdout_split, load_dataset
+from .models import create_model, save_checkpoint
+from .pgd import pgd, pgd_ce
+
+METHODS = ("pgd", "trades", "fgsm-rs", "standard")
+DATASET_NORMALIZATION = {"digits": "digits", "cifar10-jpg": "cifar10", "cifar10": "cifar10", "cifar100": "cifar100"}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet18"
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16, "activation": "gelu"})
+    dataset: str = "cifar10-jpg"
+    data_root: str | None = None
+    method: str = "pgd"
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    steps: int = 2                  # attack steps while training (PGD-AT / TRADES)
+    step_size: float | None = None  # default 2.5·eps/steps (PGD), eps/4 (TRADES), 1.25·eps (FGSM-RS)
+    trades_beta: float = 6.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.2
+    schedule: str = "cyclic"        # "cyclic" (one cycle, Smith 2017 / Wong et al. 2020) or "piecewise"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    n_holdout: int = 1000
+    eval_steps: int = 10            # PGD steps for picking the best epoch on the held-out split
+    eval_n: int = 500
+    seed: int = 0
+    channels_last: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.schedule not in ("cyclic", "piecewise"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: use 'cyclic' or 'piecewise'")
+        if self.norm not in ("Linf", "L2"):
+            raise ValueError(f"unknown norm {self.norm!r}: use 'Linf' or 'L2'")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at a fraction `progress` in [0, 1] of the whole run."""
+    if cfg.schedule == "cyclic":
+        peak = 0.4
+        return cfg.lr * (progress / peak if progress < peak else max(0.0, (1 - progress) / (1 - peak)))
+    return cfg.lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
+
+
+def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's loss and the logits on the training input it was computed on."""
+    if cfg.method == "standard":
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+    if cfg.method == "pgd":
+        x_adv = pgd_ce(model, x, y, eps=cfg.eps, steps=cfg.steps, step_size=cfg.step_size, norm=cfg.norm,
+                       generator=gen)
+        logits = model(x_adv)
+        return F.cross_entropy(logits, y), logits
+    if cfg.method == "fgsm-rs":
+        x_adv = pgd_ce(model, x, y, eps=cfg.eps, steps=1, step_size=cfg.step_size or 1.25 * cfg.eps,
+                       norm=cfg.norm, generator=gen)
+        logits = model(x_adv)
+        return F.cross_entropy(logits, y), logits
+    # TRADES (Zhang et al. 2019): CE on clean + beta * KL(f(x) || f(x_adv)), x_adv maximising that KL.
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+
+    def kl(xa: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(model(xa), dim=1), p_clean, reduction="none").sum(1)
+
+    init = 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    x_adv = pgd(kl, x, y, eps=cfg.eps, step_size=cfg.step_size or cfg.eps / 4, steps=cfg.steps, norm=cfg.norm,
+                init=init)
+    logits = model(x)
+    loss_rob = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + cfg.trades_beta * loss_rob, logits
+
+
+def holdout_metrics(model: nn.Module, data: ImageSet, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Clean and PGD-k accuracy on the held-out images (eval mode), used to pick the best epoch."""
+    model.eval()
+    correct = robust = 0
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    for x, y in batches(data.head(cfg.eval_n), 256):
+        x, y = _to(x, device, cfg), y.to(device)
+        with torch.no_grad():
+            correct += (model(x).argmax(1) == y).sum().item()
+        if cfg.eval_steps:
+            xa = pgd_ce(model, x, y, eps=cfg.eps, steps=cfg.eval_steps, step_size=cfg.eps / 4, norm=cfg.norm,
+                        generator=gen)
+            with torch.no_grad():
+                robust += (model(xa).argmax(1) == y).sum().item()
+    n = min(cfg.eval_n, len(data))
+    return {"holdout_clean": correct / n, "holdout_pgd": robust / n}
+
+
+def _to(x: torch.Tensor, device: torch.device, cfg: TrainConfig) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.ndim == 4 else x
+
+
+def build_model(cfg: TrainConfig, data: ImageSet) -> nn.Module:
+    kwargs = dict(cfg.model_kwargs)
+    kwargs.setdefault("num_classes", data.num_classes)
+    kwargs.setdefault("normalization", DATASET_NORMALIZATION.get(cfg.dataset, "none"))
+    cfg.model_kwargs = kwargs
+    return create_model(cfg.model, **kwargs)
+
+
+def _save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for i, (p, s) in enumerate(opt.state.items()):
+        del p
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v.detach().contiguous().cpu()
+    tmp = out / "last.tmp.safetensors"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "last.safetensors")
+    (out / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    tensors = load_file(str(out / "last.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        buf = tensors.get(f"opt.{i}.momentum_buffer")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(p.device)
+    return json.loads((out / "state.json").read_text())
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, progress: bool = True,
+          device: str | torch.device | None = None, command: str | None = None,
+          train_data: ImageSet | None = None) -> Path:
+    """Train, checkpoint every epoch into `out`, keep the best held-out-PGD epoch as `out/best.*`."""
+    cfg.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    full = train_data if train_data is not None else load_dataset(cfg.dataset, "train", root=cfg.data_root)
+    fit, hold = holdout_split(full, min(cfg.n_holdout, len(full) // 5), seed=cfg.seed)
+    model = build_model(cfg, full).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=False)
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    state: dict[str, Any] = {"epoch": 0, "best": None, "history": [], "config": dataclasses.asdict(cfg)}
+    if resume and (out / "state.json").exists() and (out / "last.safetensors").exists():
+        state = _load_state(out, model, opt)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{out}: holds a run with a different configuration; use another --out or --no-resume")
+        if progress:
+            print(f"resuming {out} after epoch {state['epoch']}", file=sys.stderr)
+    steps_per_epoch = math.ceil(len(fit) / cfg.batch_size)
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        bar = tqdm(batches(fit, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, epoch=epoch),
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, (epoch + i / steps_per_epoch) / cfg.epochs)
+            x, y = _to(x, device, cfg), y.to(device)
+            loss, logits = adversarial_batch(model, x, y, cfg, gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, batch {i}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen / (time.time() - t0):.0f}")
+        metrics = holdout_metrics(model, hold, cfg, device)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "seconds": time.time() - t0, **metrics}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        if progress:
+            print(json.dumps(record), file=sys.stderr)
+        key = "holdout_clean" if cfg.method == "standard" else "holdout_pgd"
+        if state["best"] is None or metrics[key] >= state["best"][key]:
+            state["best"] = record
+            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record))
+        _save_state(out, model, opt, state)
+    return out / "best.safetensors"
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meansparse")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "dataset": cfg.dataset,
+        "training": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "model_kwargs")},
+        "command": command,
+        "best_epoch": record,
+        "metrics": {},
+        "meansparse_version": _package_version(),
+        "torch_version": torch.__version__,
+    }
