@@ -61,11 +61,63 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
                    or 0)
 
 
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="digits (embedded default) | cifar10-jpg | cifar10 | path")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--model", default=None, help="checkpoint (safetensors + json); default: train on digits")
+    p.add_argument("--eps", type=float, default=None, help="default 8/255 (CIFAR), 0.1 (digits)")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--alphas", type=float, nargs="+", default=None)
+    p.add_argument("--clean-budget", type=float, default=0.005, help="max clean-accuracy drop (fraction)")
+    p.add_argument("--n-holdout", type=int, default=300)
+    p.add_argument("--n-sweep-robust", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--attacks", nargs="+", default=None)
+    p.add_argument("--sweep-attacks", nargs="+", default=None)
+    p.add_argument("--attack-options", type=json.loads, default=None,
+                   help='JSON, e.g. \'{"apgd-ce": {"steps": 20}}\'')
+    p.add_argument("--calibration-batches", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="report directory")
+
+
+def _pipeline_config(args: argparse.Namespace):
+    from .pipeline import PipelineConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = PipelineConfig(data=args.data, data_root=args.data_root, model=args.model, eps=args.eps, norm=args.norm,
+                         clean_budget=args.clean_budget, n_holdout=args.n_holdout,
+                         n_sweep_robust=args.n_sweep_robust, n_test=args.n_test,
+                         attack_options=args.attack_options, calibration_batches=args.calibration_batches,
+                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    if args.alphas:
+        cfg.alphas = args.alphas
+    if args.attacks:
+        cfg.attacks = args.attacks
+    if args.sweep_attacks:
+        cfg.sweep_attacks = args.sweep_attacks
+    return cfg
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    run(_pipeline_config(args), args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meansparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_models(sub)
+    demo = sub.add_parser("demo", help="the main job: calibrate, sweep α on held-out data, evaluate honestly")
+    _add_pipeline_args(demo)
+    demo.set_defaults(func=_run_demo)
     try:
         from .evaluation.cli import add_evaluate_parser
     except ImportError:  # evaluation extra not importable: the other commands still work

@@ -1,0 +1,152 @@
+"""One-pass calibration of every MeanSparse operator's per-channel mean and variance.
+
+The pass runs the model in eval mode under ``torch.no_grad`` with the operators *observing*: they pass
+their input through unchanged (so later sites see the original features) and fold it into an exact
+:class:`~meansparse.moments.Moments`.  Statistics are written only after the whole pass succeeded, and
+merged across ranks first when torch.distributed is initialised.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .insertion import _record, operators
+from .moments import Moments
+from .operator import MeanSparse
+
+__all__ = ["calibrate"]
+
+
+def _inputs(batch: Any) -> Any:
+    """The model input of a loader item: ``x`` itself or the first element of ``(x, y)`` / ``[x, y]``."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("calibration loader yielded an empty batch")
+        return batch[0]
+    return batch
+
+
+def _default_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def _progress(progress: bool, total: int | None):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a runtime dependency
+        return None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        progress = False  # one bar per job, not per rank
+    return tqdm(total=total, unit="img", unit_scale=True, desc="meansparse calibrate", disable=not progress)
+
+
+def _dist_sum(value: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Measure exact per-channel mean/var (ddof=0) of every operator input in one pass over ``loader``.
+
+    ``device``: if given the model is moved there; inputs always go to the model's device.  The model's
+    train/eval flags and the operators' modes are restored afterwards, also on error.
+    """
+    ops: list[MeanSparse] = operators(model)
+    if not ops:
+        raise ValueError("model has no MeanSparse operators; call meansparse.prepare(model) first")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if device is not None:
+        model.to(device)
+    dev = torch.device(device) if device is not None else _default_device(model)
+
+    modes = [(m, m.training) for m in model.modules()]
+    previous = [op._observer for op in ops]
+    total = None
+    if max_batches is None:
+        try:
+            total = len(loader.dataset)  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            total = None
+    bar = _progress(progress, total)
+    batches = images = 0
+    input_shape = None
+    try:
+        model.eval()
+        for op in ops:
+            op.start_observing()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                x = _inputs(batch)
+                if isinstance(x, Tensor):
+                    if dev is not None:
+                        x = x.to(dev, non_blocking=True)
+                    n = int(x.shape[0]) if x.ndim else 1
+                    if input_shape is None:
+                        input_shape = list(x.shape[1:])
+                else:
+                    n = 1
+                for op in ops:
+                    op.batch_index = i
+                model(x)
+                batches += 1
+                images += n
+                if bar is not None:
+                    bar.update(n)
+                    bar.set_postfix(batches=batches, refresh=False)
+                if max_batches is not None and batches >= max_batches:
+                    break  # stop before fetching (and paying for) another batch
+        elapsed = time.perf_counter() - start
+        moments: list[Moments] = [op.stop_observing() for op in ops]
+        for m in moments:  # the same merge code combines ranks (no-op without a process group)
+            m.all_reduce()
+        if _dist_sum(batches) == 0:
+            raise ValueError("calibration loader yielded no batches")
+        unseen = [op.name for op, m in zip(ops, moments, strict=True) if m.count is None or m.total == 0]
+        if unseen:
+            warnings.warn(
+                f"meansparse.calibrate: {len(unseen)} site(s) received no input and stay uncalibrated: {unseen[:10]}",
+                stacklevel=2,
+            )
+        for op, m in zip(ops, moments, strict=True):
+            if m.count is not None and m.total > 0:
+                op.set_statistics(m.mean, m.var, num_samples=int(m.total))
+        rec = _record(model) or next((r for r in map(_record, model.modules()) if r is not None), None)
+        if rec is not None and input_shape is not None:
+            rec.config["input_shape"] = input_shape
+        if bar is not None and elapsed > 0:
+            bar.set_postfix(images_per_s=f"{images / elapsed:.1f}", batches=batches)
+    finally:
+        if bar is not None:
+            bar.close()
+        for op, obs in zip(ops, previous, strict=True):
+            op._observer = obs
+            op.batch_index = None
+        for m, t in modes:
+            m.training = t
+    return model

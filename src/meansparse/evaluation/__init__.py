@@ -1,0 +1,51 @@
+"""Honest robustness evaluation: per-example worst case over white-box, BPDA, transfer, black-box and
+adaptive attacks, with integrity checks (gradient-masking warning, sanity checks).
+
+``pyautoattack`` (the ``eval`` extra) is imported only when an APGD/FAB/Square/AutoAttack attack runs.
+"""
+
+from .attacks import (
+    APGD,
+    ATTACK_NAMES,
+    BPDA,
+    BPDA_ATTACKS,
+    DEFAULT_ATTACKS,
+    PGD,
+    AdaptivePGD,
+    APGDTargeted,
+    Attack,
+    AutoAttackStandard,
+    Clean,
+    FABTargeted,
+    Square,
+    Transfer,
+    build_attack,
+)
+from .evaluate import derive_seed, evaluate, masking_findings, model_hash
+from .report import Report
+from .sanity import SanityFinding, sanity_checks
+
+__all__ = [
+    "APGD",
+    "ATTACK_NAMES",
+    "BPDA",
+    "BPDA_ATTACKS",
+    "DEFAULT_ATTACKS",
+    "PGD",
+    "APGDTargeted",
+    "AdaptivePGD",
+    "Attack",
+    "AutoAttackStandard",
+    "Clean",
+    "FABTargeted",
+    "Report",
+    "SanityFinding",
+    "Square",
+    "Transfer",
+    "build_attack",
+    "derive_seed",
+    "evaluate",
+    "masking_findings",
+    "model_hash",
+    "sanity_checks",
+]

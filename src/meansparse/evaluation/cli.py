@@ -1,0 +1,124 @@
+"""``meansparse evaluate``: robustness report (report.json + report.md) for a checkpoint on a data set.
+
+Resumable by default: per-batch results go to ``OUT/state.json``, so rerunning a killed command continues
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from .attacks import ATTACK_NAMES, DEFAULT_ATTACKS
+
+
+def parse_eps(text: str) -> float:
+    """'8/255', '0.031' or '2e-2' -> float (fractions keep the usual CIFAR notation exact)."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError) as e:
+        raise argparse.ArgumentTypeError(f"bad eps {text!r}: use a number or a fraction such as 8/255") from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"eps must be > 0, got {text}")
+    return value
+
+
+def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """['apgd-ce.steps=20', 'adaptive.lam=10'] -> {'apgd-ce': {'steps': 20}, 'adaptive': {'lam': 10}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        attack, dot, option = key.rpartition(".")
+        if not sep or not dot or not attack or not option:
+            raise ValueError(f"bad --option {item!r}: use ATTACK.NAME=VALUE, e.g. apgd-ce.steps=20")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(attack, {})[option] = value
+    return out
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``evaluate`` sub-command (the lead's ``meansparse.cli`` calls this)."""
+    p = subparsers.add_parser(
+        "evaluate", help="worst-case robust accuracy over AutoAttack, BPDA, transfer, Square, adaptive attacks",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="model checkpoint written by `meansparse train` (.safetensors + .json)")
+    p.add_argument("--meansparse", default=None,
+                   help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint")
+    p.add_argument("--alpha", type=float, default=None, help="set every operator's alpha (after --meansparse)")
+    p.add_argument("--data", default="digits", help="data set name or path (see meansparse.data.load_dataset)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n-examples", type=int, default=1000, help="the first N examples of the split")
+    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2)")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                   help=f"comma-separated, run in this order; valid: {', '.join(ATTACK_NAMES)}")
+    p.add_argument("--option", action="append", metavar="ATTACK.NAME=VALUE",
+                   help="override an attack default, e.g. apgd-ce.steps=20 or adaptive.lam=10 (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--individual", dest="individual", action="store_true", default=None,
+                      help="every attack sees every clean-correct example (default up to 1000 examples)")
+    mode.add_argument("--cascade", dest="individual", action="store_false",
+                      help="each attack only sees examples still robust (AutoAttack style, cheaper)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
+    p.add_argument("--state", default=None, help="resume file (default OUT/state.json)")
+    p.add_argument("--no-resume", action="store_true", help="do not read or write a resume file")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="folder for report.json and report.md")
+    p.set_defaults(func=run_evaluate)
+    return p
+
+
+def _load_model(args: argparse.Namespace, device: str) -> Any:
+    import meansparse as ms
+    from meansparse.models import load
+
+    model = load(args.checkpoint, device=device)
+    if args.meansparse:
+        model = ms.load(model, args.meansparse)
+    if args.alpha is not None:
+        ms.set_alpha(model, args.alpha)
+    return model.to(device).eval()
+
+
+def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    from meansparse.data import load_dataset
+
+    data = load_dataset(args.data, args.split, root=args.data_root).head(args.n_examples)
+    return data.float(), data.labels
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run the evaluation described by ``args`` and write OUT/report.json and OUT/report.md."""
+    import torch
+
+    from .evaluate import evaluate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    model = _load_model(args, device)
+    x, y = _load_data(args)
+    state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
+    report = evaluate(model, x, y, norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size,
+                      seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
+                      individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity)
+    report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
+                                  "alpha": args.alpha, "data": args.data, "split": args.split}
+    (out / "report.json").write_text(report.to_json() + "\n")
+    (out / "report.md").write_text(report.to_markdown() + "\n")
+    print(json.dumps({"clean_accuracy": report.clean_accuracy, "worst_case_accuracy": report.worst_case_accuracy,
+                      "robust_accuracy": report.robust_accuracy, "warnings": len(report.warnings),
+                      "report": str(out / "report.json")}))
+    return 0

@@ -1,0 +1,104 @@
+"""The evaluation result: one dataclass, serialisable to JSON (lossless) and Markdown (for people)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Fields of ``metadata["run"]`` describe one execution (timings, how many batches were resumed), not the
+# result; ``Report.comparable()`` drops them so two runs can be compared for equality.
+RUN_KEY = "run"
+
+
+@dataclass
+class Report:
+    """Robustness of one model on one set of examples under one threat model.
+
+    ``robust_accuracy[a]`` is attack ``a`` on its own when ``mode == "individual"`` (every attack saw every
+    clean-correct example); in ``"cascade"`` mode an attack only saw the examples still robust after the
+    attacks before it, so its number is the cumulative accuracy after it (AutoAttack's convention) and
+    ``breakdown`` says how many examples it saw and broke. ``worst_case_accuracy`` counts an example as
+    robust only if it is classified correctly and no attack broke it; it is the number to quote.
+
+    ``robust_masks[a][i]``: 1 robust to ``a``, 0 broken by ``a``, -1 not attacked (clean error, or already
+    broken in cascade mode).
+    """
+
+    clean_accuracy: float
+    robust_accuracy: dict[str, float]
+    worst_case_accuracy: float
+    n_examples: int
+    norm: str
+    eps: float
+    attacks: list[str]
+    mode: str
+    clean_correct: list[bool] = field(default_factory=list)
+    robust_masks: dict[str, list[int]] = field(default_factory=dict)
+    worst_case_robust: list[bool] = field(default_factory=list)
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    sanity: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------ serialise
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"not a meansparse Report: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def comparable(self) -> dict[str, Any]:
+        """The report without run-specific timing: equal for two runs with the same inputs and seed,
+        and for an interrupted-then-resumed run and an uninterrupted one."""
+        d = copy.deepcopy(self.to_dict())
+        d["metadata"].pop(RUN_KEY, None)
+        return d
+
+    # ------------------------------------------------------------------------------------------- markdown
+    def to_markdown(self) -> str:
+        pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+        meta = self.metadata
+        lines = [
+            "# Robustness report",
+            "",
+            f"- threat model: {self.norm}, eps = {self.eps:.6g}; {self.n_examples} examples; mode: {self.mode}",
+            f"- clean accuracy: **{pct(self.clean_accuracy)}**",
+            f"- worst-case robust accuracy (over all attacks, per example): **{pct(self.worst_case_accuracy)}**",
+        ]
+        if "model_hash" in meta:
+            lines.append(f"- model sha256: `{meta['model_hash'][:16]}…`; seed {meta.get('seed')}")
+        run = meta.get(RUN_KEY, {})
+        if "wall_time_s" in run:
+            lines.append(f"- wall time: {run['wall_time_s']:.1f} s")
+        lines += ["", "| attack | kind | attacked | broken | robust accuracy | worst case after it |",
+                  "|---|---|---:|---:|---:|---:|"]
+        column_note = "on its own" if self.mode == "individual" else "cumulative"
+        for row in self.breakdown:
+            lines.append(
+                f"| {row['attack']} | {row['kind']} | {row['n_attacked']} | {row['n_broken']} | "
+                f"{pct(row['robust_accuracy'])} | {pct(row['cumulative_accuracy'])} |"
+            )
+        lines += ["", f"Robust accuracy is {column_note} ({self.mode} mode).", ""]
+        if self.warnings:
+            lines += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
+        if self.sanity:
+            lines += ["## Sanity checks", ""]
+            for s in self.sanity:
+                lines.append(f"- [{'pass' if s['passed'] else 'FAIL'}] {s['check']}: {s['message']}")
+            lines.append("")
+        versions = meta.get("versions")
+        if versions:
+            lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+        return "\n".join(lines)

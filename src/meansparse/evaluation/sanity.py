@@ -1,0 +1,114 @@
+"""Checks on the evaluation itself (Carlini et al.'s basic checklist): a working attack drives accuracy to
+about 0 % at a huge eps, and accuracy never rises when eps or the attack budget grows. A failure means the
+attack, not the model, is the weak part: typically gradient masking."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks import build_attack
+
+
+@dataclass
+class SanityFinding:
+    check: str
+    passed: bool
+    message: str
+    values: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def large_eps(norm: str, x: torch.Tensor) -> float:
+    """An eps that contains the whole [0, 1] box: any image is reachable, so accuracy must be ~0."""
+    return 1.0 if norm == "Linf" else math.sqrt(x[0].numel())
+
+
+def _budget_key(attack: str) -> str | None:
+    base = attack.removeprefix("bpda-")
+    if base == "clean":
+        return None
+    return "queries" if base == "square" else "steps"
+
+
+def sanity_checks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str = "Linf",
+    eps: float = 8 / 255,
+    attack: str = "apgd-ce",
+    eps_factors: Sequence[float] = (0.5, 1.0, 2.0),
+    budgets: Sequence[int] | None = None,
+    huge_eps: float | None = None,
+    zero_tolerance: float = 0.02,
+    tolerance: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    attack_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[SanityFinding]:
+    """Run ``attack`` at several eps and budgets; one finding per check (``passed`` False = suspicious).
+
+    - ``huge-eps``: accuracy at ``huge_eps`` (default: the whole box) must be <= ``zero_tolerance``;
+    - ``eps-monotone``: accuracy at ``eps * eps_factors`` must not rise by more than ``tolerance``;
+    - ``budget-monotone``: accuracy with ``budgets`` steps (queries for Square; default: a fifth of the
+      configured budget, then the full one) must not rise by more than ``tolerance``.
+    """
+    from .evaluate import evaluate
+
+    key = _budget_key(attack)
+    if key is None:
+        raise ValueError(f"sanity checks need a real attack, not {attack!r}")
+    options = dict(attack_options or {})
+    base_opts = dict(options.get(attack, options.get(attack.removeprefix("bpda-"), {})))
+    if budgets is None:
+        default = getattr(build_attack(attack.removeprefix("bpda-"), norm=norm, eps=eps, **base_opts), key)
+        budgets = sorted({max(1, default // 5), default})
+    cache: dict[tuple[float, int | None], float] = {}
+
+    def acc(e: float, budget: int | None = None) -> float:
+        if (e, budget) not in cache:
+            opts = dict(base_opts)
+            if budget is not None:
+                opts[key] = budget
+            r = evaluate(model, x, y, norm=norm, eps=e, attacks=(attack,), batch_size=batch_size, seed=seed,
+                         progress=False, device=device, individual=True, attack_options={attack: opts})
+            cache[(e, budget)] = r.robust_accuracy[attack]
+        return cache[(e, budget)]
+
+    findings = []
+    big = huge_eps if huge_eps is not None else large_eps(norm, x)
+    a = acc(big)
+    findings.append(SanityFinding(
+        "huge-eps", a <= zero_tolerance,
+        f"{attack} at eps={big:.4g} leaves {100 * a:.1f} % accuracy (must be ~0 %"
+        + ("" if a <= zero_tolerance else "; the attack cannot even reach inputs that are certainly wrong") + ")",
+        {"eps": big, "accuracy": a}))
+
+    epss = sorted(eps * f for f in eps_factors)
+    accs = [acc(e) for e in epss]
+    rises = [(epss[i], epss[i + 1]) for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + tolerance]
+    findings.append(SanityFinding(
+        "eps-monotone", not rises,
+        f"{attack} accuracy by eps: " + ", ".join(f"{e:.4g}: {100 * v:.1f} %" for e, v in zip(epss, accs))
+        + ("" if not rises else f"; rises between {rises}"),
+        {f"eps={e:.6g}": v for e, v in zip(epss, accs)}))
+
+    budgets = sorted(int(b) for b in budgets)
+    baccs = [acc(eps, b) for b in budgets]
+    rises_b = [(budgets[i], budgets[i + 1]) for i in range(len(baccs) - 1) if baccs[i + 1] > baccs[i] + tolerance]
+    findings.append(SanityFinding(
+        "budget-monotone", not rises_b,
+        f"{attack} accuracy by {key}: " + ", ".join(f"{b}: {100 * v:.1f} %" for b, v in zip(budgets, baccs))
+        + ("" if not rises_b else f"; rises between {rises_b}"),
+        {f"{key}={b}": v for b, v in zip(budgets, baccs)}))
+    return findings

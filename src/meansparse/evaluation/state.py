@@ -1,0 +1,68 @@
+"""Per-batch results on disk so a killed evaluation resumes where it stopped (JSON, never pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT = "meansparse-evaluation-state/1"
+
+
+def normalise(obj: Any) -> Any:
+    """What ``obj`` reads back as after a JSON round trip (tuples -> lists), for comparisons."""
+    return json.loads(json.dumps(obj))
+
+
+class EvaluationState:
+    """Finished (attack, batch) results, keyed by attack name then batch index.
+
+    Each record holds the example indices the batch covered, so a resumed run re-uses a record only for
+    exactly the same examples. Without a path nothing is written and every lookup misses.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, config: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.config = normalise(config)
+        self.batches: dict[str, dict[str, dict[str, Any]]] = {}
+        if self.path is not None:
+            if self.path.exists():
+                self._load()
+            else:
+                self._write()  # fail now, not after the first batch, if the path is not writable
+
+    def _load(self) -> None:
+        assert self.path is not None
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read evaluation state {self.path}: {e}") from e
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{self.path} is not a meansparse evaluation state (format {data.get('format')!r})")
+        stored = data.get("config", {})
+        diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+        if diff:
+            raise ValueError(
+                f"evaluation state {self.path} was written for a different evaluation (differs in: "
+                f"{', '.join(diff)}); use another state_path or delete the file to start over"
+            )
+        self.batches = data.get("batches", {})
+
+    def get(self, attack: str, batch: int, indices: list[int]) -> dict[str, Any] | None:
+        record = self.batches.get(attack, {}).get(str(batch))
+        if record is None or record["indices"] != indices:
+            return None
+        return record
+
+    def put(self, attack: str, batch: int, record: dict[str, Any]) -> None:
+        self.batches.setdefault(attack, {})[str(batch)] = record
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "config": self.config, "batches": self.batches}))
+        os.replace(tmp, self.path)  # atomic: a kill mid-write leaves the previous state intact

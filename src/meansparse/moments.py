@@ -1,0 +1,184 @@
+"""Exact, mergeable per-channel first and second moments.
+
+Calibration needs the mean and variance (ddof=0) of every channel over *all* elements seen in one pass.
+The reference code averages per-batch variances, which is biased whenever batch means differ or batch
+sizes are unequal.  We keep (count, mean, M2) in float64 per channel and combine partial results with the
+Chan et al. parallel formula, which is exact up to float64 rounding.  The same :meth:`Moments.merge` is used
+to fold in a batch, another worker's accumulator, or another rank's accumulator, so every path gives the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["Moments"]
+
+
+class Moments:
+    """Streaming per-channel count / mean / M2 accumulator (float64)."""
+
+    def __init__(self, channels: int | None = None, device: torch.device | str | None = None) -> None:
+        self.count: Tensor | None = None
+        self.mean_: Tensor | None = None
+        self.m2: Tensor | None = None
+        if channels is not None:
+            self._allocate(int(channels), torch.device(device) if device is not None else torch.device("cpu"))
+
+    # ------------------------------------------------------------------ construction
+    def _allocate(self, channels: int, device: torch.device) -> None:
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.count, self.mean_, self.m2 = z, z.clone(), z.clone()
+
+    @classmethod
+    def from_stats(cls, count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
+        """Build an accumulator from raw (count, mean, M2) vectors (converted to float64)."""
+        out = cls()
+        count = torch.as_tensor(count, dtype=torch.float64)
+        mean = torch.as_tensor(mean, dtype=torch.float64, device=count.device)
+        m2 = torch.as_tensor(m2, dtype=torch.float64, device=count.device)
+        if not (count.ndim == mean.ndim == m2.ndim == 1 and count.shape == mean.shape == m2.shape):
+            raise ValueError(
+                f"count/mean/M2 must be 1-D of equal length, got {tuple(count.shape)}, "
+                f"{tuple(mean.shape)}, {tuple(m2.shape)}"
+            )
+        out.count, out.mean_, out.m2 = count.clone(), mean.clone(), m2.clone()
+        return out
+
+    @staticmethod
+    def batch_stats(x: Tensor, channel_dim: int) -> Moments:
+        """Moments of one tensor, reduced over every dim except ``channel_dim`` (float64, two-pass)."""
+        if x.ndim == 0:
+            raise ValueError("cannot compute channel moments of a 0-dim tensor")
+        cd = channel_dim % x.ndim
+        c = x.shape[cd]
+        n = x.numel() // c if c else 0
+        xd = x.detach().to(torch.float64)
+        dims = tuple(d for d in range(x.ndim) if d != cd)
+        out = Moments()
+        if n == 0:
+            out._allocate(c, x.device)
+            return out
+        if dims:
+            var, mean = torch.var_mean(xd, dim=dims, correction=0)
+        else:  # 1-D tensor: every element is its own channel, seen once
+            var, mean = torch.zeros_like(xd), xd
+        out.count = torch.full((c,), float(n), dtype=torch.float64, device=x.device)
+        out.mean_ = mean
+        out.m2 = var * n
+        return out
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def channels(self) -> int | None:
+        return None if self.count is None else int(self.count.numel())
+
+    @property
+    def mean(self) -> Tensor:
+        self._require()
+        return self.mean_  # type: ignore[return-value]
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance (ddof=0); NaN for channels that saw no element."""
+        self._require()
+        return self.m2 / self.count  # type: ignore[operator]
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.sqrt()
+
+    @property
+    def total(self) -> float:
+        """Elements seen by channel 0 (all channels see the same number in practice)."""
+        return 0.0 if self.count is None or self.count.numel() == 0 else float(self.count[0])
+
+    def _require(self) -> None:
+        if self.count is None:
+            raise RuntimeError("Moments is empty: no data has been accumulated")
+
+    # ------------------------------------------------------------------ updates
+    def update(self, x: Tensor, channel_dim: int) -> Moments:
+        """Fold in every element of ``x`` (reduced over all dims except ``channel_dim``)."""
+        return self.merge(Moments.batch_stats(x, channel_dim))
+
+    def merge(self, other: Moments) -> Moments:
+        """Exact Chan/Welford merge of ``other`` into ``self`` (in place; returns ``self``)."""
+        if other.count is None:
+            return self
+        if self.count is None:
+            self.count, self.mean_, self.m2 = other.count.clone(), other.mean_.clone(), other.m2.clone()
+            return self
+        if self.count.shape != other.count.shape:
+            raise ValueError(f"cannot merge moments of {self.channels} and {other.channels} channels")
+        ob = other.count.to(self.count.device)
+        mb = other.mean_.to(self.count.device)
+        m2b = other.m2.to(self.count.device)
+        na = self.count
+        n = na + ob
+        safe_n = torch.where(n > 0, n, torch.ones_like(n))
+        delta = mb - self.mean_
+        self.mean_ = torch.where(n > 0, self.mean_ + delta * (ob / safe_n), self.mean_)
+        self.m2 = self.m2 + m2b + torch.where(n > 0, delta * delta * (na * ob / safe_n), torch.zeros_like(n))
+        self.count = n
+        return self
+
+    def pooled(self) -> Moments:
+        """Exact moments of all channels pooled into one (used by ``centering="global"``)."""
+        self._require()
+        n = self.count.sum()
+        safe_n = n if float(n) > 0 else torch.ones_like(n)
+        mean = (self.count * self.mean_).sum() / safe_n
+        m2 = (self.m2 + self.count * (self.mean_ - mean) ** 2).sum()
+        return Moments.from_stats(n.reshape(1), mean.reshape(1), m2.reshape(1))
+
+    def copy(self) -> Moments:
+        out = Moments()
+        if self.count is not None:
+            out.count, out.mean_, out.m2 = self.count.clone(), self.mean_.clone(), self.m2.clone()
+        return out
+
+    def all_reduce(self, group=None) -> Moments:
+        """Merge the accumulators of every rank (no-op without an initialised process group).
+
+        Every rank gathers (count, mean, M2) of every rank and folds them in rank order with
+        :meth:`merge`, so all ranks end with identical, exact statistics.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        world = dist.get_world_size(group)
+        if world == 1:
+            return self
+        device = self._collective_device(dist, group)
+        local_c = -1 if self.count is None else int(self.count.numel())
+        cs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(cs, torch.tensor([local_c], dtype=torch.int64, device=device), group=group)
+        counts = {int(c.item()) for c in cs} - {-1}
+        if len(counts) > 1:
+            raise ValueError(f"ranks disagree on the channel count: {sorted(counts)}")
+        if not counts:
+            return self
+        c = counts.pop()
+        if self.count is None:
+            packed = torch.zeros(3, c, dtype=torch.float64, device=device)
+        else:
+            packed = torch.stack([self.count, self.mean_, self.m2]).to(device)
+        gathered = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(gathered, packed, group=group)
+        home = self.count.device if self.count is not None else torch.device("cpu")
+        acc = Moments()
+        for g in gathered:
+            acc.merge(Moments.from_stats(g[0].to(home), g[1].to(home), g[2].to(home)))
+        self.count, self.mean_, self.m2 = acc.count, acc.mean_, acc.m2
+        return self
+
+    def _collective_device(self, dist, group) -> torch.device:
+        if dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return f"Moments(channels={self.channels}, total={self.total:g})"

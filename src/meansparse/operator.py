@@ -1,0 +1,320 @@
+"""The MeanSparse operator: mean-centred feature sparsification placed before an activation.
+
+Per channel c::
+
+    y = mu_c  if |x - mu_c| < alpha * sigma_c  else  x        (strict <)
+
+``mu``/``sigma`` are the per-channel mean and standard deviation (ddof=0) of the pre-activation measured
+in one calibration pass (:func:`meansparse.calibrate`).  ``alpha == 0`` returns the input object itself,
+so a prepared but unsparsified model is bit-identical to the original.
+
+This operator is written by hand: no existing library implements it.  The element-wise math lives in
+:func:`sparsify` and the (mean, threshold) vectors come from :meth:`MeanSparse.center_threshold`, so a
+later fused operator+activation kernel can reuse both without touching the module's state handling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .moments import Moments
+
+__all__ = ["MeanSparse", "sparsify", "LAYOUTS", "CENTERINGS", "GRADIENTS"]
+
+#: Layout name -> channel dimension.  ``NCL`` (channel-first 3-D, e.g. Conv1d) is an extension.
+LAYOUTS: dict[str, int] = {"NCHW": 1, "NC": 1, "NCL": 1, "NLC": -1, "NHWC": -1}
+CENTERINGS = ("channel", "zero", "global")
+GRADIENTS = ("exact", "straight_through")
+
+
+def sparsify(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
+    """``m`` where ``|x - m| < t`` else ``x``; ``m``/``t`` already broadcastable and of ``x.dtype``."""
+    return torch.where((x - m).abs() < t, m, x)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Same forward as :func:`sparsify`; backward is the identity (BPDA-style gradient)."""
+
+    @staticmethod
+    def forward(x: Tensor, m: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+        return sparsify(x, m, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # nothing to save: the gradient is the identity
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None, None
+
+
+def infer_layout(ndim: int, hint: str | None = None) -> str:
+    """Layout from the tensor rank; ``hint`` ("first"/"last") comes from the producer (Conv vs Linear)."""
+    if ndim < 2:
+        raise ValueError(f"MeanSparse needs a batched input with a channel dimension, got a {ndim}-D tensor")
+    if ndim == 2:
+        return "NC"
+    if hint == "last":
+        return "NLC" if ndim == 3 else "NHWC"
+    if ndim == 3:
+        return "NCL" if hint == "first" else "NLC"
+    return "NCHW"
+
+
+class MeanSparse(nn.Module):
+    """Mean-centred sparsification of one activation input (see module docstring).
+
+    Buffers: ``running_mean`` / ``running_var`` (float32, ``[C]``; empty until the channel count is
+    known), ``alpha`` (0-dim float32) and ``num_samples`` (int64, elements per channel seen at
+    calibration; 0 means uncalibrated).  ``alpha`` and the calibrated flag are mirrored as Python values
+    so the hot path never synchronises with the device.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    alpha: Tensor
+    num_samples: Tensor
+
+    def __init__(
+        self,
+        channels: int | None = None,
+        layout: str | None = None,
+        centering: str = "channel",
+        gradient: str = "exact",
+        *,
+        layout_hint: str | None = None,
+        inplace: bool = False,
+        site_name: str = "",
+        site_index: int = -1,
+        activation: str = "",
+        after_residual_add: bool = False,
+        module_path: str = "",
+        kind: str = "module",
+    ) -> None:
+        super().__init__()
+        self.site_name = site_name
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.centering = centering
+        self.gradient = gradient  # validated by the property setter
+        self._layout: str | None = None
+        if layout is not None:
+            self.layout = layout
+        self.layout_hint = layout_hint
+        self.inplace = bool(inplace)
+        self.site_index = site_index
+        self.activation = activation
+        self.after_residual_add = bool(after_residual_add)
+        self.module_path = module_path
+        self.kind = kind
+        self._channels: int | None = None
+        self._alpha_value = 0.0
+        self._calibrated = False
+        self._observer: Moments | None = None
+        self.batch_index: int | None = None  # set by calibrate() so errors can name the batch
+        self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("num_samples", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("running_mean", torch.empty(0, dtype=torch.float32))
+        self.register_buffer("running_var", torch.empty(0, dtype=torch.float32))
+        if channels is not None:
+            self._allocate(int(channels))
+
+    # ------------------------------------------------------------------ descriptive state
+    @property
+    def name(self) -> str:
+        return self.site_name or "<unnamed>"
+
+    @property
+    def layout(self) -> str | None:
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str | None) -> None:
+        if value is not None and value not in LAYOUTS:
+            raise ValueError(f"MeanSparse site '{self.name}': layout must be one of {tuple(LAYOUTS)}, got {value!r}")
+        self._layout = value
+
+    @property
+    def gradient(self) -> str:
+        return self._gradient
+
+    @gradient.setter
+    def gradient(self, value: str) -> None:
+        if value not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {value!r}")
+        self._gradient = value
+
+    @property
+    def channels(self) -> int | None:
+        return self._channels
+
+    @property
+    def calibrated(self) -> bool:
+        return self._calibrated
+
+    @property
+    def alpha_value(self) -> float:
+        """Python mirror of the ``alpha`` buffer (no device sync)."""
+        return self._alpha_value
+
+    @property
+    def observing(self) -> bool:
+        return self._observer is not None
+
+    def channel_dim(self, ndim: int) -> int:
+        if self._layout is None:
+            raise RuntimeError(f"MeanSparse site '{self.name}': layout unknown before the first input")
+        d = LAYOUTS[self._layout]
+        return d if d >= 0 else ndim + d
+
+    # ------------------------------------------------------------------ state changes
+    def _home(self) -> torch.device:
+        return self.alpha.device
+
+    def _allocate(self, channels: int) -> None:
+        dev = self._home()
+        self.running_mean = torch.zeros(channels, dtype=torch.float32, device=dev)
+        self.running_var = torch.ones(channels, dtype=torch.float32, device=dev)
+        self._channels = channels
+
+    def set_alpha(self, value: float | Tensor) -> None:
+        """Set the threshold multiplier; must be finite and >= 0."""
+        v = float(value)
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"MeanSparse site '{self.name}': alpha must be finite and >= 0, got {v}")
+        self.alpha.fill_(v)
+        self._alpha_value = v
+
+    def set_statistics(self, mean: Tensor, var: Tensor, num_samples: int | None = None) -> None:
+        """Install calibrated per-channel mean and variance (ddof=0)."""
+        mean = torch.as_tensor(mean).detach().flatten()
+        var = torch.as_tensor(var).detach().flatten()
+        if mean.shape != var.shape:
+            raise ValueError(
+                f"MeanSparse site '{self.name}': mean has {mean.numel()} entries but var has {var.numel()}"
+            )
+        c = mean.numel()
+        if self._channels is not None and self._channels != c:
+            raise ValueError(
+                f"MeanSparse site '{self.name}': statistics have {c} channels but the site has {self._channels}"
+            )
+        if self._channels is None:
+            self._allocate(c)
+        self.running_mean.copy_(mean.to(self.running_mean.dtype))
+        self.running_var.copy_(var.to(self.running_var.dtype))
+        n = 1 if num_samples is None else int(num_samples)
+        self.num_samples.fill_(n)
+        self._calibrated = n > 0
+
+    def start_observing(self) -> None:
+        """Switch to observing: forward passes x through unchanged and accumulates its moments."""
+        self._observer = Moments()
+
+    def stop_observing(self) -> Moments:
+        """Leave observing mode and return the accumulated moments (possibly empty)."""
+        out, self._observer = self._observer, None
+        return out if out is not None else Moments()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Buffers are lazily sized: adopt the checkpoint's channel count when ours is still unknown.
+        key = prefix + "running_mean"
+        if key in state_dict:
+            c = int(state_dict[key].numel())
+            if self._channels is None and c > 0:
+                self._allocate(c)
+            elif self._channels is not None and c != self._channels:
+                error_msgs.append(
+                    f"MeanSparse site '{self.name}': checkpoint has {c} channels but the site has {self._channels}"
+                )
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        a = float(self.alpha)
+        if not math.isfinite(a) or a < 0:
+            error_msgs.append(f"MeanSparse site '{self.name}': loaded alpha must be finite and >= 0, got {a}")
+        self._alpha_value = a
+        self._calibrated = int(self.num_samples) > 0
+        self._channels = self.running_mean.numel() or self._channels
+
+    # ------------------------------------------------------------------ math
+    def center_threshold(self) -> tuple[Tensor, Tensor]:
+        """Per-channel centre and threshold (float32, shape ``[C]``, or 0-dim for ``global``)."""
+        mean = self.running_mean.float()
+        var = self.running_var.float()
+        alpha = self.alpha.float()
+        if self.centering == "global":
+            m64, v64 = mean.double(), var.double()
+            g = m64.mean()
+            gv = (v64 + (m64 - g) ** 2).mean()  # exact pooling: every channel saw the same count
+            return g.float(), alpha * gv.float().clamp_min(0).sqrt()
+        t = alpha * var.clamp_min(0).sqrt()
+        if self.centering == "zero":
+            return torch.zeros_like(mean), t
+        return mean, t
+
+    def _broadcast(self, v: Tensor, x: Tensor) -> Tensor:
+        v = v.to(dtype=x.dtype)
+        if v.ndim == 0:
+            return v
+        cd = self.channel_dim(x.ndim)
+        if cd == x.ndim - 1:
+            return v
+        return v.reshape((-1,) + (1,) * (x.ndim - cd - 1))
+
+    def _check_channels(self, x: Tensor) -> None:
+        c = x.shape[self.channel_dim(x.ndim)]
+        if c != self._channels:
+            raise ValueError(
+                f"MeanSparse site '{self.name}': input has {c} channels (layout {self._layout}, "
+                f"shape {tuple(x.shape)}) but the site expects {self._channels}"
+            )
+
+    def _first_sight(self, x: Tensor) -> None:
+        if self._layout is None:
+            self.layout = infer_layout(x.ndim, self.layout_hint)
+        if self._channels is None:
+            self._allocate(int(x.shape[self.channel_dim(x.ndim)]))
+
+    def _observe(self, x: Tensor) -> None:
+        self._check_channels(x)
+        b = Moments.batch_stats(x, self.channel_dim(x.ndim))
+        if not bool(torch.isfinite(b.mean_).all() and torch.isfinite(b.m2).all()):
+            where = "" if self.batch_index is None else f" at calibration batch {self.batch_index}"
+            raise ValueError(f"MeanSparse site '{self.name}': non-finite values (NaN/Inf) in the input{where}")
+        self._observer.merge(b)  # type: ignore[union-attr]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._layout is None or self._channels is None:
+            self._first_sight(x)
+        if self._observer is not None:
+            self._observe(x)
+            return x
+        if self._alpha_value == 0.0:
+            return x
+        if not self._calibrated:
+            raise RuntimeError(
+                f"MeanSparse site '{self.name}' has alpha={self._alpha_value} but is not calibrated; "
+                "run meansparse.calibrate(model, loader) or meansparse.load(...) first"
+            )
+        self._check_channels(x)
+        m, t = self.center_threshold()
+        m, t = self._broadcast(m, x), self._broadcast(t, x)
+        if self._gradient == "straight_through":
+            out = _StraightThrough.apply(x, m, t)
+        else:
+            out = sparsify(x, m, t)
+        if self.inplace:  # the activation after us is in-place: later users of x expect it mutated
+            return x.copy_(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"site={self.name!r}, layout={self._layout}, channels={self._channels}, "
+            f"centering={self.centering!r}, gradient={self._gradient!r}, alpha={self._alpha_value:g}"
+        )

@@ -1,0 +1,151 @@
+"""Calibration: exact pooled statistics, pass-through while observing, restored state, error paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import meansparse as ms
+
+
+def captured_reference(model, batches):
+    """torch.mean/var over the concatenation of every operator's inputs (captured by pre-hooks)."""
+    ops = ms.operators(model)
+    feats: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(ops))}
+    hooks = [
+        op.register_forward_pre_hook(lambda m, a, i=i: feats[i].append(a[0].detach().clone()))
+        for i, op in enumerate(ops)
+    ]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    out = []
+    for i, op in enumerate(ops):
+        x = torch.cat(feats[i]).double()
+        cd = op.channel_dim(x.ndim)
+        dims = [d for d in range(x.ndim) if d != cd]
+        out.append((x.mean(dims), x.var(dims, unbiased=False), x.numel() // x.shape[cd]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit", "convnext"])
+def test_statistics_equal_concatenated_features(name, build_model):
+    torch.manual_seed(0)
+    sizes = [5, 3, 7, 2]  # unequal batches, short last batch
+    batches = [torch.randn(n, 3, 16, 16) * (1 + i) for i, n in enumerate(sizes)]
+    model = ms.prepare(build_model(name))
+    ms.calibrate(model, [(b, torch.zeros(len(b))) for b in batches], progress=False)
+    ref = captured_reference(model, batches)
+    for op, (mean, var, count) in zip(ms.operators(model), ref, strict=True):
+        torch.testing.assert_close(op.running_mean.double(), mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(op.running_var.double(), var, rtol=1e-6, atol=1e-7)
+        assert op.calibrated and int(op.num_samples) == count
+
+
+def test_num_samples_counts_elements_per_channel(build_model, images):
+    model = ms.prepare(build_model("convnext"), example_inputs=images)
+    ms.calibrate(model, [images, images[:1]], progress=False)
+    # 5 images, NHWC 4x4 tokens after the stride-4 stem: 5*16 elements per channel
+    assert [int(o.num_samples) for o in ms.operators(model)] == [80, 80]
+
+
+def test_loader_forms_and_max_batches(build_model):
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 3, 16, 16) + i for i in range(4)]
+    results = []
+    for form in (lambda b: b, lambda b: (b, 0), lambda b: [b, 0]):
+        model = ms.prepare(build_model("se"))
+        ms.calibrate(model, [form(b) for b in batches], max_batches=2, progress=False)
+        results.append([o.running_mean.clone() for o in ms.operators(model)])
+    ref = captured_reference(model, batches[:2])
+    for r in results:
+        for got, (mean, _, _) in zip(r, ref, strict=True):
+            torch.testing.assert_close(got.double(), mean, rtol=1e-6, atol=1e-7)
+
+    class CountingLoader:
+        fetched = 0
+
+        def __iter__(self):
+            for b in batches:
+                CountingLoader.fetched += 1
+                yield b
+
+    ms.calibrate(model, CountingLoader(), max_batches=2, progress=False)
+    assert CountingLoader.fetched == 2  # no extra batch is fetched
+
+
+def test_operators_do_not_sparsify_while_calibrating(build_model, images):
+    model = ms.prepare(build_model("resnet18"), example_inputs=images)
+    ms.calibrate(model, [images], progress=False)
+    first = [o.running_var.clone() for o in ms.operators(model)]
+    ms.set_alpha(model, 5.0)  # would change every later feature if applied
+    ms.calibrate(model, [images], progress=False)
+    for o, v in zip(ms.operators(model), first, strict=True):
+        assert torch.equal(o.running_var, v)
+        assert o.alpha_value == 5.0 and not o.observing
+
+
+def test_restores_modes_and_does_not_touch_batchnorm(build_model, images):
+    model = ms.prepare(build_model("preact_wrn"))
+    model.train()
+    model.blocks[1].eval()  # mixed modes must come back exactly
+    bn = model.bn.running_mean.clone()
+    ms.calibrate(model, [images], progress=False)
+    assert model.training and model.blocks[0].training and not model.blocks[1].training
+    assert torch.equal(model.bn.running_mean, bn)  # ran in eval mode
+
+
+def test_progress_bar_reports_images_per_second(build_model, images, capsys):
+    model = ms.prepare(build_model("se"))
+    ms.calibrate(model, [images, images], progress=True)
+    err = capsys.readouterr().err
+    assert "img" in err and "images_per_s" in err
+
+
+def test_zero_batches_and_bad_arguments(build_model, images):
+    model = ms.prepare(build_model("se"))
+    with pytest.raises(ValueError, match="no batches"):
+        ms.calibrate(model, [], progress=False)
+    with pytest.raises(ValueError, match="max_batches"):
+        ms.calibrate(model, [images], max_batches=0, progress=False)
+    with pytest.raises(ValueError, match="prepare"):
+        ms.calibrate(nn.Sequential(nn.ReLU()), [images], progress=False)
+    assert not any(o.calibrated or o.observing for o in ms.operators(model))
+
+
+def test_non_finite_feature_names_site_and_batch(build_model, images):
+    model = ms.prepare(build_model("se"), example_inputs=images)
+    ms.calibrate(model, [images], progress=False)
+    before = [o.running_mean.clone() for o in ms.operators(model)]
+    bad = images.clone()
+    bad[1, 0, 0, 0] = float("inf")
+    model.train()
+    with pytest.raises(ValueError, match=r"site 'act1'.*NaN/Inf.*batch 2"):
+        ms.calibrate(model, [images, images, bad], progress=False)
+    assert model.training
+    for o, b in zip(ms.operators(model), before, strict=True):
+        assert torch.equal(o.running_mean, b) and not o.observing and o.batch_index is None
+
+
+def test_unreached_site_warns_and_stays_uncalibrated(images):
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            return self.a(x)
+
+    model = ms.prepare(Branchy(), method="modules", example_inputs=images)
+    with pytest.warns(UserWarning, match="no input"):
+        ms.calibrate(model, [images], progress=False)
+    assert [o.calibrated for o in ms.operators(model)] == [True, False]
+
+
+def test_calibrate_accepts_device(build_model, images):
+    model = ms.prepare(build_model("se"))
+    assert ms.calibrate(model, [images], device="cpu", progress=False) is model
+    assert all(o.running_mean.device.type == "cpu" for o in ms.operators(model))

@@ -1,0 +1,115 @@
+"""save/load: safetensors + JSON metadata, re-applied to a freshly built model, with clear mismatches."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import meansparse as ms
+
+
+def calibrated(model, images, **kw):
+    model = ms.prepare(model, **kw)
+    ms.calibrate(model, [images[:3], images[3:]], progress=False)
+    return model
+
+
+def test_round_trip(build_model, images, tmp_path):
+    model = calibrated(build_model("resnet18"), images, exclude=r"^layer1\.", centering="zero")
+    ms.set_alpha(model, 0.4)
+    ms.set_alpha(model, {0: 0.1, "layer4.1.F.relu:1": 0.9})
+    with torch.no_grad():
+        want = model(images)
+    path = tmp_path / "state.safetensors"
+    ms.save(model, path)
+
+    fresh = build_model("resnet18")  # same weights, freshly built
+    loaded = ms.load(fresh, path)
+    assert [s.name for s in ms.sites(loaded)] == [s.name for s in ms.sites(model)]
+    assert ms.sites(loaded) == ms.sites(model)
+    for a, b in zip(ms.operators(loaded), ms.operators(model), strict=True):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+        assert a.alpha_value == b.alpha_value and a.centering == "zero" and a.calibrated
+    with torch.no_grad():
+        assert torch.equal(loaded(images), want)
+
+
+def test_file_is_safetensors_with_json_metadata(build_model, images, tmp_path):
+    model = calibrated(build_model("vit"), images)
+    path = tmp_path / "s.safetensors"
+    ms.save(model, path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    json.loads(raw[8 : 8 + n])  # a plain JSON header, no pickle anywhere
+    assert b"\x80\x04" not in raw[:2]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["format"] == "meansparse"
+    info = json.loads(meta["meansparse"])
+    assert info["package_version"] == ms.__version__
+    assert info["config"]["method"] == "fx" and info["config"]["centering"] == "channel"
+    assert [(s["name"], s["layout"], s["channels"]) for s in info["sites"]] == [
+        ("blocks.0.mlp.act", "NLC", 32),
+        ("blocks.1.mlp.act", "NLC", 32),
+    ]
+    assert {"site.0.running_mean", "site.0.running_var", "site.0.alpha", "site.1.num_samples"} <= keys
+
+
+def test_round_trip_modules_method(build_model, images, tmp_path, quiet):
+    model = calibrated(build_model("untraceable"), images, example_inputs=images)
+    ms.set_alpha(model, 0.7)
+    with torch.no_grad():
+        want = model(images)
+    ms.save(model, tmp_path / "u.safetensors")
+    loaded = ms.load(build_model("untraceable"), tmp_path / "u.safetensors")
+    assert [s.name for s in ms.sites(loaded)] == ["act1", "act2"]
+    with torch.no_grad():
+        assert torch.equal(loaded(images), want)
+
+
+def test_site_mismatch_is_reported(build_model, images, tmp_path):
+    ms.save(calibrated(build_model("preact_wrn"), images), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"sites do not match.*file has 7, the model gives 3"):
+        ms.load(build_model("se"), tmp_path / "w.safetensors")
+
+
+def test_channel_mismatch_is_reported(build_model, images, tmp_path):
+    ms.save(calibrated(build_model("preact_wrn"), images), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"site 'blocks.0.relu1' has 8 channels in the model but 4"):
+        ms.load(build_model("preact_wrn", width=8), tmp_path / "w.safetensors")
+
+
+def test_channel_mismatch_without_recorded_shape_fails_at_first_forward(build_model, images, tmp_path):
+    model = ms.prepare(build_model("preact_wrn"))
+    ops = ms.operators(model)
+    for o in ops:  # statistics installed by hand: no input shape is recorded
+        o.layout = "NCHW"
+        o.set_statistics(torch.zeros(4), torch.ones(4))
+    ms.save(model, tmp_path / "w.safetensors")
+    loaded = ms.load(build_model("preact_wrn", width=8), tmp_path / "w.safetensors")
+    ms.set_alpha(loaded, 0.5)
+    with pytest.raises(ValueError, match=r"blocks.0.relu1.*8 channels.*expects 4"):
+        loaded(images)
+
+
+def test_save_errors(build_model, tmp_path):
+    with pytest.raises(ValueError, match="not prepared"):
+        ms.save(build_model("se"), tmp_path / "x.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a meansparse state file"):
+        ms.load(build_model("se"), tmp_path / "other.safetensors")
+
+
+def test_uncalibrated_sites_round_trip(build_model, tmp_path):
+    model = ms.prepare(build_model("se"), include="act1")
+    ms.save(model, tmp_path / "u.safetensors")
+    loaded = ms.load(build_model("se"), tmp_path / "u.safetensors")
+    assert [s.name for s in ms.sites(loaded)] == ["act1"]
+    assert not ms.operators(loaded)[0].calibrated
