@@ -53,4 +53,9 @@ __all__ = [
 #     __all__ += ["evaluate"]
 # (kept at the end so the core above never depends on them)
 # ---------------------------------------------------------------------------------------------------
+from . import data, models  # noqa: E402, F401
 from .evaluation import Report, evaluate  # noqa: E402, F401
+from .search import AlphaSearchResult, search_alpha, search_per_site, search_schedule  # noqa: E402, F401
+
+__all__ += ["Report", "evaluate", "AlphaSearchResult", "search_alpha", "search_per_site", "search_schedule",
+            "data", "models"]

@@ -28,7 +28,7 @@ def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | Non
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(alphas, [100 * r["clean"] for r in rows], "o-", label="clean")
     if any(r.get("plain") is not None for r in rows):
-        ax.plot(alphas, [100 * r["plain"] for r in rows], "s--", label="robust, plain white-box (masked)")
+        ax.plot(alphas, [100 * r["plain"] for r in rows], "s--", label="robust, plain white-box attack")
     ax.plot(alphas, [100 * r["worst_case"] for r in rows], "^-", label="robust, worst case (honest)")
     if chosen is not None:
         ax.axvline(chosen, color="k", lw=1, label=f"chosen α = {chosen:g}")

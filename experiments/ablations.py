@@ -1,0 +1,350 @@
+"""The paper's ablations (appendix A.1-A.10) on the reference checkpoints, with the honest columns added.
+
+One command per ablation, e.g.::
+
+    python experiments/ablations.py a7 --n 200
+    python experiments/ablations.py all --n 200 --steps 20
+
+Each writes experiments/results/<name>/{table.md, results.json, plot.png} with the command that made it
+and the scale (model width, number of test images, attack budget). Every table has the paper's metric
+AND a BPDA / worst-case column: the paper's numbers come from gradient attacks that MeanSparse masks.
+Calibration (full training split minus the held-out part) is computed once per checkpoint and cached as
+a MeanSparse state file under experiments/results/cache/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import meansparse as ms
+from meansparse.data import Batches, holdout_split, load_dataset
+from meansparse.evaluation import AdaptivePGD
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+CKPT = ROOT.parent / "checkpoints"
+MODELS = {
+    "gelu-pgd": "cifar10-resnet18-gelu-pgd",
+    "relu-pgd": "cifar10-resnet18-relu-pgd",
+    "gelu-trades": "cifar10-resnet18-gelu-trades",
+    "gelu-standard": "cifar10-resnet18-gelu-standard",
+}
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4)
+
+
+class Ctx:
+    """Shared state of one invocation: data, scale, attack budget, output folder."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.eps = 8 / 255
+        self.n = args.n
+        self.batch = args.batch_size
+        self.opts = {"apgd-ce": {"steps": args.steps}, "apgd-t": {"steps": args.steps},
+                     "apgd-dlr": {"steps": args.steps}, "pgd": {"steps": 50},
+                     "square": {"queries": args.queries}, "transfer": {"steps": args.steps}}
+        train = load_dataset("cifar10-jpg", "train")
+        self.fit, self.hold = holdout_split(train, 1000, seed=0)
+        test = load_dataset("cifar10-jpg", "test")
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: self.n].sort().values
+        self.test = test.subset(idx)
+        self.x, self.y = self.test.float(), self.test.labels
+
+    def base(self, key: str) -> torch.nn.Module:
+        return ms.models.load(CKPT / MODELS[key])
+
+    def prepared(self, key: str, **prepare_kw: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(base, calibrated MeanSparse copy); statistics cached per (checkpoint, prepare arguments)."""
+        base = self.base(key)
+        example = (self.x[:2],)
+        model = ms.prepare(copy.deepcopy(base), example_inputs=example, **prepare_kw)
+        tag = "-".join(f"{k}={v}" for k, v in sorted(prepare_kw.items())) or "default"
+        cache = RESULTS / "cache" / f"{MODELS[key]}-{tag}.safetensors"
+        if cache.exists():
+            model = ms.load(copy.deepcopy(base), cache, example_inputs=example)
+        else:
+            ms.calibrate(model, Batches(self.fit, 500), progress=self.args.progress)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            ms.save(model, cache)
+        return base, model.eval()
+
+    def evaluate(self, model, attacks, base=None, norm="Linf", eps=None, tag="") -> ms.Report:
+        state = RESULTS / "cache" / "state" / f"{tag}.json" if tag else None
+        if state:
+            state.parent.mkdir(parents=True, exist_ok=True)
+        return ms.evaluate(model, self.x, self.y, norm=norm, eps=eps or self.eps, attacks=attacks,
+                           base_model=base, batch_size=self.batch, seed=0, individual=True,
+                           attack_options=self.opts, progress=self.args.progress, state_path=state)
+
+    def scale(self) -> str:
+        return (f"ResNet-18 width 16 (CIFAR-10 JPEG copy), {self.n} random test images (seed 0), "
+                f"APGD {self.args.steps} steps, Square {self.args.queries} queries, PGD-50 where named, "
+                f"Linf ε = 8/255 unless stated; α chosen on nothing here (tables show every α)")
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def write(name: str, ctx: Ctx, title: str, header: list[str], rows: list[list[Any]], data: Any,
+          note: str = "", plot: dict | None = None) -> None:
+    out = RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python experiments/ablations.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    md = [f"# {title}", "", f"Command: `{cmd}`", "", f"Scale: {ctx.scale()}.", ""]
+    if note:
+        md += [note, ""]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    if plot:
+        _plot(out / "plot.png", **plot)
+        md += ["", "![plot](plot.png)"]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps({"command": cmd, "scale": ctx.scale(), "data": data},
+                                                 indent=2, default=float) + "\n")
+    print("\n".join(md))
+
+
+def _plot(path: Path, x: list, series: dict[str, list], xlabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        ax.plot(x, [100 * v if v is not None else float("nan") for v in ys], "o-", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+HONEST = ["apgd-ce", "bpda-apgd-ce", "transfer"]
+
+
+def alpha_table(ctx: Ctx, key: str, attacks=None, norm="Linf", eps=None, alphas=ALPHAS, **prepare_kw):
+    """Rows (α, clean, each attack, worst case) for one checkpoint: the building block of most ablations."""
+    attacks = list(attacks or HONEST)
+    base, model = ctx.prepared(key, **prepare_kw)
+    rows, data = [], []
+    for a in alphas:
+        ms.set_alpha(model, a)
+        tag = f"{key}-{norm}-{eps or ctx.eps:.5f}-{a:g}-" + "-".join(attacks) + "-" + "-".join(
+            f"{k}={v}" for k, v in sorted(prepare_kw.items())) + f"-n{ctx.n}-s{ctx.args.steps}"
+        r = ctx.evaluate(model, attacks if a > 0 else [x for x in attacks if not x.startswith(("bpda", "transfer"))],
+                         base=base, norm=norm, eps=eps, tag=tag)
+        rec = {"alpha": a, "clean": r.clean_accuracy, "worst_case": r.worst_case_accuracy,
+               **{k: r.robust_accuracy.get(k if a > 0 or not k.startswith(("bpda", "transfer")) else
+                                           k.replace("bpda-", "")) for k in attacks}, "warnings": r.warnings}
+        data.append(rec)
+        rows.append([f"{a:g}", _pct(rec["clean"])] + [_pct(rec[k]) for k in attacks]
+                    + [f"**{_pct(rec['worst_case'])}**"])
+    return rows, data, ["α", "clean %"] + [f"{k} %" for k in attacks] + ["**worst case %**"]
+
+
+def _alpha_plot(data, attacks, title):
+    return {"x": [d["alpha"] for d in data],
+            "series": {"clean": [d["clean"] for d in data], **{k: [d[k] for d in data] for k in attacks},
+                       "worst case": [d["worst_case"] for d in data]},
+            "xlabel": "α", "title": title}
+
+
+# ------------------------------------------------------------------------------------------ ablations
+def a1(ctx: Ctx) -> None:
+    """A.1 activation functions × α (GELU vs ReLU, same PGD-AT recipe)."""
+    rows, data = [], {}
+    for key in ("gelu-pgd", "relu-pgd"):
+        r, d, header = alpha_table(ctx, key)
+        rows += [[key] + x for x in r]
+        data[key] = d
+    write("a1-activations", ctx, "A.1 Activation function × α", ["model"] + header, rows, data)
+
+
+def a2(ctx: Ctx) -> None:
+    """A.2 Linf vs L2 threat model on the Linf-trained GELU model."""
+    rows, data = [], {}
+    for norm, eps in (("Linf", 8 / 255), ("L2", 0.5)):
+        r, d, header = alpha_table(ctx, "gelu-pgd", norm=norm, eps=eps)
+        rows += [[f"{norm} ε={eps:.3g}"] + x for x in r]
+        data[norm] = d
+    write("a2-linf-vs-l2", ctx, "A.2 Linf vs L2", ["threat"] + header, rows, data)
+
+
+def a3(ctx: Ctx) -> None:
+    """A.3 black-box Square attack vs α."""
+    attacks = ["apgd-ce", "bpda-apgd-ce", "square"]
+    rows, data, header = alpha_table(ctx, "gelu-pgd", attacks=attacks)
+    write("a3-square", ctx, "A.3 Square (black-box) vs α", header, rows, data,
+          plot=_alpha_plot(data, attacks, "A.3: GELU PGD-AT, Square vs gradient attacks"))
+
+
+def a4(ctx: Ctx) -> None:
+    """A.4 the paper's adaptive attack with two λ values vs PGD-50 (same steps and step size)."""
+    base, model = ctx.prepared("gelu-pgd")
+    rows, data = [], []
+    lams = (1.0, -1.0)
+    for a in (0.1, 0.2, 0.3):
+        ms.set_alpha(model, a)
+        attacks = ["pgd", *[AdaptivePGD(norm="Linf", eps=ctx.eps, lam=lam, steps=50, name=f"adaptive-lam{lam:g}")
+                            for lam in lams], "bpda-pgd"]
+        r = ctx.evaluate(model, attacks, base=base, tag=f"a4-{a:g}-n{ctx.n}")
+        rec = {"alpha": a, "clean": r.clean_accuracy, "worst_case": r.worst_case_accuracy, **r.robust_accuracy}
+        data.append(rec)
+        rows.append([f"{a:g}", _pct(r.clean_accuracy)] + [_pct(v) for v in r.robust_accuracy.values()]
+                    + [f"**{_pct(r.worst_case_accuracy)}**"])
+    header = ["α", "clean %", "PGD-50 %"] + [f"adaptive λ={lam:g} %" for lam in lams] + ["BPDA-PGD-50 %",
+                                                                                         "**worst case %**"]
+    write("a4-adaptive", ctx, "A.4 Adaptive attack vs PGD-50", header, rows, data,
+          note="Adaptive loss as specified: CE − λ·Σ_k‖M_k⊙(z_k(x+δ)−z_k(x))‖², M_k = positions the operator "
+               "blocks on the clean input; λ > 0 keeps blocked features in place, λ < 0 pushes them out.")
+
+
+def a5(ctx: Ctx) -> None:
+    """A.5 PGD-AT vs TRADES."""
+    rows, data = [], {}
+    for key in ("gelu-pgd", "gelu-trades"):
+        r, d, header = alpha_table(ctx, key)
+        rows += [[key] + x for x in r]
+        data[key] = d
+    write("a5-pgd-vs-trades", ctx, "A.5 PGD-AT vs TRADES", ["model"] + header, rows, data)
+
+
+def a6(ctx: Ctx) -> None:
+    """A.6 a standard (non-robust) model: MeanSparse does not create robustness from nothing."""
+    rows, data, header = alpha_table(ctx, "gelu-standard")
+    write("a6-standard", ctx, "A.6 Standard training", header, rows, data)
+
+
+def a7(ctx: Ctx) -> None:
+    """A.7 centering reference: channel mean / zero / global mean."""
+    rows, data = [], {}
+    for centering in ("channel", "zero", "global"):
+        r, d, header = alpha_table(ctx, "gelu-pgd", centering=centering)
+        rows += [[centering] + x for x in r]
+        data[centering] = d
+    write("a7-centering", ctx, "A.7 Centering reference", ["centering"] + header, rows, data)
+
+
+def a8(ctx: Ctx) -> None:
+    """A.8 attack power: ε sweep at a fixed α."""
+    base, model = ctx.prepared("gelu-pgd")
+    rows, data = [], []
+    for eps in (2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255):
+        recs = {}
+        for a in (0.0, 0.2):
+            ms.set_alpha(model, a)
+            attacks = HONEST if a > 0 else ["apgd-ce"]
+            r = ctx.evaluate(model, attacks, base=base, eps=eps, tag=f"a8-{eps:.5f}-{a:g}-n{ctx.n}-s{ctx.args.steps}")
+            recs[a] = r
+        rows.append([f"{eps * 255:.0f}/255", _pct(recs[0.0].robust_accuracy["apgd-ce"]),
+                     _pct(recs[0.2].robust_accuracy["apgd-ce"]), _pct(recs[0.2].robust_accuracy["bpda-apgd-ce"]),
+                     f"**{_pct(recs[0.2].worst_case_accuracy)}**"])
+        data.append({"eps": eps, "base": recs[0.0].robust_accuracy, "alpha0.2": recs[0.2].robust_accuracy,
+                     "worst_case": recs[0.2].worst_case_accuracy})
+    write("a8-attack-power", ctx, "A.8 Attack power (ε sweep), α = 0.2",
+          ["ε", "base APGD-CE %", "MeanSparse APGD-CE %", "MeanSparse BPDA %", "**MeanSparse worst case %**"],
+          rows, data)
+
+
+def a9(ctx: Ctx) -> None:
+    """A.9 single-site and cumulative application by index; main path vs after residual add."""
+    base, model = ctx.prepared("gelu-pgd")
+    sites = ms.sites(model)
+    alpha = ctx.args.alpha
+    rows, data = [], []
+    settings = [("all sites", {s.index: alpha for s in sites})]
+    settings += [("main path only", {s.index: alpha * (not s.after_residual_add) for s in sites}),
+                 ("after residual add only", {s.index: alpha * s.after_residual_add for s in sites})]
+    step = max(1, len(sites) // 4)
+    for k in range(0, len(sites), step):
+        settings.append((f"single site {k} ({sites[k].name})", {s.index: alpha * (s.index == k) for s in sites}))
+    for k in range(step, len(sites) + 1, step):
+        settings.append((f"cumulative sites 0..{k - 1}", {s.index: alpha * (s.index < k) for s in sites}))
+    for label, spec in settings:
+        ms.set_alpha(model, spec)
+        tag = f"a9-{label.split(' (')[0].replace(' ', '_')}-{alpha:g}-n{ctx.n}-s{ctx.args.steps}"
+        r = ctx.evaluate(model, HONEST, base=base, tag=tag)
+        rows.append([label, _pct(r.clean_accuracy)] + [_pct(r.robust_accuracy[k]) for k in HONEST]
+                    + [f"**{_pct(r.worst_case_accuracy)}**"])
+        data.append({"setting": label, "clean": r.clean_accuracy, **r.robust_accuracy,
+                     "worst_case": r.worst_case_accuracy})
+    write("a9-sites", ctx, f"A.9 Which sites (α = {alpha:g})", ["sites", "clean %"] + [f"{k} %" for k in HONEST]
+          + ["**worst case %**"], rows, data, note=f"{len(sites)} sites; after-residual-add sites: "
+          + ", ".join(str(s.index) for s in sites if s.after_residual_add))
+
+
+def a10(ctx: Ctx) -> None:
+    """A.10 PGD-50 as the paper's metric, next to BPDA-PGD-50 and the worst case."""
+    attacks = ["pgd", "bpda-pgd", "transfer"]
+    rows, data, header = alpha_table(ctx, "gelu-pgd", attacks=attacks)
+    write("a10-pgd50", ctx, "A.10 PGD-50", header, rows, data,
+          plot=_alpha_plot(data, attacks, "A.10: GELU PGD-AT, PGD-50 vs BPDA"))
+
+
+def per_layer(ctx: Ctx) -> None:
+    """Per-layer α (depth schedule α_k = a·r^k) vs the best global α, chosen on held-out, checked on test."""
+    base, model = ctx.prepared("gelu-pgd")
+    hold = ctx.hold.head(ctx.n)
+    kw = dict(n_robust=ctx.n, attacks=("apgd-ce", "bpda-apgd-ce"), attack_options=ctx.opts,
+              batch_size=ctx.batch, progress=ctx.args.progress, clean_budget=0.01)
+    glob = ms.search_alpha(model, hold.float(), hold.labels, (0.0, 0.1, 0.2, 0.3), **kw)
+    sched = ms.search_schedule(model, hold.float(), hold.labels, (0.1, 0.2, 0.3), ratios=(0.7, 1.0, 1.4), **kw)
+    rows, data = [], {"global": json.loads(glob.to_json()), "schedule": json.loads(sched.to_json())}
+    for label, result in (("global α", glob), ("schedule a·r^k", sched)):
+        ms.set_alpha(model, result.chosen_alpha)
+        r = ctx.evaluate(model, HONEST, base=base, tag=f"perlayer-{label[:6]}-n{ctx.n}-s{ctx.args.steps}-"
+                         + str(abs(hash(json.dumps(result.chosen, default=float, sort_keys=True))) % 10**8))
+        rows.append([label, str(result.chosen["alpha"]), _pct(result.chosen["clean"]),
+                     _pct(result.chosen["worst_case"]), _pct(r.clean_accuracy), f"**{_pct(r.worst_case_accuracy)}**"])
+        data[label] = {"test": r.robust_accuracy, "test_worst": r.worst_case_accuracy, "test_clean": r.clean_accuracy}
+    write("per-layer-alpha", ctx, "Per-layer α (depth schedule) vs global α", ["setting", "chosen",
+          "held-out clean %", "held-out worst %", "test clean %", "**test worst case %**"], rows, data,
+          note="Objective: worst case of APGD-CE and BPDA-APGD-CE on held-out training images within a 1-point "
+               "clean budget; the test columns use APGD-CE, BPDA-APGD-CE and transfer.")
+
+
+ABLATIONS = {"a1": a1, "a2": a2, "a3": a3, "a4": a4, "a5": a5, "a6": a6, "a7": a7, "a8": a8, "a9": a9,
+             "a10": a10, "per-layer": per_layer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="+", help=f"{', '.join(ABLATIONS)} or all")
+    p.add_argument("--n", type=int, default=200, help="test images")
+    p.add_argument("--steps", type=int, default=20, help="APGD iterations")
+    p.add_argument("--queries", type=int, default=1000, help="Square queries")
+    p.add_argument("--alpha", type=float, default=0.2, help="α for A.9")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(ABLATIONS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        p.error(f"unknown ablation(s) {unknown}: choose from {', '.join(ABLATIONS)}")
+    ctx = Ctx(args)
+    for name in names:
+        t0 = time.time()
+        ABLATIONS[name](ctx)
+        print(f"[{name}] {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""α search (global, schedule, per-site) and the main-job pipeline on the embedded digits default."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import meansparse as ms
+from meansparse.data import Batches, holdout_split, load_digits
+from meansparse.pipeline import PipelineConfig, run
+from meansparse.search import AlphaSearchResult, schedule
+from meansparse.training import TrainConfig, train
+
+FAST = {"apgd-ce": {"steps": 5}}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    data = load_digits("train")
+    fit, hold = holdout_split(data, 120, seed=0)
+    out = tmp_path_factory.mktemp("digits")
+    cfg = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 8}, dataset="digits",
+                      method="pgd", eps=0.1, steps=2, epochs=4, batch_size=64, lr=0.05, n_holdout=80, eval_n=80,
+                      eval_steps=2, augment=False)
+    train(cfg, out, progress=False, train_data=fit)
+    base = ms.models.load(out / "best")
+    model = ms.prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2],))
+    ms.calibrate(model, Batches(fit, 256), progress=False)
+    return base, model, hold
+
+
+def _kw():
+    return dict(n_robust=60, eps=0.1, attack_options=FAST, progress=False)
+
+
+def test_search_alpha_respects_the_budget_and_sets_the_choice(calibrated):
+    _, model, hold = calibrated
+    res = ms.search_alpha(model, hold.float(), hold.labels, (0.1, 0.3, 1.5), clean_budget=0.005, **_kw())
+    assert [r["alpha"] for r in res.rows] == [0.0, 0.1, 0.3, 1.5]  # α = 0 is always the reference
+    base_clean = res.rows[0]["clean"]
+    for r in res.rows:
+        assert r["feasible"] == (r["clean"] >= base_clean - 0.005 - 1e-12)
+        assert r["worst_case"] <= r["plain"] + 1e-12  # worst case includes the plain attack
+    assert res.chosen["feasible"]
+    best = max(r["worst_case"] for r in res.rows if r["feasible"])
+    assert res.chosen["worst_case"] == best
+    assert all(op.alpha_value == res.chosen_alpha for op in ms.operators(model))
+    again = AlphaSearchResult.from_json(res.to_json())
+    assert again.chosen == res.chosen and "chosen" in again.to_markdown()
+
+
+def test_search_alpha_is_resumable(calibrated, tmp_path):
+    _, model, hold = calibrated
+    a = ms.search_alpha(model, hold.float(), hold.labels, (0.2,), state_dir=tmp_path, **_kw())
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    b = ms.search_alpha(model, hold.float(), hold.labels, (0.2,), state_dir=tmp_path, **_kw())
+    assert [r["worst_case"] for r in a.rows] == [r["worst_case"] for r in b.rows]
+
+
+def test_search_rejects_bad_input(calibrated):
+    base, model, hold = calibrated
+    with pytest.raises(ValueError, match="alphas"):
+        ms.search_alpha(model, hold.float(), hold.labels, (-0.1,), **_kw())
+    with pytest.raises(ValueError, match="prepared"):
+        ms.search_alpha(base, hold.float(), hold.labels, (0.1,), **_kw())
+
+
+def test_schedule_and_per_site_search(calibrated):
+    _, model, hold = calibrated
+    n = len(ms.operators(model))
+    assert schedule(0.2, 0.5, 3) == {0: 0.2, 1: 0.1, 2: 0.05}
+    res = ms.search_schedule(model, hold.float(), hold.labels, (0.2,), ratios=(0.5, 1.0), **_kw())
+    assert len(res.rows) == 3 and len(res.chosen["per_site"]) == n
+    assert [op.alpha_value for op in ms.operators(model)] == pytest.approx(res.chosen["per_site"])
+    seen = []
+    res2 = ms.search_per_site(model, hold.float(), hold.labels, 0.1, candidates=(0.0, 0.3), callback=seen.append,
+                              **_kw())
+    assert len(res2.rows) == 2 + len(seen) and len(seen) == 2 * n
+    assert res2.chosen["worst_case"] >= res2.rows[1]["worst_case"] or not res2.rows[1]["feasible"]
+
+
+def test_pipeline_writes_a_complete_report(tmp_path):
+    cfg = PipelineConfig(n_holdout=100, n_sweep_robust=40, n_test=60, alphas=(0.0, 0.2), train_epochs=2,
+                         attacks=("apgd-ce", "bpda-apgd-ce", "transfer"), attack_options=FAST, progress=False)
+    summary = run(cfg, tmp_path)
+    for f in ("report.md", "summary.json", "sweep.json", "before.json", "after.json", "meansparse.safetensors",
+              "alpha_curve.png", "feature_histogram.png"):
+        assert (tmp_path / f).exists(), f
+    assert json.loads((tmp_path / "summary.json").read_text())["n_test"] == 60
+    assert summary["after"]["worst_case"] <= min(summary["after"]["robust"].values()) + 1e-12
+    text = (tmp_path / "report.md").read_text()
+    assert "worst case" in text and "Before / after" in text
+    # the saved state reloads onto the base model
+    base = ms.models.load(tmp_path / "model" / "best")
+    again = ms.load(base, tmp_path / "meansparse.safetensors")
+    assert len(ms.operators(again)) == len(ms.sites(again))
+    assert torch.is_tensor(ms.operators(again)[0].running_mean)
