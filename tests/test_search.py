@@ -98,3 +98,13 @@ def test_pipeline_writes_a_complete_report(tmp_path):
     again = ms.load(base, tmp_path / "meansparse.safetensors")
     assert len(ms.operators(again)) == len(ms.sites(again))
     assert torch.is_tensor(ms.operators(again)[0].running_mean)
+
+
+def test_sweep_command_saves_the_chosen_state(tmp_path):
+    from meansparse.cli import main
+
+    rc = main(["sweep", "--out", str(tmp_path), "--alphas", "0,0.3", "--n-holdout", "100", "--n-sweep-robust",
+               "30", "--option", "apgd-ce.steps=3", "--train-epochs", "2", "--quiet"])
+    assert rc == 0
+    assert (tmp_path / "meansparse.safetensors").exists() and (tmp_path / "alpha_curve.png").exists()
+    assert json.loads((tmp_path / "sweep.json").read_text())["chosen"]["alpha"] in (0.0, 0.3)

@@ -59,3 +59,9 @@ from .search import AlphaSearchResult, search_alpha, search_per_site, search_sch
 
 __all__ += ["Report", "evaluate", "AlphaSearchResult", "search_alpha", "search_per_site", "search_schedule",
             "data", "models"]
+from .fused import fuse, fused_sites, unfuse  # noqa: E402
+
+__all__ += ["fuse", "unfuse", "fused_sites"]
+from . import zoo  # noqa: E402  (imports timm / robustbench only when used)
+
+__all__ += ["zoo"]

@@ -3,7 +3,11 @@
 The pass runs the model in eval mode under ``torch.no_grad`` with the operators *observing*: they pass
 their input through unchanged (so later sites see the original features) and fold it into an exact
 :class:`~meansparse.moments.Moments`.  Statistics are written only after the whole pass succeeded, and
-merged across ranks first when torch.distributed is initialised.
+merged across ranks first when torch.distributed is initialised (every rank then holds the same numbers).
+
+Cost: each site reads its input about twice more (per-group shifted sums, see
+:meth:`Moments.batch_stats_fast`; one compiled kernel when torch.compile works), keeps O(channels) state and
+at most a fixed scratch buffer, and the finiteness check costs one device sync per batch, not per site.
 """
 
 from __future__ import annotations
@@ -63,6 +67,22 @@ def _dist_sum(value: int) -> int:
     return int(t.item())
 
 
+def _check_finite(ops: list[MeanSparse], batch: int) -> None:
+    """One device sync per batch: a non-finite input poisons its site's accumulator, so checking the
+    accumulators after each batch names the first bad site and the batch without a per-site sync."""
+    flags = [(op, op.observer_finite()) for op in ops]
+    flags = [(op, f) for op, f in flags if f is not None]
+    if not flags:
+        return
+    ok = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+    for (op, _), good in zip(flags, ok, strict=True):
+        if not good:
+            raise ValueError(
+                f"MeanSparse site '{op.name}': non-finite values (NaN/Inf) in the input at calibration batch {batch} "
+                "(or values whose squares overflow the input's dtype)"
+            )
+
+
 def calibrate(
     model: nn.Module,
     loader: Iterable[Any],
@@ -114,6 +134,7 @@ def calibrate(
                 for op in ops:
                     op.batch_index = i
                 model(x)
+                _check_finite(ops, i)
                 batches += 1
                 images += n
                 if bar is not None:

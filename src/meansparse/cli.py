@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .evaluation.cli import parse_eps, parse_options
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a (robust) model and write a safetensors checkpoint")
@@ -65,18 +67,23 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="digits (embedded default) | cifar10-jpg | cifar10 | path")
     p.add_argument("--data-root", default=None)
     p.add_argument("--model", default=None, help="checkpoint (safetensors + json); default: train on digits")
-    p.add_argument("--eps", type=float, default=None, help="default 8/255 (CIFAR), 0.1 (digits)")
+    p.add_argument("--eps", type=parse_eps, default=None, help="e.g. 8/255; default 8/255 (CIFAR), 0.1 (digits)")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
-    p.add_argument("--alphas", type=float, nargs="+", default=None)
+    p.add_argument("--alphas", default=None, help="comma-separated α grid, default 0,0.05,...,0.4")
     p.add_argument("--clean-budget", type=float, default=0.005, help="max clean-accuracy drop (fraction)")
     p.add_argument("--n-holdout", type=int, default=300)
     p.add_argument("--n-sweep-robust", type=int, default=200)
     p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--attacks", nargs="+", default=None)
-    p.add_argument("--sweep-attacks", nargs="+", default=None)
-    p.add_argument("--attack-options", type=json.loads, default=None,
-                   help='JSON, e.g. \'{"apgd-ce": {"steps": 20}}\'')
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated attacks for the before/after evaluation (default: "
+                        "aa,bpda-apgd-ce,bpda-apgd-t,transfer,square)")
+    p.add_argument("--sweep-attacks", default=None,
+                   help="comma-separated attacks of the α sweep; the first is the plain one "
+                        "(default apgd-ce,bpda-apgd-ce)")
+    p.add_argument("--option", action="append", metavar="ATTACK.NAME=VALUE",
+                   help="override an attack default, e.g. apgd-ce.steps=20 (repeatable)")
     p.add_argument("--calibration-batches", type=int, default=None)
+    p.add_argument("--train-epochs", type=int, default=30, help="epochs of the embedded digits model")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -92,14 +99,16 @@ def _pipeline_config(args: argparse.Namespace):
     cfg = PipelineConfig(data=args.data, data_root=args.data_root, model=args.model, eps=args.eps, norm=args.norm,
                          clean_budget=args.clean_budget, n_holdout=args.n_holdout,
                          n_sweep_robust=args.n_sweep_robust, n_test=args.n_test,
-                         attack_options=args.attack_options, calibration_batches=args.calibration_batches,
-                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+                         attack_options=parse_options(args.option) or None,
+                         calibration_batches=args.calibration_batches,
+                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                         train_epochs=args.train_epochs)
     if args.alphas:
-        cfg.alphas = args.alphas
+        cfg.alphas = tuple(float(a) for a in args.alphas.split(","))
     if args.attacks:
-        cfg.attacks = args.attacks
+        cfg.attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     if args.sweep_attacks:
-        cfg.sweep_attacks = args.sweep_attacks
+        cfg.sweep_attacks = tuple(a.strip() for a in args.sweep_attacks.split(",") if a.strip())
     return cfg
 
 
@@ -107,6 +116,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .pipeline import run
 
     run(_pipeline_config(args), args.out)
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .pipeline import run_sweep
+
+    run_sweep(_pipeline_config(args), args.out)
     return 0
 
 
@@ -118,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: calibrate, sweep α on held-out data, evaluate honestly")
     _add_pipeline_args(demo)
     demo.set_defaults(func=_run_demo)
+    sweep = sub.add_parser("sweep", help="calibrate once and sweep α on held-out data (no test-set evaluation)")
+    _add_pipeline_args(sweep)
+    sweep.set_defaults(func=_run_sweep)
+    from .calibration_cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     try:
         from .evaluation.cli import add_evaluate_parser
     except ImportError:  # evaluation extra not importable: the other commands still work

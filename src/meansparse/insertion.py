@@ -11,6 +11,14 @@ Two strategies, because real models differ:
 
 ``method="auto"`` tries fx and falls back to modules with a warning saying why tracing failed.  The
 prepared model keeps a reference to the original so :func:`remove` gives it back untouched.
+
+Besides "before an activation", the same mechanism places operators on the *output* of a module
+(``outputs=`` regexes of module names, site kind ``"output"``, e.g. after a Transformer MLP's ``fc2``) and
+on the output of every tensor + tensor addition (``residual_adds=True``, site kind ``"add"``: after a
+residual connection).  ``preset=`` picks these arguments for known architecture families
+(:mod:`meansparse.zoo`).  With fx the operator node goes right after the module call or the add; with
+modules the module is wrapped in :class:`MeanSparseOutput`, and an add is only reachable when it is the
+value a module's forward returns (found by the probe forward).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from .operator import MeanSparse
 __all__ = [
     "Site",
     "MeanSparseActivation",
+    "MeanSparseOutput",
     "prepare",
     "sites",
     "remove",
@@ -105,7 +114,7 @@ def register_activation(obj: Any) -> Any:
     only seen as a call site if fx records it as one (C builtins, or functions marked ``torch.fx.wrap``).
     """
     if isinstance(obj, type) and issubclass(obj, nn.Module):
-        if issubclass(obj, (MeanSparse, MeanSparseActivation)):
+        if issubclass(obj, (MeanSparse, MeanSparseActivation, MeanSparseOutput)):
             raise ValueError(f"{obj.__name__} cannot be registered as an activation")
         if obj not in _REGISTERED_MODULES:
             _REGISTERED_MODULES.append(obj)
@@ -140,7 +149,7 @@ def _activation_names(activations: Iterable[Any] | None) -> set[str] | None:
 
 
 def _is_activation_module(m: nn.Module, names: set[str] | None) -> bool:
-    if isinstance(m, (MeanSparse, MeanSparseActivation)):
+    if isinstance(m, (MeanSparse, MeanSparseActivation, MeanSparseOutput)):
         return False
     tname = type(m).__name__
     if names is not None:
@@ -155,12 +164,14 @@ class Site:
 
     index: int
     name: str  # qualified name, used by include/exclude regexes and set_alpha
-    activation: str  # "ReLU", "F.gelu", "Tensor.relu", ...
+    activation: str  # "ReLU", "F.gelu", "Tensor.relu", ...; kind "output": the module class; kind "add": "add"
     layout: str | None  # NCHW / NC / NLC / NHWC (NCL for channel-first 3-D); None until data is seen
     channels: int | None
-    after_residual_add: bool
-    module_path: str = ""  # the activation module, or the module whose forward calls the function
-    kind: str = "module"  # "module", "function" or "method"
+    after_residual_add: bool  # the operator's input is the result of a tensor + tensor add
+    module_path: str = ""  # the activation module, or the module whose forward calls the function / the add
+    # "module", "function", "method": before an activation called that way; "output": on a module's output;
+    # "add": on the output of a tensor + tensor add (a residual connection)
+    kind: str = "module"
 
 
 @dataclass
@@ -199,6 +210,18 @@ class MeanSparseActivation(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.activation(self.meansparse(x), *args, **kwargs)
+
+
+class MeanSparseOutput(nn.Module):
+    """Wrapper putting an operator on a module's output: ``meansparse(module(...))`` (``method="modules"``)."""
+
+    def __init__(self, module: nn.Module, meansparse: MeanSparse) -> None:
+        super().__init__()
+        self.module = module
+        self.meansparse = meansparse
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.meansparse(self.module(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -279,6 +302,10 @@ def _as_list(v: str | Sequence[str] | None) -> list[str]:
     if isinstance(v, str):
         return [v]
     return list(v)
+
+
+def _matches(patterns: Sequence[re.Pattern], name: str) -> bool:
+    return any(p.search(name) for p in patterns)
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -397,14 +424,18 @@ def _same_outputs(a: Any, b: Any) -> bool:
 
 # ---------------------------------------------------------------------------------------------- fx method
 class _Tracer(fx.Tracer):
-    def __init__(self, names: set[str] | None) -> None:
+    def __init__(self, names: set[str] | None, outputs: Sequence[re.Pattern] = ()) -> None:
         super().__init__()
         self._names = names
+        self._outputs = list(outputs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
             _is_activation_module(m, self._names)
             or isinstance(m, _module_classes())
+            # a childless module whose output gets an operator stays one call (e.g. timm's DropPath, which
+            # would otherwise trace to nothing in eval mode)
+            or (bool(self._outputs) and not m._modules and _matches(self._outputs, qualname))
             or super().is_leaf_module(m, qualname)
         )
 
@@ -476,52 +507,136 @@ def _fx_hint(node: Any, gm: nn.Module, depth: int = 0) -> str | None:
     return None
 
 
-def _fx_candidates(gm: fx.GraphModule, names: set[str] | None) -> list[_Candidate]:
+def _activation_candidate(node: fx.Node, gm: fx.GraphModule, names: set[str] | None, order: int) -> _Candidate | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if not _is_activation_module(mod, names):
+            return None
+        act, kind, path = type(mod).__name__, "module", str(node.target)
+        inplace = getattr(mod, "inplace", False) is True
+        base = path
+    elif node.op == "call_function" and node.target in _FUNCTIONS:
+        act, kind, path = _FUNCTIONS[node.target], "function", _node_scope(node)
+        if names is not None and act not in names:
+            return None
+        inplace = _fn_inplace(node.target, node)
+        base = f"{path}.{act}" if path else act
+    elif node.op == "call_method" and node.target in _METHODS:
+        act, kind, path = _METHODS[node.target], "method", _node_scope(node)
+        if names is not None and act not in names:
+            return None
+        inplace = str(node.target).endswith("_")
+        base = f"{path}.{act}" if path else act
+    else:
+        return None
+    inp, _ = _input_of(node)
+    if not isinstance(inp, fx.Node):
+        return None
+    return _Candidate(
+        name=base,
+        activation=act,
+        kind=kind,
+        module_path=path,
+        after_residual_add=_is_tensor_add(inp),
+        layout_hint=_fx_hint(inp, gm),
+        inplace=inplace,
+        node=node,
+        order=order,
+    )
+
+
+_LAST_CONSUMER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
+_LAST_CONSUMER_FUNCTIONS = {F.linear, F.layer_norm}
+
+
+def _consumer_hint(node: fx.Node, gm: nn.Module) -> str | None:
+    """Layout from what consumes ``node``: Linear / LayerNorm work on the last dim, conv / norm on dim 1."""
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_module":
+            m = gm.get_submodule(user.target)
+            if type(m) in _LAST_CONSUMER_MODULES:  # exact types: subclasses such as LayerNorm2d permute
+                return "last"
+            if isinstance(m, _CHANNEL_FIRST_MODULES):
+                return "first"
+        elif user.op == "call_function":
+            if user.target in _LAST_CONSUMER_FUNCTIONS:
+                return "last"
+            if user.target in _CHANNEL_FIRST_FUNCTIONS:
+                return "first"
+    return None
+
+
+def _after_hint(node: fx.Node, gm: nn.Module) -> str | None:
+    """Layout hint for an operator on ``node``'s output.  An add's result has its operands' layout, known
+    from what produced an operand or from what else consumes it (a block input feeding a LayerNorm)."""
+    operands = [a for a in node.args if isinstance(a, fx.Node)] if _is_tensor_add(node) else []
+    for n in [node, *operands]:
+        hint = _fx_hint(n, gm)
+        if hint is not None:
+            return hint
+    for n in [node, *operands]:
+        hint = _consumer_hint(n, gm)
+        if hint is not None:
+            return hint
+    return None
+
+
+def _is_inplace_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is _op.iadd) or (
+        node.op == "call_method" and node.target in ("add_", "__iadd__")
+    )
+
+
+def _fx_candidates(
+    gm: fx.GraphModule,
+    names: set[str] | None,
+    outputs: Sequence[re.Pattern] = (),
+    residual_adds: bool = False,
+) -> list[_Candidate]:
     cands: list[_Candidate] = []
     for order, node in enumerate(gm.graph.nodes):
-        if node.op == "call_module":
+        c = _activation_candidate(node, gm, names, order)
+        if c is not None:
+            cands.append(c)
+        if outputs and node.op == "call_module" and _matches(outputs, str(node.target)):
             mod = gm.get_submodule(node.target)
-            if not _is_activation_module(mod, names):
-                continue
-            act, kind, path = type(mod).__name__, "module", str(node.target)
-            inplace = getattr(mod, "inplace", False) is True
-            base = path
-        elif node.op == "call_function" and node.target in _FUNCTIONS:
-            act, kind, path = _FUNCTIONS[node.target], "function", _node_scope(node)
-            if names is not None and act not in names:
-                continue
-            inplace = _fn_inplace(node.target, node)
-            base = f"{path}.{act}" if path else act
-        elif node.op == "call_method" and node.target in _METHODS:
-            act, kind, path = _METHODS[node.target], "method", _node_scope(node)
-            if names is not None and act not in names:
-                continue
-            inplace = str(node.target).endswith("_")
-            base = f"{path}.{act}" if path else act
-        else:
-            continue
-        inp, _ = _input_of(node)
-        if not isinstance(inp, fx.Node):
-            continue
-        cands.append(
-            _Candidate(
-                name=base,
-                activation=act,
-                kind=kind,
-                module_path=path,
-                after_residual_add=_is_tensor_add(inp),
-                layout_hint=_fx_hint(inp, gm),
-                inplace=inplace,
-                node=node,
-                order=order,
+            if not isinstance(mod, (MeanSparse, MeanSparseActivation, MeanSparseOutput)):
+                cands.append(
+                    _Candidate(
+                        name=f"{node.target}.output",
+                        activation=type(mod).__name__,
+                        kind="output",
+                        module_path=str(node.target),
+                        after_residual_add=False,
+                        layout_hint=_after_hint(node, gm),
+                        inplace=False,
+                        node=node,
+                        order=order,
+                    )
+                )
+        if residual_adds and _is_tensor_add(node):
+            scope = _node_scope(node)
+            cands.append(
+                _Candidate(
+                    name=f"{scope}.add" if scope else "add",
+                    activation="add",
+                    kind="add",
+                    module_path=scope,
+                    after_residual_add=True,
+                    layout_hint=_after_hint(node, gm),
+                    inplace=_is_inplace_add(node),  # x += y: later readers of x must see the operator's output
+                    node=node,
+                    order=order,
+                )
             )
-        )
     _unique_names(cands)
     return cands
 
 
-def _trace(model: nn.Module, names: set[str] | None) -> fx.GraphModule:
-    tracer = _Tracer(names)
+def _trace(model: nn.Module, names: set[str] | None, outputs: Sequence[re.Pattern] = ()) -> fx.GraphModule:
+    tracer = _Tracer(names, outputs)
     with _eval_mode(model):  # branches on self.training are baked in: trace the inference behaviour
         graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -581,10 +696,23 @@ def _resolve(root: nn.Module, target: str) -> Any:
 
 
 def _prepare_fx(
-    model: nn.Module, names: set[str] | None, select: Callable, centering: str
+    model: nn.Module,
+    names: set[str] | None,
+    select: Callable,
+    centering: str,
+    outputs: Sequence[re.Pattern] = (),
+    residual_adds: bool = False,
 ) -> tuple[nn.Module, str, str]:
-    gm = _trace(model, names)
-    chosen = select(_fx_candidates(gm, names))
+    gm = _trace(model, names, outputs)
+    if outputs:
+        called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        inner = [q for q, m in model.named_modules() if q and m._modules and q not in called and _matches(outputs, q)]
+        if inner:
+            raise ValueError(
+                f"outputs= matches {inner[:3]}, which torch.fx traces through (they have submodules), so their "
+                "output is not one graph node; match leaf modules (e.g. '.mlp.fc2$') or use method='modules'"
+            )
+    chosen = select(_fx_candidates(gm, names, outputs, residual_adds))
     prepared = _shallow(model)
     attr = "meansparse"
     while hasattr(prepared, attr) or hasattr(gm, attr):
@@ -593,8 +721,13 @@ def _prepare_fx(
     for k, c in enumerate(chosen):
         ops.append(_make_op(c, k, centering, _model_device(model)))
     gm.add_module(attr, ops)
-    for k, c in enumerate(chosen):
+    for k, c in enumerate(chosen):  # in graph order, so an activation sees an earlier add's operator
         node: fx.Node = c.node
+        if c.kind in ("output", "add"):  # on the node's output: every user reads the operator instead
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(f"{attr}.{k}", (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            continue
         inp, where = _input_of(node)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(f"{attr}.{k}", (inp,))
@@ -642,15 +775,17 @@ def _sibling_hint(parent: nn.Module, attr: str) -> str | None:
 
 
 class _ProbeMode(TorchFunctionMode):
-    """Records the producer of every tensor and functional activations called outside activation modules."""
+    """Records the producer of every tensor, functional activations called outside activation modules and
+    tensor + tensor adds per calling module."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.producer: dict[int, tuple[Any, bool]] = {}
+        self.producer: dict[int, tuple[Any, bool, str]] = {}  # id(tensor) -> (function, tensor add?, scope)
         self.keep: list[Tensor] = []  # keeps ids unique during the probe
         self.scope: list[str] = [""]
         self.in_activation = 0
         self.uncovered: dict[tuple[str, str], int] = {}
+        self.adds: dict[str, int] = {}  # scope -> tensor adds executed directly in that module's forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -665,61 +800,117 @@ class _ProbeMode(TorchFunctionMode):
             tensor_add = fname in ("add", "add_", "__add__", "__iadd__", "__radd__") and (
                 sum(isinstance(a, Tensor) for a in args) >= 2
             )
-            self.producer[id(out)] = (func, tensor_add)
+            if tensor_add and self.in_activation == 0:
+                self.adds[self.scope[-1]] = self.adds.get(self.scope[-1], 0) + 1
+            self.producer[id(out)] = (func, tensor_add, self.scope[-1])
             self.keep.append(out)
         return out
 
 
-def _probe_modules(model: nn.Module, wrappers: list[MeanSparseActivation], args: tuple, names: set[str] | None):
-    """One forward to learn call order, residual adds, producers and uncovered functional activations."""
+def _func_hint(func: Any) -> str | None:
+    if func in _CHANNEL_LAST_FUNCTIONS:
+        return "last"
+    if func in _CHANNEL_FIRST_FUNCTIONS:
+        return "first"
+    return None
+
+
+def _probe_modules(
+    model: nn.Module,
+    ops: list[MeanSparse],
+    args: tuple,
+    names: set[str] | None,
+    outputs: Sequence[re.Pattern] = (),
+    residual_adds: bool = False,
+) -> tuple[dict[int, dict], dict[tuple[str, str], dict], dict, dict[str, int]]:
+    """One forward to learn call order, residual adds, producers and uncovered functional activations.
+
+    Returns per-operator info (by id), the operators to put on module outputs (``(qname, "output" | "add")``
+    -> order, calls, layout hint), uncovered functional activations and uncovered adds per module.
+    """
     mode = _ProbeMode()
-    info: dict[int, dict] = {id(w): {"calls": 0, "order": None} for w in wrappers}
+    info: dict[int, dict] = {id(op): {"calls": 0, "order": None} for op in ops}
+    after: dict[tuple[str, str], dict] = {}
+    covered_adds: dict[str, int] = {}
     counter = [0]
     handles = []
-    wrapper_ids = set(info)
+    skip = {id(op) for op in ops}
+    for m in model.modules():
+        if isinstance(m, MeanSparseActivation):
+            skip.update((id(m.activation), id(m.meansparse)))
+
+    def op_pre(op, inputs):
+        rec = info[id(op)]
+        rec["calls"] += 1
+        if rec["order"] is None:
+            rec["order"] = counter[0]
+            counter[0] += 1
+            x = inputs[0] if inputs else None
+            func, tensor_add, _ = mode.producer.get(id(x), (None, False, ""))
+            rec["after_residual_add"] = tensor_add
+            hint = _func_hint(func)
+            if hint is not None:
+                op.layout_hint = hint
 
     def enter(name: str, is_act: bool):
         def pre(mod, inputs):
             mode.scope.append(name)
             if is_act:
                 mode.in_activation += 1
-            if id(mod) in wrapper_ids:
-                rec = info[id(mod)]
-                rec["calls"] += 1
-                if rec["order"] is None:
-                    rec["order"] = counter[0]
-                    counter[0] += 1
-                    x = inputs[0] if inputs else None
-                    func, tensor_add = mode.producer.get(id(x), (None, False))
-                    rec["after_residual_add"] = tensor_add
-                    if func in _CHANNEL_LAST_FUNCTIONS:
-                        mod.meansparse.layout_hint = "last"
-                    elif func in _CHANNEL_FIRST_FUNCTIONS:
-                        mod.meansparse.layout_hint = "first"
 
         return pre
 
-    def leave(is_act: bool):
+    def leave(name: str, is_act: bool, watch: bool):
         def post(mod, inputs, output):
             mode.scope.pop()
             if is_act:
                 mode.in_activation -= 1
+            if not watch or not isinstance(output, Tensor):
+                return
+            func, tensor_add, scope = mode.producer.get(id(output), (None, False, ""))
+            kinds = []
+            if residual_adds and tensor_add and scope == name:  # this forward returns the add's result
+                covered_adds[name] = covered_adds.get(name, 0) + 1
+                kinds.append("add")
+            if outputs and _matches(outputs, name):
+                kinds.append("output")
+            for kind in kinds:
+                rec = after.setdefault((name, kind), {"calls": 0, "order": None})
+                rec["calls"] += 1
+                if rec["order"] is None:
+                    rec["order"] = counter[0]
+                    counter[0] += 1
+                    rec["hint"] = _func_hint(func)
 
         return post
 
+    for op in ops:
+        handles.append(op.register_forward_pre_hook(op_pre))
     for qname, m in model.named_modules():
         is_act = (
             isinstance(m, MeanSparseActivation) or _is_activation_module(m, names) or isinstance(m, _module_classes())
         )
+        watch = bool(qname) and id(m) not in skip and not isinstance(m, (MeanSparse, MeanSparseOutput))
         handles.append(m.register_forward_pre_hook(enter(qname, is_act)))
-        handles.append(m.register_forward_hook(leave(is_act)))
+        handles.append(m.register_forward_hook(leave(qname, is_act, watch)))
     try:
         with _eval_mode(model), torch.no_grad(), mode:
             model(*args)
     finally:
         for h in handles:
             h.remove()
-    return info, mode.uncovered
+    uncovered_adds = {k: n - covered_adds.get(k, 0) for k, n in mode.adds.items() if n > covered_adds.get(k, 0)}
+    return info, after, mode.uncovered, uncovered_adds
+
+
+def _subtree_ends(locations: list[tuple[nn.Module, str, str, nn.Module]]) -> dict[str, int]:
+    """Registration index of the last module inside each qualified name's subtree (pre-order listing)."""
+    ends: dict[str, int] = {}
+    for i, (_, _, qname, _) in enumerate(locations):
+        parts = qname.split(".")
+        for j in range(1, len(parts) + 1):
+            ends[".".join(parts[:j])] = i
+    return ends
 
 
 def _prepare_modules(
@@ -730,10 +921,13 @@ def _prepare_modules(
     example_inputs: Any,
     inplace: bool,
     needs_probe: bool,
+    outputs: Sequence[re.Pattern] = (),
+    residual_adds: bool = False,
 ) -> tuple[nn.Module, list[MeanSparse]]:
     target = model if inplace else _shallow(model)
     copies: dict[int, nn.Module] = {id(model): target}
     owned = {id(target)}
+    device = _model_device(model)
 
     def parent_at(qname: str) -> nn.Module:
         """The module at ``qname`` in ``target``, shallow-copying each container on the way."""
@@ -749,9 +943,10 @@ def _prepare_modules(
             cur = child
         return cur
 
+    locations = _locations(model)
     wrappers: dict[int, MeanSparseActivation] = {}
     cands: list[_Candidate] = []
-    for reg_order, (parent, attr, qname, child) in enumerate(_locations(model)):
+    for reg_order, (parent, attr, qname, child) in enumerate(locations):
         if not _is_activation_module(child, names) or isinstance(parent, MeanSparseActivation):
             continue
         if id(child) in wrappers:
@@ -766,24 +961,49 @@ def _prepare_modules(
             layout_hint=_sibling_hint(parent, attr),
             inplace=getattr(child, "inplace", False) is True,
             module=child,
-            order=1e9 + reg_order,
+            order=reg_order,
         )
-        w = MeanSparseActivation(child, _make_op(c, -1, centering, _model_device(model)))
+        w = MeanSparseActivation(child, _make_op(c, -1, centering, device))
         wrappers[id(child)] = w
         parent_at(qname)._modules[attr] = w
         cands.append(c)
         c.extra["wrapper"] = w
+        c.extra["op"] = w.meansparse
+
+    def after_candidate(qname: str, kind: str, order: float, hint: str | None) -> _Candidate:
+        mod = model.get_submodule(qname)
+        return _Candidate(
+            name=f"{qname}.{'add' if kind == 'add' else 'output'}",
+            activation="add" if kind == "add" else type(mod).__name__,
+            kind=kind,
+            module_path=qname,
+            after_residual_add=kind == "add",
+            layout_hint=hint,
+            inplace=False,
+            module=mod,
+            order=order,
+        )
 
     if example_inputs is not None:
-        info, uncovered = _probe_modules(target, [c.extra["wrapper"] for c in cands], _as_args(example_inputs), names)
+        ops = [c.extra["op"] for c in cands]
+        info, after, uncovered, uncovered_adds = _probe_modules(
+            target, ops, _as_args(example_inputs), names, outputs, residual_adds
+        )
         reused = []
         for c in cands:
-            w = c.extra["wrapper"]
-            rec = info[id(w)]
+            op = c.extra["op"]
+            rec = info[id(op)]
             if rec["order"] is not None:
                 c.order = rec["order"]
                 c.after_residual_add = rec.get("after_residual_add", False)
-                c.layout_hint = w.meansparse.layout_hint or c.layout_hint
+                c.layout_hint = op.layout_hint or c.layout_hint
+            else:
+                c.order = 1e9 + c.order  # never called in the probe: after every called site
+            if rec["calls"] > 1:
+                reused.append(f"{c.name} ({rec['calls']} calls)")
+        for (qname, kind), rec in after.items():
+            c = after_candidate(qname, kind, rec["order"], rec.get("hint") or _sibling_hint_of(model, qname))
+            cands.append(c)
             if rec["calls"] > 1:
                 reused.append(f"{c.name} ({rec['calls']} calls)")
         if uncovered:
@@ -793,38 +1013,84 @@ def _prepare_modules(
                 f"not covered: {listing}. Use a traceable model (method='fx') or nn.Module activations.",
                 stacklevel=3,
             )
+        if residual_adds and uncovered_adds:
+            listing = ", ".join(f"'{scope or '<root>'}' x{n}" for scope, n in sorted(uncovered_adds.items()))
+            warnings.warn(
+                "meansparse.prepare(method='modules', residual_adds=True) can only put an operator after an add "
+                f"that a module's forward returns; not covered: adds inside {listing}. Use method='fx'.",
+                stacklevel=3,
+            )
         if reused:
             warnings.warn(
-                "meansparse.prepare(method='modules'): activation modules called more than once share one "
+                "meansparse.prepare(method='modules'): modules called more than once share one "
                 f"operator and pooled statistics: {', '.join(reused)}. method='fx' gives one per call site.",
                 stacklevel=3,
             )
-        cands.sort(key=lambda c: c.order)
-    elif needs_probe:
-        raise ValueError("selecting by after_residual_add with method='modules' needs example_inputs")
-    else:
-        warnings.warn(
-            "meansparse.prepare(method='modules') without example_inputs cannot see functional activations "
-            "(F.relu, x.relu(), ...) or residual adds; pass example_inputs to check coverage.",
-            stacklevel=3,
+    elif needs_probe or residual_adds:
+        what = "residual_adds=True" if residual_adds else "selecting by after_residual_add"
+        raise ValueError(
+            f"{what} with method='modules' needs example_inputs (one probe forward finds the adds), "
+            "e.g. example_inputs=torch.zeros(1, 3, 32, 32)"
         )
+    else:
+        if cands:
+            warnings.warn(
+                "meansparse.prepare(method='modules') without example_inputs cannot see functional activations "
+                "(F.relu, x.relu(), ...) or residual adds; pass example_inputs to check coverage.",
+                stacklevel=3,
+            )
+        if outputs:  # no probe: an output comes after everything inside its module
+            ends = _subtree_ends(locations)
+            for qname, m in model.named_modules():
+                if qname and _matches(outputs, qname) and not isinstance(m, (MeanSparse, MeanSparseOutput)):
+                    hint = _sibling_hint_of(model, qname)
+                    order = ends.get(qname, -1) + 0.9 - 0.01 * qname.count(".")  # inner modules end first
+                    cands.append(after_candidate(qname, "output", order, hint))
+    cands.sort(key=lambda c: c.order)
 
     chosen = select(cands)
     chosen_ids = {id(c) for c in chosen}
     for c in cands:  # unselected activations go back in place, untouched
-        if id(c) not in chosen_ids:
+        if id(c) not in chosen_ids and "wrapper" in c.extra:
             w = c.extra["wrapper"]
             for parent, attr, _, child in _locations(target):
                 if child is w:
                     parent._modules[attr] = c.module
+    # operators on module outputs: wrap every registration of the module, inner modules first (an outer
+    # wrapper would hide the path to the inner ones)
+    for c in sorted(chosen, key=lambda c: -c.module_path.count(".")):
+        if "wrapper" in c.extra:
+            continue
+        op = _make_op(c, -1, centering, device)
+        c.extra["op"] = op
+        wrapper: MeanSparseOutput | None = None
+        for _, attr, qname, child in locations:
+            if child is c.module:
+                parent = parent_at(qname)
+                if wrapper is None:
+                    wrapper = MeanSparseOutput(parent._modules[attr], op)
+                parent._modules[attr] = wrapper
     ops = []
     for k, c in enumerate(chosen):
-        op = c.extra["wrapper"].meansparse
+        op = c.extra["op"]
         op.site_index = k
         op.site_name = c.name
         op.after_residual_add = c.after_residual_add
         ops.append(op)
+    if example_inputs is not None and any(op.channels is None for op in ops):
+        with _eval_mode(target), torch.no_grad():  # operators added after the probe see data now too
+            target(*_as_args(example_inputs))
     return target, ops
+
+
+def _sibling_hint_of(model: nn.Module, qname: str) -> str | None:
+    """Channel-last for a Linear's output, channel-first for a conv / norm layer's, else unknown."""
+    m = model.get_submodule(qname)
+    if isinstance(m, _CHANNEL_LAST_MODULES):
+        return "last"
+    if isinstance(m, _CHANNEL_FIRST_MODULES):
+        return "first"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -840,6 +1106,9 @@ def prepare(
     inplace: bool = False,
     *,
     after_residual_add: bool | None = None,
+    outputs: str | Sequence[str] | None = None,
+    residual_adds: bool = False,
+    preset: str | None = None,
 ) -> nn.Module:
     """Insert a MeanSparse operator immediately before each selected activation (alpha = 0: no change).
 
@@ -848,6 +1117,13 @@ def prepare(
     ``example_inputs`` one probe forward (eval mode, no grad) fixes layouts and channel counts now, and for
     ``method="fx"`` checks the traced model reproduces the original outputs.  The returned model shares
     parameters with ``model``; ``method="modules", inplace=True`` edits ``model`` itself.
+
+    More sites: ``outputs`` (regexes searched in module names) adds an operator on each matching module's
+    output (site ``"<module>.output"``); ``residual_adds=True`` one on the result of every tensor + tensor
+    add (site ``"<module>.add"``, ``after_residual_add=True``); pass ``activations=()`` for no activation
+    sites.  ``preset`` applies the placement of an architecture family: ``"dm_wrn"``, ``"rawrn"``,
+    ``"swin"``, ``"convnext"``, ``"generic"`` or ``"auto"`` (detected; see :mod:`meansparse.zoo`); its
+    exclusions and outputs are added to the ones given here.
     """
     if method not in ("auto", "fx", "modules"):
         raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {method!r}")
@@ -855,12 +1131,23 @@ def prepare(
 
     if centering not in CENTERINGS:
         raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-    if any(isinstance(m, (MeanSparse, MeanSparseActivation)) for m in model.modules()):
+    if any(isinstance(m, (MeanSparse, MeanSparseActivation, MeanSparseOutput)) for m in model.modules()):
         raise ValueError("model is already prepared (it contains MeanSparse operators); call meansparse.remove first")
     names = _activation_names(activations)
-    inc, exc = _as_list(include), _as_list(exclude)
-    for p in inc + exc:
+    inc, exc, outs = _as_list(include), _as_list(exclude), _as_list(outputs)
+    preset_name = None
+    if preset is not None:
+        from .zoo import resolve_preset  # placements of known architecture families
+
+        preset_name, spec = resolve_preset(preset, model)
+        exc = list(spec.get("exclude", ())) + exc
+        outs = list(spec.get("outputs", ())) + outs
+        residual_adds = bool(residual_adds or spec.get("residual_adds", False))
+        if method == "auto":
+            method = spec.get("method", "auto")
+    for p in inc + exc + outs:
         re.compile(p)  # fail early on a bad pattern
+    out_patterns = [re.compile(p) for p in outs]
 
     def select(cands: list[_Candidate]) -> list[_Candidate]:
         return _select(cands, inc, exc, after_residual_add, indices)
@@ -874,6 +1161,9 @@ def prepare(
         "activations": None if names is None else sorted(names),
         "method": method,
         "probed": example_inputs is not None,
+        "outputs": outs,
+        "residual_adds": bool(residual_adds),
+        "preset": preset_name,  # informative: its arguments are already in the entries above
     }
     args = None if example_inputs is None else _as_args(example_inputs)
     if args is not None and len(args) == 1 and isinstance(args[0], Tensor) and args[0].ndim >= 1:
@@ -882,7 +1172,7 @@ def prepare(
     before = {id(m): m.training for m in model.modules()}
     if method in ("auto", "fx"):
         try:
-            prepared, attr, code = _prepare_fx(model, names, select, centering)
+            prepared, attr, code = _prepare_fx(model, names, select, centering, out_patterns, residual_adds)
             if args is not None:
                 with _eval_mode(model), torch.no_grad():
                     ref = model(*args)
@@ -917,7 +1207,15 @@ def prepare(
             return _match_mode(prepared, before)
 
     target, _ = _prepare_modules(
-        model, names, select, centering, example_inputs, inplace, needs_probe=after_residual_add is not None
+        model,
+        names,
+        select,
+        centering,
+        example_inputs,
+        inplace,
+        needs_probe=after_residual_add is not None,
+        outputs=out_patterns,
+        residual_adds=residual_adds,
     )
     config["method"] = "modules"
     target.__dict__["_meansparse_record"] = _Record(original=None if inplace else model, config=config)
@@ -936,6 +1234,10 @@ def _match_mode(prepared: nn.Module, before: dict[int, bool]) -> nn.Module:
 
 def prepare_from_config(model: nn.Module, config: Mapping[str, Any], example_inputs: Any = None) -> nn.Module:
     """Re-apply ``prepare`` with the arguments recorded in a prepared model's config (save/load, pickle)."""
+    if config.get("preset"):  # a preset's arguments are recorded expanded; only its activation classes are not
+        from .zoo import register_family_activations
+
+        register_family_activations(config["preset"], model)
     return prepare(
         model,
         include=config.get("include") or None,
@@ -946,6 +1248,8 @@ def prepare_from_config(model: nn.Module, config: Mapping[str, Any], example_inp
         method=config["method"],
         example_inputs=example_inputs,
         after_residual_add=config.get("after_residual_add"),
+        outputs=config.get("outputs") or None,
+        residual_adds=bool(config.get("residual_adds", False)),
     )
 
 
@@ -986,6 +1290,13 @@ def remove(model: nn.Module) -> nn.Module:
     for parent, attr, _, child in _locations(model):
         if isinstance(child, MeanSparseActivation):
             parent._modules[attr] = child.activation
+    while True:  # output wrappers may be nested: unwrap until none is left
+        wrapped = [(p, a, c) for p, a, _, c in _locations(model) if isinstance(c, MeanSparseOutput)]
+        if not wrapped:
+            break
+        for parent, attr, child in wrapped:
+            if parent._modules.get(attr) is child:
+                parent._modules[attr] = child.module
     if operators(model):
         raise RuntimeError("could not remove every MeanSparse operator from this model")
     return model

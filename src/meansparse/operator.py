@@ -9,8 +9,9 @@ in one calibration pass (:func:`meansparse.calibrate`).  ``alpha == 0`` returns 
 so a prepared but unsparsified model is bit-identical to the original.
 
 This operator is written by hand: no existing library implements it.  The element-wise math lives in
-:func:`sparsify` and the (mean, threshold) vectors come from :meth:`MeanSparse.center_threshold`, so a
-later fused operator+activation kernel can reuse both without touching the module's state handling.
+:func:`sparsify` and the (mean, threshold) vectors come from :meth:`MeanSparse.center_threshold` (cached per
+alpha/statistics change for the hot path).  :func:`meansparse.fuse` makes ``forward(x, activation=spec)``
+compute the following activation too, with compiled kernels (:mod:`meansparse.fused`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,27 @@ GRADIENTS = ("exact", "straight_through")
 def sparsify(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
     """``m`` where ``|x - m| < t`` else ``x``; ``m``/``t`` already broadcastable and of ``x.dtype``."""
     return torch.where((x - m).abs() < t, m, x)
+
+
+def _is_compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+def _versions(*tensors: Tensor) -> tuple | None:
+    """Identity and in-place version of each tensor: changes whenever one is replaced or modified."""
+    try:
+        return tuple((t, t._version) for t in tensors)
+    except RuntimeError:  # inference tensors carry no version counter: no caching
+        return None
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -115,6 +137,9 @@ class MeanSparse(nn.Module):
         self._calibrated = False
         self._observer: Moments | None = None
         self.batch_index: int | None = None  # set by calibrate() so errors can name the batch
+        self.fused_activation: tuple | None = None  # set by meansparse.fuse: (kind, params, write_back)
+        self._ct_token: tuple | None = None  # (buffer, version) pairs the cached vectors were built from
+        self._ct_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
         self.register_buffer("num_samples", torch.zeros((), dtype=torch.int64))
         self.register_buffer("running_mean", torch.empty(0, dtype=torch.float32))
@@ -282,14 +307,76 @@ class MeanSparse(nn.Module):
             self._allocate(int(x.shape[self.channel_dim(x.ndim)]))
 
     def _observe(self, x: Tensor) -> None:
+        """Fold ``x`` into the observer: shifted per-group sums merged in float64, no full-size float64 copy
+        and no device sync (non-finite inputs poison the accumulator; ``calibrate`` checks once per batch)."""
         self._check_channels(x)
-        b = Moments.batch_stats(x, self.channel_dim(x.ndim))
-        if not bool(torch.isfinite(b.mean_).all() and torch.isfinite(b.m2).all()):
-            where = "" if self.batch_index is None else f" at calibration batch {self.batch_index}"
-            raise ValueError(f"MeanSparse site '{self.name}': non-finite values (NaN/Inf) in the input{where}")
-        self._observer.merge(b)  # type: ignore[union-attr]
+        self._observer.merge(Moments.batch_stats_fast(x, self.channel_dim(x.ndim)))  # type: ignore[union-attr]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def observer_finite(self) -> Tensor | None:
+        """0-dim bool tensor: whether everything observed so far was finite (None before any input)."""
+        o = self._observer
+        if o is None or o.count is None:
+            return None
+        return torch.isfinite(o.mean_).all() & torch.isfinite(o.m2).all()
+
+    def _require_calibrated(self) -> None:
+        if not self._calibrated:
+            raise RuntimeError(
+                f"MeanSparse site '{self.name}' has alpha={self._alpha_value} but is not calibrated; "
+                "run meansparse.calibrate(model, loader) or meansparse.load(...) first"
+            )
+
+    def _center_threshold_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(centre, threshold) in ``x``'s dtype, broadcastable against ``x``.  Cached until alpha, the
+        statistics or the centering change (buffer identity + in-place version counter), so the hot path does
+        no per-call arithmetic on them."""
+        if _is_compiling():
+            m, t = self.center_threshold()
+            return self._broadcast(m, x), self._broadcast(t, x)
+        token = _versions(self.running_mean, self.running_var, self.alpha)
+        if token is not None:
+            token = token + ((self.centering, 0),)
+        if not _same(token, self._ct_token):
+            self._ct_cache = {}
+            self._ct_token = token
+        key = (x.dtype, x.device, x.ndim)
+        hit = self._ct_cache.get(key) if token is not None else None
+        if hit is None:
+            m, t = self.center_threshold()
+            hit = (self._broadcast(m, x).to(device=x.device), self._broadcast(t, x).to(device=x.device))
+            if token is not None:
+                self._ct_cache[key] = hit
+        return hit
+
+    def _sparsify(self, x: Tensor, in_place: bool) -> Tensor:
+        """The operator on a calibrated, checked input; ``in_place`` honours ``self.inplace`` (the activation
+        after us is in-place: later users of x expect it mutated).  Same values as :func:`sparsify`, with
+        fewer full-size temporaries: the mask is computed without autograd and, when no gradient is needed,
+        the result reuses the ``x - m`` buffer (or ``x`` itself when in place)."""
+        m, t = self._center_threshold_for(x)
+        if _is_compiling():  # keep the traced graph plain
+            out = _StraightThrough.apply(x, m, t) if self._gradient == "straight_through" else sparsify(x, m, t)
+            return x.copy_(out) if in_place and self.inplace else out
+        if torch.is_grad_enabled() and x.requires_grad:
+            if self._gradient == "straight_through":
+                out = _StraightThrough.apply(x, m, t)
+            else:
+                with torch.no_grad():
+                    inside = (x - m).abs_() < t
+                out = torch.where(inside, m, x)
+            return x.copy_(out) if in_place and self.inplace else out
+        d = x - m
+        inside = d.abs_() < t
+        if in_place and self.inplace:
+            return torch.where(inside, m, x, out=x)
+        return torch.where(inside, m, x, out=d)
+
+    def forward(self, x: Tensor, activation: tuple | None = None) -> Tensor:
+        """``activation`` (set by :func:`meansparse.fuse`): also apply that activation, fused."""
+        if activation is not None:
+            from .fused import fused_forward
+
+            return fused_forward(self, x, activation)
         if self._layout is None or self._channels is None:
             self._first_sight(x)
         if self._observer is not None:
@@ -297,24 +384,13 @@ class MeanSparse(nn.Module):
             return x
         if self._alpha_value == 0.0:
             return x
-        if not self._calibrated:
-            raise RuntimeError(
-                f"MeanSparse site '{self.name}' has alpha={self._alpha_value} but is not calibrated; "
-                "run meansparse.calibrate(model, loader) or meansparse.load(...) first"
-            )
+        self._require_calibrated()
         self._check_channels(x)
-        m, t = self.center_threshold()
-        m, t = self._broadcast(m, x), self._broadcast(t, x)
-        if self._gradient == "straight_through":
-            out = _StraightThrough.apply(x, m, t)
-        else:
-            out = sparsify(x, m, t)
-        if self.inplace:  # the activation after us is in-place: later users of x expect it mutated
-            return x.copy_(out)
-        return out
+        return self._sparsify(x, in_place=True)
 
     def extra_repr(self) -> str:
+        fused = "" if self.fused_activation is None else f", fused={self.fused_activation[0]}"
         return (
             f"site={self.name!r}, layout={self._layout}, channels={self._channels}, "
-            f"centering={self.centering!r}, gradient={self._gradient!r}, alpha={self._alpha_value:g}"
+            f"centering={self.centering!r}, gradient={self._gradient!r}, alpha={self._alpha_value:g}{fused}"
         )

@@ -75,6 +75,68 @@ def _table(before, after) -> str:
     return "\n".join(lines)
 
 
+def _calibrated(cfg: PipelineConfig, out: Path):
+    """Data splits, the base model, and a MeanSparse copy calibrated once on the fitting split."""
+    import meansparse as ms
+
+    if cfg.eps is None:
+        cfg.eps = DIGITS_EPS if cfg.data == "digits" else 8 / 255
+    fit, hold, test = _load_data(cfg)
+    say = _say(cfg)
+    say(f"data: {cfg.data} — {len(fit)} calibration / {len(hold)} held-out / {len(test)} test images")
+    if cfg.model:
+        base = ms.models.load(cfg.model)
+    elif cfg.data == "digits":
+        base = _train_digits_model(out / "model", cfg, cfg.progress)
+    else:
+        raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
+    base.eval()
+    model = ms.prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2],))
+    say(f"prepared: {len(ms.sites(model))} MeanSparse sites")
+    ms.calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches,
+                 progress=cfg.progress)
+    return base, model, fit, hold, test
+
+
+def _say(cfg: PipelineConfig):
+    return print if cfg.progress else (lambda *a, **k: None)
+
+
+def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path):
+    """Global α sweep on the held-out split; writes sweep.json / sweep.md / alpha_curve.png."""
+    sweep = search_alpha(model, hold.float(), hold.labels, cfg.alphas, clean_budget=cfg.clean_budget,
+                         n_robust=cfg.n_sweep_robust, attacks=cfg.sweep_attacks, norm=cfg.norm, eps=cfg.eps,
+                         attack_options=cfg.attack_options, batch_size=cfg.batch_size, seed=cfg.seed,
+                         state_dir=out / "state" / "sweep", progress=cfg.progress)
+    (out / "sweep.json").write_text(sweep.to_json())
+    (out / "sweep.md").write_text(sweep.to_markdown())
+    _say(cfg)(sweep.to_markdown())
+    try:
+        from .plots import plot_alpha_curve
+
+        plot_alpha_curve(sweep.rows, out / "alpha_curve.png", chosen=float(sweep.chosen["alpha"]),
+                         naive=float(sweep.naive["alpha"]),
+                         title=f"{cfg.data}: α sweep on {len(hold)} held-out images ({cfg.norm} ε={cfg.eps:.4g})")
+    except ImportError as e:
+        _say(cfg)(f"(plot skipped: {e})")
+    return sweep
+
+
+def run_sweep(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
+    """`meansparse sweep`: calibrate once, sweep α on held-out data, save the state with the chosen α."""
+    import meansparse as ms
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, model, _, hold, _ = _calibrated(cfg, out)
+    sweep = _sweep(cfg, model, hold, out)
+    ms.set_alpha(model, sweep.chosen_alpha)
+    ms.save(model, out / "meansparse.safetensors")
+    _say(cfg)(f"chosen α = {sweep.chosen_alpha} (plain-attack choice: {sweep.naive['alpha']}); "
+              f"state: {out / 'meansparse.safetensors'}")
+    return json.loads(sweep.to_json())
+
+
 def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     """Run the whole job, writing everything under `out`; returns the summary also saved as summary.json."""
     import meansparse as ms
@@ -82,29 +144,9 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    is_digits = cfg.data == "digits"
-    if cfg.eps is None:
-        cfg.eps = DIGITS_EPS if is_digits else 8 / 255
-    fit, hold, test = _load_data(cfg)
-    say = print if cfg.progress else (lambda *a, **k: None)
-    say(f"data: {cfg.data} — {len(fit)} calibration / {len(hold)} held-out / {len(test)} test images")
-    if cfg.model:
-        base = ms.models.load(cfg.model)
-    elif is_digits:
-        base = _train_digits_model(out / "model", cfg, cfg.progress)
-    else:
-        raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
-    base.eval()
-    example = hold.float()[:2]
-    model = ms.prepare(copy.deepcopy(base), example_inputs=(example,))
-    say(f"prepared: {len(ms.sites(model))} MeanSparse sites")
-    ms.calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches,
-                 progress=cfg.progress)
-
-    sweep = search_alpha(model, hold.float(), hold.labels, cfg.alphas, clean_budget=cfg.clean_budget,
-                         n_robust=cfg.n_sweep_robust, attacks=cfg.sweep_attacks, norm=cfg.norm, eps=cfg.eps,
-                         attack_options=cfg.attack_options, batch_size=cfg.batch_size, seed=cfg.seed,
-                         state_dir=out / "state" / "sweep", progress=cfg.progress)
+    say = _say(cfg)
+    base, model, fit, hold, test = _calibrated(cfg, out)
+    sweep = _sweep(cfg, model, hold, out)
     alpha = sweep.chosen_alpha
     shown = alpha
     if alpha == 0.0:
@@ -113,9 +155,6 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
                                                                                    if r["alpha"] > 0]
         if nonzero:
             shown = float(max(nonzero, key=lambda r: r["worst_case"])["alpha"])
-    (out / "sweep.json").write_text(sweep.to_json())
-    (out / "sweep.md").write_text(sweep.to_markdown())
-    say(sweep.to_markdown())
 
     x, y = test.float(), test.labels
     common = dict(norm=cfg.norm, eps=cfg.eps, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
@@ -128,14 +167,10 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     (out / "before.json").write_text(before.to_json())
     (out / "after.json").write_text(after.to_json())
 
-    plots = {}
+    plots = {"alpha_curve": "alpha_curve.png"} if (out / "alpha_curve.png").exists() else {}
     try:
-        from .plots import plot_alpha_curve, plot_feature_histogram
+        from .plots import plot_feature_histogram
 
-        plots["alpha_curve"] = Path(plot_alpha_curve(
-            sweep.rows, out / "alpha_curve.png", chosen=alpha if isinstance(alpha, float) else None,
-            naive=float(sweep.naive["alpha"]) if isinstance(alpha, float) else None,
-            title=f"{cfg.data}: α sweep on {len(hold)} held-out images ({cfg.norm} ε={cfg.eps:.4g})")).name
         op = ms.operators(model)[0]
         plots["feature_histogram"] = plot_feature_histogram(model, op, x[:256], out / "feature_histogram.png").name
     except ImportError as e:

@@ -99,14 +99,22 @@ def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Run the evaluation described by ``args`` and write OUT/report.json and OUT/report.md."""
-    import torch
+    """Run the evaluation described by ``args`` and write OUT/report.json and OUT/report.md.
 
+    Under ``torchrun`` every rank evaluates a share of the batches (see ``evaluate``) and rank 0 writes the
+    state file and the report, which is identical to a single-process run's."""
+    from ..distributed import is_main, launch
+
+    with launch(args.device) as device:
+        return _run_evaluate(args, device, is_main())
+
+
+def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     from .evaluate import evaluate
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     model = _load_model(args, device)
     x, y = _load_data(args)
@@ -116,6 +124,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity)
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
                                   "alpha": args.alpha, "data": args.data, "split": args.split}
+    if not main:
+        return 0
     (out / "report.json").write_text(report.to_json() + "\n")
     (out / "report.md").write_text(report.to_markdown() + "\n")
     print(json.dumps({"clean_accuracy": report.clean_accuracy, "worst_case_accuracy": report.worst_case_accuracy,

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import all_gather_object, broadcast_object
+from ..distributed import rank as dist_rank
+from ..distributed import world_size as dist_world_size
 from .attacks import ATTACK_NAMES, DEFAULT_ATTACKS, LIBRARY_LOGGER, Attack, build_attack
 from .report import RUN_KEY, Report
 from .state import EvaluationState
@@ -223,6 +226,23 @@ def _build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_
 
 
 # --------------------------------------------------------------------------------------------- judging
+def _attack_batch(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int], b: int,
+                  seed: int, device: torch.device, norm: str, eps: float) -> dict[str, Any]:
+    """Run ``attack`` on examples ``idx`` (batch ``b``, seeded from ``derive_seed``) and judge the result."""
+    t0 = time.perf_counter()
+    batch_messages: dict[str, int] = {}
+    ii = torch.tensor(idx)
+    xb, yb = x[ii].to(device), y[ii].to(device)
+    bseed = derive_seed(int(seed), attack.seed_key, b)
+    with torch.random.fork_rng(devices=_rng_devices(device)), _library_messages(batch_messages):
+        torch.manual_seed(bseed)
+        x_adv = attack.run(model, xb, yb, seed=bseed)
+    rob, inval = _judge(model, xb, x_adv.to(device), yb, norm, eps)
+    return {"indices": idx, "robust": [int(v) for v in rob.cpu()], "invalid": int(inval.sum()),
+            "messages": batch_messages, "seconds": time.perf_counter() - t0}
+
+
+
 def _judge(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, norm: str,
            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(robust, invalid): a candidate breaks an example only if it is inside the threat model and
@@ -348,14 +368,28 @@ def evaluate(
         "base_model_hash": model_hash(base_model) if base_model is not None else None,
         "data_hash": data_hash(x, y),
     }
-    state = EvaluationState(state_path, config)
+    # Under torch.distributed (e.g. torchrun) rank r computes the batches b with b % world == r; results are
+    # gathered after every round of `world` batches, so every rank holds every result, the batches and their
+    # seeds are those of a single-process run (identical report) and rank 0 alone writes the state file.
+    world, me = dist_world_size(), dist_rank()
+    state = EvaluationState(state_path if me == 0 else None, config)
+    if world > 1:
+        state.batches = broadcast_object(state.batches)
+    if me != 0:
+        progress = False
 
     # clean pass
     clean_correct = torch.zeros(n, dtype=torch.bool)
+    starts = list(range(0, n, batch_size))
+    local: dict[int, list[bool]] = {}
     with torch.no_grad():
-        for s in range(0, n, batch_size):
-            pred = model(x[s:s + batch_size].to(device)).argmax(1).cpu()
-            clean_correct[s:s + batch_size] = pred == y[s:s + batch_size]
+        for j, s in enumerate(starts):
+            if j % world == me:
+                pred = model(x[s:s + batch_size].to(device)).argmax(1).cpu()
+                local[s] = (pred == y[s:s + batch_size]).tolist()
+    for part in all_gather_object(local):
+        for s, correct in part.items():
+            clean_correct[s:s + len(correct)] = torch.tensor(correct, dtype=torch.bool)
 
     robust = clean_correct.clone()  # worst case so far
     masks: dict[str, torch.Tensor] = {}
@@ -373,38 +407,38 @@ def evaluate(
             sink: dict[str, int] = {}
             bar = _progress(attack.name, len(pool), progress)
             try:
-                for b, idx in enumerate(chunks):
-                    record = state.get(attack.name, b, idx)
-                    if record is None:
-                        t0 = time.perf_counter()
-                        batch_messages: dict[str, int] = {}
-                        ii = torch.tensor(idx)
-                        xb, yb = x[ii].to(device), y[ii].to(device)
-                        bseed = derive_seed(int(seed), attack.seed_key, b)
-                        with torch.random.fork_rng(devices=_rng_devices(device)), _library_messages(batch_messages):
-                            torch.manual_seed(bseed)
-                            x_adv = attack.run(model, xb, yb, seed=bseed)
-                        rob, inval = _judge(model, xb, x_adv.to(device), yb, norm, eps)
-                        record = {"indices": idx, "robust": [int(v) for v in rob.cpu()],
-                                  "invalid": int(inval.sum()), "messages": batch_messages,
-                                  "seconds": time.perf_counter() - t0}
-                        state.put(attack.name, b, record)
-                        if callback is not None:
-                            callback(attack.name, b)
-                    else:
-                        resumed += 1
-                    ii = torch.tensor(idx, dtype=torch.long)
-                    mask[ii] = torch.tensor(record["robust"], dtype=torch.int8)
-                    seconds += record["seconds"]
-                    invalid_total += record["invalid"]
-                    for msg, count in record["messages"].items():  # persisted, so a resume keeps them
-                        sink[msg] = sink.get(msg, 0) + count
-                    seen += len(idx)
-                    kept += sum(record["robust"])
-                    if bar is not None:
-                        bar.update(len(idx))
-                        bar.set_postfix(robust=f"{100 * kept / max(seen, 1):.1f}%",
-                                        worst=f"{100 * float((robust & (mask != 0)).sum()) / n:.1f}%")
+                for first in range(0, len(chunks), world):
+                    b = first + me
+                    mine: dict[int, tuple[dict[str, Any], bool]] = {}
+                    if b < len(chunks):
+                        idx = chunks[b]
+                        record = state.get(attack.name, b, idx)
+                        if record is None:
+                            record = _attack_batch(attack, model, x, y, idx, b, seed, device, norm, eps)
+                            mine[b] = (record, True)
+                        else:
+                            mine[b] = (record, False)
+                    round_results = sorted((k, v) for part in all_gather_object(mine) for k, v in part.items())
+                    for b, (record, fresh) in round_results:
+                        idx = chunks[b]
+                        if fresh:
+                            state.put(attack.name, b, record)
+                            if callback is not None:
+                                callback(attack.name, b)
+                        else:
+                            resumed += 1
+                        ii = torch.tensor(idx, dtype=torch.long)
+                        mask[ii] = torch.tensor(record["robust"], dtype=torch.int8)
+                        seconds += record["seconds"]
+                        invalid_total += record["invalid"]
+                        for msg, count in record["messages"].items():  # persisted, so a resume keeps them
+                            sink[msg] = sink.get(msg, 0) + count
+                        seen += len(idx)
+                        kept += sum(record["robust"])
+                        if bar is not None:
+                            bar.update(len(idx))
+                            bar.set_postfix(robust=f"{100 * kept / max(seen, 1):.1f}%",
+                                            worst=f"{100 * float((robust & (mask != 0)).sum()) / n:.1f}%")
             finally:
                 if bar is not None:
                     bar.close()
@@ -465,15 +499,21 @@ def evaluate(
         names = list(sanity) if not isinstance(sanity, bool) else (
             ["apgd-ce", "bpda-apgd-ce"] if has_ops else ["apgd-ce"])
         for name in names:
-            findings = sanity_checks(model, x, y, norm=norm, eps=eps, attack=name, seed=seed,
-                                     batch_size=batch_size, device=device, attack_options=attack_options)
-            report.sanity += [f.to_dict() for f in findings]
-            report.warnings += [f"sanity check failed: {f.check}: {f.message}" for f in findings if not f.passed]
+            found = None
+            if me == 0:  # under torch.distributed rank 0 runs the checks and shares the findings
+                findings = sanity_checks(model, x, y, norm=norm, eps=eps, attack=name, seed=seed,
+                                         batch_size=batch_size, device=device, attack_options=attack_options)
+                found = ([f.to_dict() for f in findings],
+                         [f"sanity check failed: {f.check}: {f.message}" for f in findings if not f.passed])
+            dicts, failed = broadcast_object(found)
+            report.sanity += dicts
+            report.warnings += failed
     report.metadata[RUN_KEY] = {
         "wall_time_s": time.perf_counter() - started,
         "attack_seconds": attack_seconds,
         "resumed_batches": resumed,
         "started_at": started_at,
+        "world_size": world,
     }
     return report
 

@@ -1,0 +1,144 @@
+"""Shared helpers of the benchmark scripts: thread setup, interleaved timing, the GLIBC_TUNABLES re-exec."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+#: glibc returns large blocks to the OS on every free (mmap threshold 32 MiB at most, trim threshold
+#: 128 KiB by default), so each big temporary is a fresh mmap + page faults.  These values keep freed
+#: memory in the process instead.  The variable is read at process start, hence the re-exec.
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim_threshold=4294967296"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a few minutes at most)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (each round runs every variant once)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="cpu: process CPU time (immune to other jobs' scheduling; right for --threads 1); "
+                        "wall: elapsed time; auto: cpu with one thread, else wall")
+    return p
+
+
+CLOCK = {"name": "wall"}
+
+
+def set_clock(clock: str, threads: int) -> str:
+    CLOCK["name"] = ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
+    return CLOCK["name"]
+
+
+def now() -> float:
+    return time.process_time() if CLOCK["name"] == "cpu" else time.perf_counter()
+
+
+def setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def environment(threads: int) -> dict:
+    return {
+        "clock": CLOCK["name"],
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    }
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Run every variant once per round, rounds in a row (A B C A B C ...): slow drifts of a shared machine
+    hit all variants alike.  Returns median / min seconds (of the clock chosen by ``set_clock``) and the
+    raw samples per variant."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(repeats):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))  # no fixed position bias
+        for k in order:
+            t0 = now()
+            variants[k]()
+            samples[k].append(now() - t0)
+    return {k: {"median": statistics.median(v), "min": min(v), "samples": v} for k, v in samples.items()}
+
+
+def ratios(results: dict[str, dict], base: str, stat: str = "median") -> dict[str, float]:
+    b = results[base][stat]
+    return {k: v[stat] / b for k, v in results.items()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (since the last ``reset_peak_rss``), MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; never reset
+
+
+def rss_mib() -> float:
+    """Current resident set size, MiB (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5), so a later peak covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_variants(argv: list[str], glibc: str) -> list[tuple[str, dict]]:
+    """Re-run this script as children: without GLIBC_TUNABLES and/or with it (``glibc``: default, tuned or
+    both).  Each child prints one JSON line as its last line of output."""
+    out = []
+    wanted = {"both": ("default", "tuned"), "default": ("default",), "tuned": ("tuned",)}[glibc]
+    for name in wanted:
+        env = dict(os.environ)
+        env.pop("GLIBC_TUNABLES", None)
+        if name == "tuned":
+            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+        proc = subprocess.run([sys.executable, sys.argv[0], *argv, "--child"], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"benchmark child ({name}) failed with exit code {proc.returncode}")
+        out.append((name, json.loads(proc.stdout.strip().splitlines()[-1])))
+    return out
+
+
+def fmt_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

@@ -1,0 +1,126 @@
+"""Overhead of ``meansparse.evaluate`` with AutoAttack vs calling ``pyautoattack.AutoAttack`` directly.
+
+Both sides get the same model, images, labels and batch size.  The reference is one
+``AutoAttack(...).run_standard_evaluation(x, y, batch_size=batch_size)`` call; ours is
+``ms.evaluate(model, x, y, attacks=["aa"], batch_size=batch_size)``, which runs the same AutoAttack per batch
+(per-batch seeds) and adds its clean pass, the judging forward, hashing and the resume file.  The two run
+interleaved (ours, reference, ours, reference ...).
+
+    python benchmarks/bench_evaluate.py --threads 1 --quick          # digits CNN, cheap AutoAttack settings
+    python benchmarks/bench_evaluate.py --checkpoint runs/cifar10-resnet18-gelu-pgd/best --data cifar10-jpg \\
+        --n 64 --batch-size 32                                        # standard AutoAttack (100 steps, 5000 q)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+
+import torch
+from _common import base_parser, environment, fmt_table, interleaved, set_clock, setup
+
+import meansparse as ms
+from meansparse.data import Batches, load_dataset
+from meansparse.evaluation.attacks import AutoAttackStandard
+
+
+def digits_model(seed: int = 0) -> torch.nn.Module:
+    """A small CNN trained on digits for a few epochs (seconds): most examples right, some robust."""
+    from meansparse.models import create_model
+    from meansparse.pgd import pgd
+
+    torch.manual_seed(seed)
+    net = create_model("small_cnn", width=8, normalization="digits")
+    train = load_dataset("digits", "train")
+    x, y = train.float(), train.labels
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):
+        for s in range(0, len(x), 64):
+            xb, yb = x[s:s + 64], y[s:s + 64]
+            net.eval()
+            xa = pgd(lambda a, t: torch.nn.functional.cross_entropy(net(a), t, reduction="none"), xb, yb,
+                     eps=0.1, step_size=0.05, steps=3, norm="Linf", rand_init=True)
+            net.train()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xa), yb).backward()
+            opt.step()
+    return net.eval()
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default: a digits CNN trained here)")
+    p.add_argument("--data", default=None, help="data set for --checkpoint (default digits)")
+    p.add_argument("--n", type=int, default=None, help="test examples")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eps", type=float, default=None)
+    p.add_argument("--alpha", type=float, default=0.2, help="MeanSparse alpha (0: the base model)")
+    p.add_argument("--steps", type=int, default=None, help="APGD/FAB iterations (100 = standard)")
+    p.add_argument("--queries", type=int, default=None, help="Square queries (5000 = standard)")
+    args = p.parse_args()
+    setup(args.threads)
+    clock = set_clock(args.clock, args.threads)
+    quick = args.quick
+    args.n = args.n or (24 if quick else 64)
+    args.batch_size = args.batch_size or (12 if quick else 32)
+    args.steps = args.steps or (10 if quick else 100)
+    args.queries = args.queries or (100 if quick else 5000)
+    args.repeats = args.repeats or (2 if quick else 3)
+    if args.checkpoint:
+        from meansparse.models import load
+
+        base = load(args.checkpoint)
+        data_name = args.data or "cifar10-jpg"
+        eps = args.eps or 8 / 255
+    else:
+        base, data_name, eps = digits_model(), "digits", args.eps or 0.1
+    for p_ in base.parameters():
+        p_.requires_grad_(False)
+    test = load_dataset(data_name, "test").head(args.n)
+    x, y = test.float(), test.labels
+    model = base
+    if args.alpha > 0:
+        train = load_dataset(data_name, "train").head(512)
+        model = ms.prepare(copy.deepcopy(base), example_inputs=(x[:2],))
+        ms.calibrate(model, Batches(train, 128), progress=False)
+        ms.set_alpha(model, args.alpha)
+        ms.fuse(model)
+    model.eval()
+    attack = AutoAttackStandard(eps=eps, steps=args.steps, queries=args.queries)
+    n_classes = int(model(x[:1]).shape[1])
+    state_dir = tempfile.mkdtemp()
+    last: dict = {}
+
+    def ours():  # with a resume file, as the CLI runs it (a fresh file each time: nothing is resumed)
+        last["runs"] = last.get("runs", 0) + 1
+        path = f"{state_dir}/state-{last['runs']}.json"
+        last["report"] = ms.evaluate(model, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
+                                     progress=False, state_path=path)
+
+    def reference():
+        adversary = attack.build(model, seed=0, device="cpu", n_classes=n_classes)  # the library's AutoAttack
+        adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
+
+    res = interleaved({"meansparse.evaluate": ours, "pyautoattack": reference}, args.repeats, warmup=0)
+    report = last["report"]
+    env = environment(args.threads)
+    ratio = res["meansparse.evaluate"]["median"] / res["pyautoattack"]["median"]
+    ratio_min = res["meansparse.evaluate"]["min"] / res["pyautoattack"]["min"]
+    print(f"torch {env['torch']}, threads={env['threads']}, {env['cores']} cores, load average at start "
+          f"{env['load_average']}, clock={clock}\nmodel: {args.checkpoint or 'digits small_cnn (trained here)'}"
+          f"{f', MeanSparse alpha={args.alpha} (fused)' if args.alpha > 0 else ''}; {data_name} test[:{args.n}], "
+          f"eps={eps:.4g}, batch {args.batch_size}; AutoAttack standard version, {args.steps} steps, "
+          f"{args.queries} Square queries ({'standard' if attack.params()['standard'] else 'cheaper than standard'})"
+          f"\nclean {report.clean_accuracy:.3f}, AutoAttack robust {report.worst_case_accuracy:.3f}\n")
+    rows = [[k, f"{v['median']:.2f}", f"{v['min']:.2f}", " ".join(f"{s:.2f}" for s in v["samples"])]
+            for k, v in res.items()]
+    print(fmt_table(rows, ["variant", "median s", "min s", "samples s"]))
+    print(f"\nratio ours / reference: {ratio:.3f} (medians), {ratio_min:.3f} (minima)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": res, "ratio": ratio}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

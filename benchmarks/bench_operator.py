@@ -1,0 +1,158 @@
+"""Cost of the MeanSparse operator in a ResNet-18: base model vs eager operator vs fused operator+activation.
+
+For each width and activation: eval forward (no grad) and forward+backward w.r.t. the input (the attack
+step: parameters frozen, gradient of a logsumexp loss), the latter in both gradient modes.  All variants run
+interleaved in one process, so the printed ratios are side by side.  Every measurement is done twice, in
+child processes without and with GLIBC_TUNABLES (see _common.GLIBC_TUNABLES).
+
+    python benchmarks/bench_operator.py --threads 1 --quick
+    python benchmarks/bench_operator.py --threads 16 --widths 16 64 --batch 256
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+from _common import base_parser, environment, fmt_table, interleaved, ratios, run_variants, set_clock, setup
+
+import meansparse as ms
+from meansparse.fused import compile_disabled_reason, compile_enabled
+from meansparse.models import create_model
+
+
+def build(width: int, activation: str, batch: int, alpha: float):
+    torch.manual_seed(0)
+    base = create_model("resnet18", width=width, activation=activation).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(batch, 3, 32, 32)
+    eager = ms.prepare(base, example_inputs=(x[:2],))
+    ms.calibrate(eager, [x[: min(batch, 64)]], progress=False)
+    ms.set_alpha(eager, alpha)
+    fused = ms.fuse(copy.deepcopy(eager))
+    assert len(ms.fused_sites(fused)) == len(ms.operators(fused)), "every site should fuse"
+    return base, eager, fused, x
+
+
+def forward(model, x):
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def attack_step(model, x, mode: str | None):
+    ops = ms.operators(model)
+
+    def run():
+        for o in ops:
+            o.gradient = mode
+        xr = x.detach().requires_grad_()
+        loss = model(xr).logsumexp(1).sum()
+        torch.autograd.grad(loss, xr)
+
+    return run
+
+
+def check_identical(eager, fused, x, activation: str) -> dict:
+    """Outputs/gradients of the fused model vs the eager reference on a slice of the batch."""
+    xs = x[:8]
+    with torch.no_grad():
+        a, b = eager(xs), fused(xs)
+    out = {"forward_max_abs_diff": float((a - b).abs().max()), "forward_equal": bool(torch.equal(a, b))}
+    for mode in ("exact", "straight_through"):
+        grads = []
+        for m in (eager, fused):
+            for o in ms.operators(m):
+                o.gradient = mode
+            xr = xs.clone().requires_grad_()
+            grads.append(torch.autograd.grad(m(xr).logsumexp(1).sum(), xr)[0])
+        out[f"grad_{mode}_equal"] = bool(torch.equal(*grads))
+        out[f"grad_{mode}_max_rel_diff"] = float((grads[0] - grads[1]).abs().max() / grads[0].abs().max())
+    return out
+
+
+def child(args) -> dict:
+    setup(args.threads)
+    set_clock(args.clock, args.threads)
+    results = {"environment": environment(args.threads), "compile": compile_enabled(), "cases": []}
+    for width in args.widths:
+        for act in args.activations:
+            base, eager, fused, x = build(width, act, args.batch, args.alpha)
+            fwd = interleaved({"base": forward(base, x), "eager": forward(eager, x), "fused": forward(fused, x)},
+                              args.repeats, warmup=2)
+            step = interleaved({
+                "base": attack_step(base, x, None),
+                "eager exact": attack_step(eager, x, "exact"),
+                "fused exact": attack_step(fused, x, "exact"),
+                "eager straight_through": attack_step(eager, x, "straight_through"),
+                "fused straight_through": attack_step(fused, x, "straight_through"),
+            }, args.repeats, warmup=2)
+            results["cases"].append({
+                "width": width, "activation": act, "batch": args.batch,
+                "forward": {k: v["median"] for k, v in fwd.items()}, "forward_ratio": ratios(fwd, "base"),
+                "forward_ratio_min": ratios(fwd, "base", "min"),
+                "attack_step": {k: v["median"] for k, v in step.items()}, "attack_step_ratio": ratios(step, "base"),
+                "attack_step_ratio_min": ratios(step, "base", "min"),
+                "identical": check_identical(eager, fused, x, act),
+            })
+    results["compile_disabled_reason"] = compile_disabled_reason()
+    return results
+
+
+def report(variants: list[tuple[str, dict]]) -> str:
+    rows = []
+    for name, res in variants:
+        for c in res["cases"]:
+            fr, sr = c["forward_ratio"], c["attack_step_ratio"]
+            rows.append([name, c["width"], c["activation"], c["batch"], f"{1e3 * c['forward']['base']:.0f}",
+                         f"{fr['eager']:.3f}", f"{fr['fused']:.3f}", f"{1e3 * c['attack_step']['base']:.0f}",
+                         f"{sr['eager exact']:.3f}", f"{sr['fused exact']:.3f}",
+                         f"{sr['eager straight_through']:.3f}", f"{sr['fused straight_through']:.3f}",
+                         "yes" if all(v for k, v in c["identical"].items() if k.endswith("equal")) else
+                         f"no (max rel {max(c['identical'][k] for k in c['identical'] if 'rel' in k):.1e})"])
+    header = ["malloc", "width", "act", "batch", "fwd base ms", "fwd eager", "fwd fused", "step base ms",
+              "step eager exact", "step fused exact", "step eager ST", "step fused ST", "bit-identical"]
+    env = variants[0][1]["environment"]
+    return (f"torch {env['torch']}, threads={env['threads']}, {env['cores']} cores ({env['cpu_capability']}), "
+            f"load average at start {env['load_average']}, compile={variants[0][1]['compile']}, "
+            f"clock={env['clock']}\n"
+            "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
+            + fmt_table(rows, header))
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="+", default=None)
+    p.add_argument("--activations", nargs="+", default=["relu", "gelu"])
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=0.25)
+    p.add_argument("--glibc", choices=["both", "default", "tuned"], default="both")
+    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    args = p.parse_args()
+    args.widths = args.widths or ([16] if args.quick else [16, 64])
+    args.batch = args.batch or (64 if args.quick else 256)
+    args.repeats = args.repeats or (5 if args.quick else 10)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    argv = [a for a in sys.argv[1:] if a != "--child"]
+    variants = run_variants(argv, args.glibc)
+    print(report(variants))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(variants), f, indent=1)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
