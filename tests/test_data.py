@@ -187,3 +187,16 @@ def test_unknown_dataset_and_split():
         load_dataset("nope")
     with pytest.raises(ValueError, match="split"):
         load_dataset("digits", "val")
+
+
+def test_sample_is_unbiased_deterministic_and_prefix_safe():
+    """Data sets are stored class by class: a prefix is one class; `sample` and the held-out part are not."""
+    data = load_digits("train")
+    data = data.subset(data.labels.argsort(stable=True))  # class-sorted, like the CIFAR JPEG archive
+    assert data.head(100).labels.unique().numel() == 1
+    s1, s2 = data.sample(200, seed=3), data.sample(200, seed=3)
+    assert torch.equal(s1.labels, s2.labels) and len(s1) == 200
+    assert s1.labels.unique().numel() == 10 and s1.head(50).labels.unique().numel() >= 5
+    _, hold = holdout_split(data, 200, seed=0)
+    assert hold.head(50).labels.unique().numel() >= 5
+    assert len(data.sample(None)) == len(data)

@@ -33,7 +33,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--holdout", type=int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses)")
-    p.add_argument("--n-examples", type=int, default=None, help="calibrate on the first N remaining images")
+    p.add_argument("--n-examples", type=int, default=None, help="calibrate on N randomly drawn remaining images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (per rank)")
     p.add_argument("--include", action="append", default=None, help="site regex to keep (repeatable)")
@@ -77,7 +77,7 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     data = load_dataset(args.data, args.split, root=args.data_root)
     if args.holdout:
         data, _ = holdout_split(data, args.holdout, seed=args.seed)
-    data = data.head(args.n_examples)
+    data = data.sample(args.n_examples, seed=0)
     mine = shard(data)
     example = data.subset(slice(0, 1)).float().to(device)
     model = ms.prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,

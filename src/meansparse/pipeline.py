@@ -59,7 +59,7 @@ def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Mo
 
 def _load_data(cfg: PipelineConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
     train = load_dataset(cfg.data, "train", root=cfg.data_root)
-    test = load_dataset(cfg.data, "test", root=cfg.data_root).head(cfg.n_test)
+    test = load_dataset(cfg.data, "test", root=cfg.data_root).sample(cfg.n_test, seed=cfg.seed)
     fit, hold = holdout_split(train, cfg.n_holdout, seed=cfg.seed)
     return fit, hold, test
 

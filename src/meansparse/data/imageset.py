@@ -42,5 +42,13 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], list(self.classes), name or self.name)
 
     def head(self, n: int | None) -> ImageSet:
-        """The first n examples (all if n is None); a deterministic evaluation subset."""
+        """The first n examples (all if n is None). Data sets are stored class by class: for an evaluation
+        subset use `sample`, or a split whose order is already random (`holdout_split`'s held-out part)."""
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
+
+    def sample(self, n: int | None, seed: int = 0) -> ImageSet:
+        """n examples drawn uniformly without replacement (seeded), in random order, so any prefix of the
+        result is an unbiased subset too; all examples (shuffled) if n is None or >= len."""
+        n = len(self) if n is None else min(n, len(self))
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.subset(perm, f"{self.name}-sample{n}")

@@ -11,11 +11,14 @@ from .imageset import ImageSet
 
 
 def holdout_split(data: ImageSet, n_holdout: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """Disjoint (train, held-out) parts of a TRAINING split; α is chosen on the held-out part, never on test."""
+    """Disjoint (train, held-out) parts of a TRAINING split; α is chosen on the held-out part, never on test.
+
+    The held-out part comes in random order (data sets are stored class by class), so any prefix of it is an
+    unbiased subset; the fitting part keeps the original order."""
     if not 0 < n_holdout < len(data):
         raise ValueError(f"n_holdout must be in (0, {len(data)}), got {n_holdout}")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    hold, train = perm[:n_holdout].sort().values, perm[n_holdout:].sort().values
+    hold, train = perm[:n_holdout], perm[n_holdout:].sort().values
     return data.subset(train, f"{data.name}-fit"), data.subset(hold, f"{data.name}-holdout")
 
 

@@ -55,7 +55,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--data", default="digits", help="data set name or path (see meansparse.data.load_dataset)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n-examples", type=int, default=1000, help="the first N examples of the split")
+    p.add_argument("--n-examples", type=int, default=1000, help="N examples drawn at random (--seed) from the split")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2)")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
@@ -94,7 +94,7 @@ def _load_model(args: argparse.Namespace, device: str) -> Any:
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
     from meansparse.data import load_dataset
 
-    data = load_dataset(args.data, args.split, root=args.data_root).head(args.n_examples)
+    data = load_dataset(args.data, args.split, root=args.data_root).sample(args.n_examples, seed=args.seed)
     return data.float(), data.labels
 
 
