@@ -152,8 +152,7 @@ def alpha_table(ctx: Ctx, key: str, attacks=None, norm="Linf", eps=None, alphas=
         r = ctx.evaluate(model, attacks if a > 0 else [x for x in attacks if not x.startswith(("bpda", "transfer"))],
                          base=base, norm=norm, eps=eps, tag=tag)
         rec = {"alpha": a, "clean": r.clean_accuracy, "worst_case": r.worst_case_accuracy,
-               **{k: r.robust_accuracy.get(k if a > 0 or not k.startswith(("bpda", "transfer")) else
-                                           k.replace("bpda-", "")) for k in attacks}, "warnings": r.warnings}
+               **{k: r.robust_accuracy.get(k) for k in attacks}, "warnings": r.warnings}  # α = 0: no BPDA/transfer
         data.append(rec)
         rows.append([f"{a:g}", _pct(rec["clean"])] + [_pct(rec[k]) for k in attacks]
                     + [f"**{_pct(rec['worst_case'])}**"])
@@ -168,24 +167,26 @@ def _alpha_plot(data, attacks, title):
 
 
 # ------------------------------------------------------------------------------------------ ablations
+def _compare(ctx: Ctx, name: str, title: str, label: str, variants: dict[str, dict[str, Any]]) -> None:
+    """One α table per variant (checkpoint key and alpha_table arguments), stacked in one result."""
+    rows, data, header = [], {}, []
+    for tag, kw in variants.items():
+        r, d, header = alpha_table(ctx, **kw)
+        rows += [[tag] + x for x in r]
+        data[tag] = d
+    write(name, ctx, title, [label] + header, rows, data)
+
+
 def a1(ctx: Ctx) -> None:
     """A.1 activation functions × α (GELU vs ReLU, same PGD-AT recipe)."""
-    rows, data = [], {}
-    for key in ("gelu-pgd", "relu-pgd"):
-        r, d, header = alpha_table(ctx, key)
-        rows += [[key] + x for x in r]
-        data[key] = d
-    write("a1-activations", ctx, "A.1 Activation function × α", ["model"] + header, rows, data)
+    _compare(ctx, "a1-activations", "A.1 Activation function × α", "model",
+             {k: {"key": k} for k in ("gelu-pgd", "relu-pgd")})
 
 
 def a2(ctx: Ctx) -> None:
     """A.2 Linf vs L2 threat model on the Linf-trained GELU model."""
-    rows, data = [], {}
-    for norm, eps in (("Linf", 8 / 255), ("L2", 0.5)):
-        r, d, header = alpha_table(ctx, "gelu-pgd", norm=norm, eps=eps)
-        rows += [[f"{norm} ε={eps:.3g}"] + x for x in r]
-        data[norm] = d
-    write("a2-linf-vs-l2", ctx, "A.2 Linf vs L2", ["threat"] + header, rows, data)
+    _compare(ctx, "a2-linf-vs-l2", "A.2 Linf vs L2", "threat",
+             {f"{n} ε={e:.3g}": {"key": "gelu-pgd", "norm": n, "eps": e} for n, e in (("Linf", 8 / 255), ("L2", 0.5))})
 
 
 def a3(ctx: Ctx) -> None:
@@ -219,12 +220,8 @@ def a4(ctx: Ctx) -> None:
 
 def a5(ctx: Ctx) -> None:
     """A.5 PGD-AT vs TRADES."""
-    rows, data = [], {}
-    for key in ("gelu-pgd", "gelu-trades"):
-        r, d, header = alpha_table(ctx, key)
-        rows += [[key] + x for x in r]
-        data[key] = d
-    write("a5-pgd-vs-trades", ctx, "A.5 PGD-AT vs TRADES", ["model"] + header, rows, data)
+    _compare(ctx, "a5-pgd-vs-trades", "A.5 PGD-AT vs TRADES", "model",
+             {k: {"key": k} for k in ("gelu-pgd", "gelu-trades")})
 
 
 def a6(ctx: Ctx) -> None:
@@ -236,12 +233,8 @@ def a6(ctx: Ctx) -> None:
 def a7(ctx: Ctx) -> None:
     """A.7 centering reference: channel mean / zero / global mean (one calibration: all three derive from the
     same per-channel statistics)."""
-    rows, data = [], {}
-    for centering in ("channel", "zero", "global"):
-        r, d, header = alpha_table(ctx, "gelu-pgd", centering=centering)
-        rows += [[centering] + x for x in r]
-        data[centering] = d
-    write("a7-centering", ctx, "A.7 Centering reference", ["centering"] + header, rows, data)
+    _compare(ctx, "a7-centering", "A.7 Centering reference", "centering",
+             {c: {"key": "gelu-pgd", "centering": c} for c in ("channel", "zero", "global")})
 
 
 def a8(ctx: Ctx) -> None:

@@ -20,6 +20,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | None = None,
                      naive: float | None = None, title: str = "") -> Path:
     """Clean, plain-robust and worst-case robust accuracy against α (rows: dicts with those keys)."""
@@ -39,12 +50,7 @@ def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | Non
     ax.set_title(title or "MeanSparse α sweep (held-out split)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 @torch.no_grad()
@@ -85,9 +91,4 @@ def plot_feature_histogram(model: nn.Module, op: nn.Module, x: torch.Tensor, pat
         ax.set_title(f"{label}\n{getattr(op, 'site_name', '')} channel {channel}", fontsize=9)
         ax.set_xlabel("pre-activation value")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
