@@ -33,6 +33,17 @@ def clean_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     return hits / len(x)
 
 
+def _row(name: str, cfg: dict) -> str:
+    tr, m = cfg["training"], cfg["metrics"]
+    pgd = next(v for k, v in m.items() if k.startswith("test_pgd20"))
+    apgd = next(v for k, v in m.items() if k.startswith("test_apgd_ce"))
+    n = next(k for k in m if k.startswith("test_pgd20")).rsplit("_n", 1)[1]
+    method = tr["method"] + (f" ({tr['steps']} steps)" if tr["method"] in ("pgd", "trades") else "")
+    return (f"| `{name}` | {cfg['model_kwargs'].get('width')} | {method} | {tr['epochs']} (chosen "
+            f"{cfg['best_epoch']['epoch']}) | {100 * m['test_clean_accuracy_10000']:.2f} | {100 * pgd:.2f} | "
+            f"{100 * apgd:.2f} | {n} | `{cfg['command']}` |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=1000)
@@ -66,20 +77,21 @@ def main(argv: list[str] | None = None) -> int:
             "measured_by": command,
         }
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        tr = cfg["training"]
-        method = tr["method"] + (f" ({tr['steps']} steps)" if tr["method"] in ("pgd", "trades") else "")
-        rows.append(f"| `{name}` | {cfg['model_kwargs'].get('width')} | {method} | "
-                    f"{tr['epochs']} (best {cfg['best_epoch']['epoch']}) | {100 * clean:.2f} | "
-                    f"{100 * rep.robust_accuracy['pgd']:.2f} | {100 * rep.robust_accuracy['apgd-ce']:.2f} | "
-                    f"`{cfg['command']}` |")
-        print(rows[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
+        print(name, cfg["metrics"], f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    for name in NAMES:  # every checkpoint measured so far, by this run or an earlier one
+        path = CKPT / f"{name}.json"
+        cfg = json.loads(path.read_text()) if path.exists() else {}
+        if cfg.get("metrics"):
+            rows.append(_row(name, cfg))
     table = "\n".join([
-        f"Measured with `{command}` on the CIFAR-10 test split of the JPEG copy (`../shared/data`): clean on all "
-        f"10,000 images; PGD-20 (step 2/255, random start) and APGD-CE (100 steps) at Linf ε = 8/255 on {args.n} "
-        "images (fixed random subset, seed 0). Best epoch chosen by PGD-10 on 1,000 held-out TRAINING images.",
+        "Measured with `python experiments/reference_metrics.py` (the exact command is in each JSON's metrics) on "
+        "the CIFAR-10 test split of the JPEG copy (`../shared/data`): clean on all 10,000 images; PGD-20 (step "
+        "2/255, random start) and APGD-CE (100 steps) at Linf ε = 8/255 on N images (fixed random subset, seed 0). "
+        "Chosen epoch: highest PGD-10 accuracy on 1,000 held-out TRAINING images "
+        "(`experiments/reselect_best_epoch.py`, recorded in each JSON's `selection`).",
         "",
-        "| checkpoint | width | training | epochs | clean % | PGD-20 % | APGD-CE % | training command |",
-        "|---|---:|---|---|---:|---:|---:|---|", *rows])
+        "| checkpoint | width | training | epochs | clean % | PGD-20 % | APGD-CE % | N | training command |",
+        "|---|---:|---|---|---:|---:|---:|---:|---|", *rows])
     for doc in (CKPT / "README.md", ROOT / "docs" / "checkpoints.md"):
         head = doc.read_text().split("<!-- metrics -->")[0] if doc.exists() else "# Reference checkpoints\n\n"
         doc.parent.mkdir(parents=True, exist_ok=True)
