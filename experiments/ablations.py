@@ -189,12 +189,18 @@ def a2(ctx: Ctx) -> None:
              {f"{n} ε={e:.3g}": {"key": "gelu-pgd", "norm": n, "eps": e} for n, e in (("Linf", 8 / 255), ("L2", 0.5))})
 
 
+def _single(ctx: Ctx, name: str, title: str, key: str, attacks: list[str] | None = None,
+            plot_title: str | None = None) -> None:
+    """One checkpoint's α table, written (with a plot when `plot_title` is given)."""
+    rows, data, header = alpha_table(ctx, key, attacks=attacks)
+    plot = _alpha_plot(data, attacks or HONEST, plot_title) if plot_title else None
+    write(name, ctx, title, header, rows, data, plot=plot)
+
+
 def a3(ctx: Ctx) -> None:
     """A.3 black-box Square attack vs α."""
-    attacks = ["apgd-ce", "bpda-apgd-ce", "square"]
-    rows, data, header = alpha_table(ctx, "gelu-pgd", attacks=attacks)
-    write("a3-square", ctx, "A.3 Square (black-box) vs α", header, rows, data,
-          plot=_alpha_plot(data, attacks, "A.3: GELU PGD-AT, Square vs gradient attacks"))
+    _single(ctx, "a3-square", "A.3 Square (black-box) vs α", "gelu-pgd", ["apgd-ce", "bpda-apgd-ce", "square"],
+            "A.3: GELU PGD-AT, Square vs gradient attacks")
 
 
 def a4(ctx: Ctx) -> None:
@@ -226,8 +232,7 @@ def a5(ctx: Ctx) -> None:
 
 def a6(ctx: Ctx) -> None:
     """A.6 a standard (non-robust) model: MeanSparse does not create robustness from nothing."""
-    rows, data, header = alpha_table(ctx, "gelu-standard")
-    write("a6-standard", ctx, "A.6 Standard training", header, rows, data)
+    _single(ctx, "a6-standard", "A.6 Standard training", "gelu-standard")
 
 
 def a7(ctx: Ctx) -> None:
@@ -287,10 +292,8 @@ def a9(ctx: Ctx) -> None:
 
 def a10(ctx: Ctx) -> None:
     """A.10 PGD-50 as the paper's metric, next to BPDA-PGD-50 and the worst case."""
-    attacks = ["pgd", "bpda-pgd", "transfer"]
-    rows, data, header = alpha_table(ctx, "gelu-pgd", attacks=attacks)
-    write("a10-pgd50", ctx, "A.10 PGD-50", header, rows, data,
-          plot=_alpha_plot(data, attacks, "A.10: GELU PGD-AT, PGD-50 vs BPDA"))
+    _single(ctx, "a10-pgd50", "A.10 PGD-50", "gelu-pgd", ["pgd", "bpda-pgd", "transfer"],
+            "A.10: GELU PGD-AT, PGD-50 vs BPDA")
 
 
 def per_layer(ctx: Ctx) -> None:
