@@ -62,11 +62,12 @@ def capture_site(model: nn.Module, op: nn.Module, x: torch.Tensor) -> tuple[torc
         store["in"], store["out"] = inputs[0].detach(), output.detach()
 
     handle = op.register_forward_hook(hook)
+    device = next((t.device for t in model.parameters()), x.device)
     try:
-        model(x)
+        model(x.to(device))
     finally:
         handle.remove()
-    return store["in"], store["out"]
+    return store["in"].cpu(), store["out"].cpu()
 
 
 def plot_feature_histogram(model: nn.Module, op: nn.Module, x: torch.Tensor, path: str | Path,

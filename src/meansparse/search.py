@@ -109,10 +109,11 @@ class AlphaObjective:
 
     @torch.no_grad()
     def clean(self) -> float:
-        correct = 0
-        for s in range(0, len(self.x), self.kw["batch_size"]):
-            correct += (self.model(self.x[s:s + self.kw["batch_size"]]).argmax(1) == self.y[s:s + self.kw[
-                "batch_size"]]).sum().item()
+        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+        correct, bs = 0, self.kw["batch_size"]
+        for s in range(0, len(self.x), bs):
+            pred = self.model(self.x[s:s + bs].to(device)).argmax(1).cpu()
+            correct += (pred == self.y[s:s + bs].cpu()).sum().item()
         return correct / len(self.x)
 
     def __call__(self, alpha: AlphaSpec, tag: str) -> dict[str, Any]:
