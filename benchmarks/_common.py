@@ -30,18 +30,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="cpu: process CPU time (immune to other jobs' scheduling; right for --threads 1); "
                         "wall: elapsed time; auto: cpu with one thread, else wall")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: wall clock, synchronised per timing)")
     return p
 
 
-CLOCK = {"name": "wall"}
+CLOCK = {"name": "wall", "cuda": False}
 
 
-def set_clock(clock: str, threads: int) -> str:
-    CLOCK["name"] = ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
+def set_clock(clock: str, threads: int, device: str = "cpu") -> str:
+    """Pick the timer; on a CUDA device always the wall clock, with a device sync before each reading."""
+    CLOCK["cuda"] = str(device).startswith("cuda")
+    if CLOCK["cuda"] and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device is available")
+    CLOCK["name"] = "wall" if CLOCK["cuda"] else ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
     return CLOCK["name"]
 
 
 def now() -> float:
+    if CLOCK["cuda"]:
+        torch.cuda.synchronize()
     return time.process_time() if CLOCK["name"] == "cpu" else time.perf_counter()
 
 
@@ -60,6 +67,7 @@ def environment(threads: int) -> dict:
         "cores": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "gpu": torch.cuda.get_device_name() if CLOCK["cuda"] else None,
     }
 
 

@@ -10,6 +10,10 @@ Variants (interleaved in one process for time; each also in its own child proces
 
     python benchmarks/bench_calibration.py --threads 1 --quick
     python benchmarks/bench_calibration.py --threads 16 --widths 16 64 --batch 256 --batches 8
+    python benchmarks/bench_calibration.py --device cuda --widths 16 64 --batch 1024 --batches 16
+
+On a CUDA device the batches already sit on the GPU (for every variant alike) and memory is the allocator's
+(``torch.cuda.max_memory_allocated``) instead of RSS.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ from meansparse import Moments
 from meansparse.models import create_model
 
 
-def build(width: int, activation: str, batch: int, batches: int):
+def build(width: int, activation: str, batch: int, batches: int, device: str = "cpu"):
     torch.manual_seed(0)
-    base = create_model("resnet18", width=width, activation=activation).eval()
-    data = [torch.rand(batch, 3, 32, 32) for _ in range(batches)]
+    base = create_model("resnet18", width=width, activation=activation).eval().to(device)
+    data = [torch.rand(batch, 3, 32, 32).to(device) for _ in range(batches)]
     model = ms.prepare(base, example_inputs=(data[0][:2],))
     return base, model, data
 
@@ -95,9 +99,19 @@ def memory_child(args) -> None:
     """Peak RSS of one pass of one variant in a fresh process: one warm-up pass (first-call compilation,
     allocator growth), then the peak mark is reset and the measured pass runs."""
     setup(args.threads)
-    base, model, data = build(args.width_one, args.activation, args.batch, args.batches)
+    base, model, data = build(args.width_one, args.activation, args.batch, args.batches, args.device)
     fns = variant_fns(base, model, data)
     fns[args.memory]()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        reset, start = True, torch.cuda.memory_allocated() / 2**20
+        fns[args.memory]()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"variant": args.memory, "peak_rss_mib": peak, "start_rss_mib": start,
+                          "growth_mib": peak - start, "peak_reset": reset}))
+        return
     reset = reset_peak_rss()
     start = rss_mib()
     fns[args.memory]()
@@ -123,10 +137,10 @@ def main() -> None:
         memory_child(args)
         return
     setup(args.threads)
-    clock = set_clock(args.clock, args.threads)
+    clock = set_clock(args.clock, args.threads, args.device)
     rows, out = [], {"environment": environment(args.threads), "cases": []}
     for width in args.widths:
-        base, model, data = build(width, args.activation, args.batch, args.batches)
+        base, model, data = build(width, args.activation, args.batch, args.batches, args.device)
         fns = variant_fns(base, model, data)
         res = interleaved(fns, args.repeats)
         r = ratios(res, "eval")
@@ -134,7 +148,7 @@ def main() -> None:
         for v in (v for v in fns if v != "eval_prepared"):
             cmd = [sys.executable, sys.argv[0], "--memory", v, "--width-one", str(width), "--threads",
                    str(args.threads), "--activation", args.activation, "--batch", str(args.batch), "--batches",
-                   str(args.batches)]
+                   str(args.batches), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             mem[v] = json.loads(proc.stdout.strip().splitlines()[-1])
         images = args.batch * args.batches
@@ -146,10 +160,12 @@ def main() -> None:
         out["cases"].append({"width": width, "batch": args.batch, "batches": args.batches,
                              "median_s": {k: v["median"] for k, v in res.items()}, "ratio": r, "memory": mem})
     env = out["environment"]
-    print(f"torch {env['torch']}, threads={env['threads']}, {env['cores']} cores, load average at start "
+    gpu = f"GPU {env['gpu']}, " if env["gpu"] else ""
+    print(f"torch {env['torch']}, {gpu}threads={env['threads']}, {env['cores']} cores, load average at start "
           f"{env['load_average']}, clock={clock}, ResNet-18 ({args.activation}), 32x32 inputs\n"
           "ratios: median time / median time of the plain eval pass over the same batches, interleaved\n")
-    print("memory: RSS at the start of a pass + the pass's peak growth above it (MiB), measured in a fresh\n"
+    print("memory: RSS (on a GPU: allocated device memory) at the start of a pass + the pass's peak growth\n"
+          "above it (MiB), measured in a fresh "
           "process per variant after one warm-up pass (compiled kernels loaded; the inductor runtime itself\n"
           "adds ~100 MiB of resident code to the start RSS of 'calibrate')\n")
     print(fmt_table(rows, ["width", "batch", "batches", "eval ms", "prepared α=0 / eval", "calibrate / eval",

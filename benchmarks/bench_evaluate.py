@@ -9,6 +9,11 @@ interleaved (ours, reference, ours, reference ...).
     python benchmarks/bench_evaluate.py --threads 1 --quick          # digits CNN, cheap AutoAttack settings
     python benchmarks/bench_evaluate.py --checkpoint runs/cifar10-resnet18-gelu-pgd/best --data cifar10-jpg \\
         --n 64 --batch-size 32                                        # standard AutoAttack (100 steps, 5000 q)
+    python benchmarks/bench_evaluate.py --device cuda --checkpoint checkpoints/cifar10-resnet18-gelu-pgd \
+        --n 1000 --batch-size 500 --attack apgd-ce                    # APGD-CE alone: images/s on a GPU
+
+``--attack apgd-ce`` compares ``ms.evaluate(attacks=["apgd-ce"])`` with pyautoattack's ``APGDAttack.perturb``
+called per batch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from _common import base_parser, environment, fmt_table, interleaved, set_clock,
 
 import meansparse as ms
 from meansparse.data import Batches, load_dataset
-from meansparse.evaluation.attacks import AutoAttackStandard
+from meansparse.evaluation.attacks import APGD, AutoAttackStandard
 
 
 def digits_model(seed: int = 0) -> torch.nn.Module:
@@ -58,9 +63,11 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.2, help="MeanSparse alpha (0: the base model)")
     p.add_argument("--steps", type=int, default=None, help="APGD/FAB iterations (100 = standard)")
     p.add_argument("--queries", type=int, default=None, help="Square queries (5000 = standard)")
+    p.add_argument("--attack", choices=["aa", "apgd-ce"], default="aa")
     args = p.parse_args()
     setup(args.threads)
-    clock = set_clock(args.clock, args.threads)
+    clock = set_clock(args.clock, args.threads, args.device)
+    device = torch.device(args.device)
     quick = args.quick
     args.n = args.n or (24 if quick else 64)
     args.batch_size = args.batch_size or (12 if quick else 32)
@@ -75,6 +82,7 @@ def main() -> None:
         eps = args.eps or 8 / 255
     else:
         base, data_name, eps = digits_model(), "digits", args.eps or 0.1
+    base = base.to(device)
     for p_ in base.parameters():
         p_.requires_grad_(False)
     test = load_dataset(data_name, "test").head(args.n)
@@ -82,13 +90,16 @@ def main() -> None:
     model = base
     if args.alpha > 0:
         train = load_dataset(data_name, "train").head(512)
-        model = ms.prepare(copy.deepcopy(base), example_inputs=(x[:2],))
+        model = ms.prepare(copy.deepcopy(base), example_inputs=(x[:2].to(device),))
         ms.calibrate(model, Batches(train, 128), progress=False)
         ms.set_alpha(model, args.alpha)
         ms.fuse(model)
     model.eval()
-    attack = AutoAttackStandard(eps=eps, steps=args.steps, queries=args.queries)
-    n_classes = int(model(x[:1]).shape[1])
+    if args.attack == "aa":
+        attack = AutoAttackStandard(eps=eps, steps=args.steps, queries=args.queries)
+    else:
+        attack = APGD(eps=eps, steps=args.steps)
+    n_classes = int(model(x[:1].to(device)).shape[1])
     state_dir = tempfile.mkdtemp()
     last: dict = {}
 
@@ -99,24 +110,38 @@ def main() -> None:
                                      progress=False, state_path=path)
 
     def reference():
-        adversary = attack.build(model, seed=0, device="cpu", n_classes=n_classes)  # the library's AutoAttack
-        adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
+        if args.attack == "aa":
+            adversary = attack.build(model, seed=0, device=device, n_classes=n_classes)  # the library's AutoAttack
+            adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
+            return
+        from pyautoattack.autopgd_base import APGDAttack
+
+        adversary = APGDAttack(model, n_iter=args.steps, norm="Linf", eps=eps, seed=0, loss="ce", eot_iter=1,
+                               rho=0.75, verbose=False, device=device)
+        for s in range(0, len(x), args.batch_size):
+            adversary.perturb(x[s:s + args.batch_size].to(device), y[s:s + args.batch_size].to(device))
 
     res = interleaved({"meansparse.evaluate": ours, "pyautoattack": reference}, args.repeats, warmup=0)
     report = last["report"]
     env = environment(args.threads)
     ratio = res["meansparse.evaluate"]["median"] / res["pyautoattack"]["median"]
     ratio_min = res["meansparse.evaluate"]["min"] / res["pyautoattack"]["min"]
-    print(f"torch {env['torch']}, threads={env['threads']}, {env['cores']} cores, load average at start "
+    if args.attack == "aa":
+        what = (f"AutoAttack standard version, {args.steps} steps, {args.queries} Square queries "
+                f"({'standard' if attack.params()['standard'] else 'cheaper than standard'})")
+    else:
+        what = f"APGD-CE, {args.steps} steps, 1 restart"
+    gpu = f"GPU {env['gpu']}, " if env["gpu"] else ""
+    print(f"torch {env['torch']}, {gpu}threads={env['threads']}, {env['cores']} cores, load average at start "
           f"{env['load_average']}, clock={clock}\nmodel: {args.checkpoint or 'digits small_cnn (trained here)'}"
           f"{f', MeanSparse alpha={args.alpha} (fused)' if args.alpha > 0 else ''}; {data_name} test[:{args.n}], "
-          f"eps={eps:.4g}, batch {args.batch_size}; AutoAttack standard version, {args.steps} steps, "
-          f"{args.queries} Square queries ({'standard' if attack.params()['standard'] else 'cheaper than standard'})"
-          f"\nclean {report.clean_accuracy:.3f}, AutoAttack robust {report.worst_case_accuracy:.3f}\n")
+          f"eps={eps:.4g}, batch {args.batch_size}; {what}"
+          f"\nclean {report.clean_accuracy:.3f}, robust {report.worst_case_accuracy:.3f}\n")
     rows = [[k, f"{v['median']:.2f}", f"{v['min']:.2f}", " ".join(f"{s:.2f}" for s in v["samples"])]
             for k, v in res.items()]
     print(fmt_table(rows, ["variant", "median s", "min s", "samples s"]))
-    print(f"\nratio ours / reference: {ratio:.3f} (medians), {ratio_min:.3f} (minima)")
+    print(f"\nratio ours / reference: {ratio:.3f} (medians), {ratio_min:.3f} (minima); "
+          f"{args.n / res['meansparse.evaluate']['median']:.0f} images/s (ours, all {args.n} test images)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": res, "ratio": ratio}, f, indent=1)

@@ -7,6 +7,7 @@ child processes without and with GLIBC_TUNABLES (see _common.GLIBC_TUNABLES).
 
     python benchmarks/bench_operator.py --threads 1 --quick
     python benchmarks/bench_operator.py --threads 16 --widths 16 64 --batch 256
+    python benchmarks/bench_operator.py --device cuda --glibc default --widths 16 64 --batch 256 1024
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from meansparse.fused import compile_disabled_reason, compile_enabled
 from meansparse.models import create_model
 
 
-def build(width: int, activation: str, batch: int, alpha: float):
+def build(width: int, activation: str, batch: int, alpha: float, device: str = "cpu"):
     torch.manual_seed(0)
-    base = create_model("resnet18", width=width, activation=activation).eval()
+    base = create_model("resnet18", width=width, activation=activation).eval().to(device)
     for p in base.parameters():
         p.requires_grad_(False)
-    x = torch.rand(batch, 3, 32, 32)
+    x = torch.rand(batch, 3, 32, 32).to(device)
     eager = ms.prepare(base, example_inputs=(x[:2],))
     ms.calibrate(eager, [x[: min(batch, 64)]], progress=False)
     ms.set_alpha(eager, alpha)
@@ -78,28 +79,27 @@ def check_identical(eager, fused, x, activation: str) -> dict:
 
 def child(args) -> dict:
     setup(args.threads)
-    set_clock(args.clock, args.threads)
+    set_clock(args.clock, args.threads, args.device)
     results = {"environment": environment(args.threads), "compile": compile_enabled(), "cases": []}
-    for width in args.widths:
-        for act in args.activations:
-            base, eager, fused, x = build(width, act, args.batch, args.alpha)
-            fwd = interleaved({"base": forward(base, x), "eager": forward(eager, x), "fused": forward(fused, x)},
-                              args.repeats, warmup=2)
-            step = interleaved({
-                "base": attack_step(base, x, None),
-                "eager exact": attack_step(eager, x, "exact"),
-                "fused exact": attack_step(fused, x, "exact"),
-                "eager straight_through": attack_step(eager, x, "straight_through"),
-                "fused straight_through": attack_step(fused, x, "straight_through"),
-            }, args.repeats, warmup=2)
-            results["cases"].append({
-                "width": width, "activation": act, "batch": args.batch,
-                "forward": {k: v["median"] for k, v in fwd.items()}, "forward_ratio": ratios(fwd, "base"),
-                "forward_ratio_min": ratios(fwd, "base", "min"),
-                "attack_step": {k: v["median"] for k, v in step.items()}, "attack_step_ratio": ratios(step, "base"),
-                "attack_step_ratio_min": ratios(step, "base", "min"),
-                "identical": check_identical(eager, fused, x, act),
-            })
+    for width, batch, act in ((w, b, a) for w in args.widths for b in args.batch for a in args.activations):
+        base, eager, fused, x = build(width, act, batch, args.alpha, args.device)
+        fwd = interleaved({"base": forward(base, x), "eager": forward(eager, x), "fused": forward(fused, x)},
+                          args.repeats, warmup=2)
+        step = interleaved({
+            "base": attack_step(base, x, None),
+            "eager exact": attack_step(eager, x, "exact"),
+            "fused exact": attack_step(fused, x, "exact"),
+            "eager straight_through": attack_step(eager, x, "straight_through"),
+            "fused straight_through": attack_step(fused, x, "straight_through"),
+        }, args.repeats, warmup=2)
+        results["cases"].append({
+            "width": width, "activation": act, "batch": batch,
+            "forward": {k: v["median"] for k, v in fwd.items()}, "forward_ratio": ratios(fwd, "base"),
+            "forward_ratio_min": ratios(fwd, "base", "min"),
+            "attack_step": {k: v["median"] for k, v in step.items()}, "attack_step_ratio": ratios(step, "base"),
+            "attack_step_ratio_min": ratios(step, "base", "min"),
+            "identical": check_identical(eager, fused, x, act),
+        })
     results["compile_disabled_reason"] = compile_disabled_reason()
     return results
 
@@ -118,7 +118,8 @@ def report(variants: list[tuple[str, dict]]) -> str:
     header = ["malloc", "width", "act", "batch", "fwd base ms", "fwd eager", "fwd fused", "step base ms",
               "step eager exact", "step fused exact", "step eager ST", "step fused ST", "bit-identical"]
     env = variants[0][1]["environment"]
-    return (f"torch {env['torch']}, threads={env['threads']}, {env['cores']} cores ({env['cpu_capability']}), "
+    return (f"torch {env['torch']}, {'GPU ' + env['gpu'] + ', ' if env.get('gpu') else ''}"
+            f"threads={env['threads']}, {env['cores']} cores ({env['cpu_capability']}), "
             f"load average at start {env['load_average']}, compile={variants[0][1]['compile']}, "
             f"clock={env['clock']}\n"
             "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
@@ -129,13 +130,13 @@ def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="+", default=None)
     p.add_argument("--activations", nargs="+", default=["relu", "gelu"])
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--alpha", type=float, default=0.25)
     p.add_argument("--glibc", choices=["both", "default", "tuned"], default="both")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
     args = p.parse_args()
     args.widths = args.widths or ([16] if args.quick else [16, 64])
-    args.batch = args.batch or (64 if args.quick else 256)
+    args.batch = args.batch or [64 if args.quick else 256]
     args.repeats = args.repeats or (5 if args.quick else 10)
     if args.child:
         print(json.dumps(child(args)))
