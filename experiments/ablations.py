@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import shlex
 import sys
@@ -49,6 +50,7 @@ class Ctx:
         self.eps = 8 / 255
         self.n = args.n
         self.batch = args.batch_size
+        self.device = torch.device(args.device)
         self.opts = {"apgd-ce": {"steps": args.steps}, "apgd-t": {"steps": args.steps},
                      "apgd-dlr": {"steps": args.steps}, "pgd": {"steps": 50},
                      "square": {"queries": args.queries}, "transfer": {"steps": args.steps}}
@@ -60,17 +62,17 @@ class Ctx:
         self.x, self.y = self.test.float(), self.test.labels
 
     def base(self, key: str) -> torch.nn.Module:
-        return ms.models.load(CKPT / MODELS[key])
+        return ms.models.load(CKPT / MODELS[key]).to(self.device)
 
     def prepared(self, key: str, **prepare_kw: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(base, calibrated MeanSparse copy); statistics cached per (checkpoint, prepare arguments)."""
         base = self.base(key)
-        example = (self.x[:2],)
+        example = (self.x[:2].to(self.device),)
         model = ms.prepare(copy.deepcopy(base), example_inputs=example, **prepare_kw)
         tag = "-".join(f"{k}={v}" for k, v in sorted(prepare_kw.items())) or "default"
         cache = RESULTS / "cache" / f"{MODELS[key]}-{tag}.safetensors"
         if cache.exists():
-            model = ms.load(copy.deepcopy(base), cache, example_inputs=example)
+            model = ms.load(copy.deepcopy(base), cache, example_inputs=example).to(self.device)
         else:
             ms.calibrate(model, Batches(self.fit, 500), progress=self.args.progress)
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,7 @@ class Ctx:
         return base, model.eval()
 
     def evaluate(self, model, attacks, base=None, norm="Linf", eps=None, tag="") -> ms.Report:
-        state = RESULTS / "cache" / "state" / f"{tag}.json" if tag else None
+        state = RESULTS / "cache" / "state" / self.device.type / f"{tag}.json" if tag else None
         if state:
             state.parent.mkdir(parents=True, exist_ok=True)
         return ms.evaluate(model, self.x, self.y, norm=norm, eps=eps or self.eps, attacks=attacks,
@@ -87,6 +89,7 @@ class Ctx:
 
     def scale(self) -> str:
         return (f"ResNet-18 width 16 (CIFAR-10 JPEG copy), {self.n} random test images (seed 0), "
+                f"run on {self.device.type}, "
                 f"APGD {self.args.steps} steps, Square {self.args.queries} queries, PGD-50 where named, "
                 f"Linf ε = 8/255 unless stated; α chosen on nothing here (tables show every α)")
 
@@ -149,10 +152,11 @@ def alpha_table(ctx: Ctx, key: str, attacks=None, norm="Linf", eps=None, alphas=
         ms.set_alpha(model, a)
         tag = f"{key}-{norm}-{eps or ctx.eps:.5f}-{a:g}-" + "-".join(attacks) + "-" + "-".join(
             f"{k}={v}" for k, v in sorted(prepare_kw.items())) + f"-n{ctx.n}-s{ctx.args.steps}"
-        r = ctx.evaluate(model, attacks if a > 0 else [x for x in attacks if not x.startswith(("bpda", "transfer"))],
-                         base=base, norm=norm, eps=eps, tag=tag)
+        # every α, 0 included, gets the same attacks: at α = 0 BPDA is the plain attack and transfer is
+        # APGD-CE + APGD-T on the base itself, so the base's worst case has the same attack power as the rest
+        r = ctx.evaluate(model, attacks, base=base, norm=norm, eps=eps, tag=tag)
         rec = {"alpha": a, "clean": r.clean_accuracy, "worst_case": r.worst_case_accuracy,
-               **{k: r.robust_accuracy.get(k) for k in attacks}, "warnings": r.warnings}  # α = 0: no BPDA/transfer
+               **{k: r.robust_accuracy.get(k) for k in attacks}, "warnings": r.warnings}
         data.append(rec)
         rows.append([f"{a:g}", _pct(rec["clean"])] + [_pct(rec[k]) for k in attacks]
                     + [f"**{_pct(rec['worst_case'])}**"])
@@ -207,12 +211,12 @@ def a4(ctx: Ctx) -> None:
     """A.4 the paper's adaptive attack with two λ values vs PGD-50 (same steps and step size)."""
     base, model = ctx.prepared("gelu-pgd")
     rows, data = [], []
-    lams = (1.0, -1.0)
-    for a in (0.1, 0.2, 0.3):
+    lams = ctx.args.lams
+    for a in (0.0, 0.1, 0.2, 0.3):
         ms.set_alpha(model, a)
         attacks = ["pgd", *[AdaptivePGD(norm="Linf", eps=ctx.eps, lam=lam, steps=50, name=f"adaptive-lam{lam:g}")
                             for lam in lams], "bpda-pgd"]
-        r = ctx.evaluate(model, attacks, base=base, tag=f"a4-{a:g}-n{ctx.n}")
+        r = ctx.evaluate(model, attacks, base=base, tag=f"a4-{a:g}-n{ctx.n}-lam" + "_".join(f"{lam:g}" for lam in lams))
         rec = {"alpha": a, "clean": r.clean_accuracy, "worst_case": r.worst_case_accuracy, **r.robust_accuracy}
         data.append(rec)
         rows.append([f"{a:g}", _pct(r.clean_accuracy)] + [_pct(v) for v in r.robust_accuracy.values()]
@@ -250,17 +254,19 @@ def a8(ctx: Ctx) -> None:
         recs = {}
         for a in (0.0, 0.2):
             ms.set_alpha(model, a)
-            attacks = HONEST if a > 0 else ["apgd-ce"]
-            r = ctx.evaluate(model, attacks, base=base, eps=eps, tag=f"a8-{eps:.5f}-{a:g}-n{ctx.n}-s{ctx.args.steps}")
+            r = ctx.evaluate(model, HONEST, base=base, eps=eps, tag=f"a8-{eps:.5f}-{a:g}-n{ctx.n}-s{ctx.args.steps}")
             recs[a] = r
         rows.append([f"{eps * 255:.0f}/255", _pct(recs[0.0].robust_accuracy["apgd-ce"]),
+                     f"**{_pct(recs[0.0].worst_case_accuracy)}**",
                      _pct(recs[0.2].robust_accuracy["apgd-ce"]), _pct(recs[0.2].robust_accuracy["bpda-apgd-ce"]),
-                     f"**{_pct(recs[0.2].worst_case_accuracy)}**"])
-        data.append({"eps": eps, "base": recs[0.0].robust_accuracy, "alpha0.2": recs[0.2].robust_accuracy,
-                     "worst_case": recs[0.2].worst_case_accuracy})
+                     _pct(recs[0.2].robust_accuracy["transfer"]), f"**{_pct(recs[0.2].worst_case_accuracy)}**"])
+        data.append({"eps": eps, "base": recs[0.0].robust_accuracy, "base_worst_case": recs[0.0].worst_case_accuracy,
+                     "alpha0.2": recs[0.2].robust_accuracy, "worst_case": recs[0.2].worst_case_accuracy})
     write("a8-attack-power", ctx, "A.8 Attack power (ε sweep), α = 0.2",
-          ["ε", "base APGD-CE %", "MeanSparse APGD-CE %", "MeanSparse BPDA %", "**MeanSparse worst case %**"],
-          rows, data)
+          ["ε", "base APGD-CE %", "**base worst case %**", "MeanSparse APGD-CE %", "MeanSparse BPDA %",
+           "MeanSparse transfer %", "**MeanSparse worst case %**"],
+          rows, data, note="Worst case = minimum per image over APGD-CE, BPDA-APGD-CE and transfer (for the base "
+                           "model: APGD-CE and APGD-T on itself).")
 
 
 def a9(ctx: Ctx) -> None:
@@ -269,7 +275,7 @@ def a9(ctx: Ctx) -> None:
     sites = ms.sites(model)
     alpha = ctx.args.alpha
     rows, data = [], []
-    settings = [("all sites", {s.index: alpha for s in sites})]
+    settings = [("none (base model)", 0.0), ("all sites", {s.index: alpha for s in sites})]
     settings += [("main path only", {s.index: alpha * (not s.after_residual_add) for s in sites}),
                  ("after residual add only", {s.index: alpha * s.after_residual_add for s in sites})]
     step = max(1, len(sites) // 4)
@@ -305,10 +311,15 @@ def per_layer(ctx: Ctx) -> None:
     glob = ms.search_alpha(model, hold.float(), hold.labels, (0.0, 0.1, 0.2, 0.3), **kw)
     sched = ms.search_schedule(model, hold.float(), hold.labels, (0.1, 0.2, 0.3), ratios=(0.7, 1.0, 1.4), **kw)
     rows, data = [], {"global": json.loads(glob.to_json()), "schedule": json.loads(sched.to_json())}
+    ms.set_alpha(model, 0.0)
+    r = ctx.evaluate(model, HONEST, base=base, tag=f"perlayer-base-n{ctx.n}-s{ctx.args.steps}")
+    rows.append(["base model (α = 0)", "0", _pct(glob.rows[0]["clean"]), _pct(glob.rows[0]["worst_case"]),
+                 _pct(r.clean_accuracy), f"**{_pct(r.worst_case_accuracy)}**"])
+    data["base"] = {"test": r.robust_accuracy, "test_worst": r.worst_case_accuracy, "test_clean": r.clean_accuracy}
     for label, result in (("global α", glob), ("schedule a·r^k", sched)):
         ms.set_alpha(model, result.chosen_alpha)
-        r = ctx.evaluate(model, HONEST, base=base, tag=f"perlayer-{label[:6]}-n{ctx.n}-s{ctx.args.steps}-"
-                         + str(abs(hash(json.dumps(result.chosen, default=float, sort_keys=True))) % 10**8))
+        digest = hashlib.sha1(json.dumps(result.chosen, default=float, sort_keys=True).encode()).hexdigest()[:10]
+        r = ctx.evaluate(model, HONEST, base=base, tag=f"perlayer-{label[:6]}-n{ctx.n}-s{ctx.args.steps}-{digest}")
         rows.append([label, str(result.chosen["alpha"]), _pct(result.chosen["clean"]),
                      _pct(result.chosen["worst_case"]), _pct(r.clean_accuracy), f"**{_pct(r.worst_case_accuracy)}**"])
         data[label] = {"test": r.robust_accuracy, "test_worst": r.worst_case_accuracy, "test_clean": r.clean_accuracy}
@@ -329,12 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="APGD iterations")
     p.add_argument("--queries", type=int, default=1000, help="Square queries")
     p.add_argument("--alpha", type=float, default=0.2, help="α for A.9")
+    p.add_argument("--lams", type=float, nargs="+", default=[1.0, 0.01, 1e-4, -1e-4, -0.01, -1.0],
+                   help="λ values of the adaptive attack in A.4 (the penalty sums over every blocked position, "
+                        "so its scale relative to CE depends on the model)")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (numbers agree up to floating-point order)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is available")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     names = list(ABLATIONS) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
