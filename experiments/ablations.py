@@ -30,6 +30,9 @@ import meansparse as ms
 from meansparse.data import Batches, holdout_split, load_dataset
 from meansparse.evaluation import AdaptivePGD
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation_plots import plot_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CKPT = ROOT.parent / "checkpoints"
@@ -99,7 +102,7 @@ def _pct(v: float | None) -> str:
 
 
 def write(name: str, ctx: Ctx, title: str, header: list[str], rows: list[list[Any]], data: Any,
-          note: str = "", plot: dict | None = None) -> None:
+          note: str = "") -> None:
     out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python experiments/ablations.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -108,32 +111,12 @@ def write(name: str, ctx: Ctx, title: str, header: list[str], rows: list[list[An
         md += [note, ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    if plot:
-        _plot(out / "plot.png", **plot)
+    record = {"command": cmd, "scale": ctx.scale(), "title": title, "data": data}
+    (out / "results.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+    if plot_result(out / "plot.png", json.loads((out / "results.json").read_text())["data"], title):
         md += ["", "![plot](plot.png)"]
     (out / "table.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps({"command": cmd, "scale": ctx.scale(), "data": data},
-                                                 indent=2, default=float) + "\n")
     print("\n".join(md))
-
-
-def _plot(path: Path, x: list, series: dict[str, list], xlabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, ys in series.items():
-        ax.plot(x, [100 * v if v is not None else float("nan") for v in ys], "o-", label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 HONEST = ["apgd-ce", "bpda-apgd-ce", "transfer"]
@@ -163,13 +146,6 @@ def alpha_table(ctx: Ctx, key: str, attacks=None, norm="Linf", eps=None, alphas=
     return rows, data, ["α", "clean %"] + [f"{k} %" for k in attacks] + ["**worst case %**"]
 
 
-def _alpha_plot(data, attacks, title):
-    return {"x": [d["alpha"] for d in data],
-            "series": {"clean": [d["clean"] for d in data], **{k: [d[k] for d in data] for k in attacks},
-                       "worst case": [d["worst_case"] for d in data]},
-            "xlabel": "α", "title": title}
-
-
 # ------------------------------------------------------------------------------------------ ablations
 def _compare(ctx: Ctx, name: str, title: str, label: str, variants: dict[str, dict[str, Any]]) -> None:
     """One α table per variant (checkpoint key and alpha_table arguments), stacked in one result."""
@@ -193,18 +169,15 @@ def a2(ctx: Ctx) -> None:
              {f"{n} ε={e:.3g}": {"key": "gelu-pgd", "norm": n, "eps": e} for n, e in (("Linf", 8 / 255), ("L2", 0.5))})
 
 
-def _single(ctx: Ctx, name: str, title: str, key: str, attacks: list[str] | None = None,
-            plot_title: str | None = None) -> None:
-    """One checkpoint's α table, written (with a plot when `plot_title` is given)."""
+def _single(ctx: Ctx, name: str, title: str, key: str, attacks: list[str] | None = None) -> None:
+    """One checkpoint's α table, written with its plot."""
     rows, data, header = alpha_table(ctx, key, attacks=attacks)
-    plot = _alpha_plot(data, attacks or HONEST, plot_title) if plot_title else None
-    write(name, ctx, title, header, rows, data, plot=plot)
+    write(name, ctx, title, header, rows, data)
 
 
 def a3(ctx: Ctx) -> None:
     """A.3 black-box Square attack vs α."""
-    _single(ctx, "a3-square", "A.3 Square (black-box) vs α", "gelu-pgd", ["apgd-ce", "bpda-apgd-ce", "square"],
-            "A.3: GELU PGD-AT, Square vs gradient attacks")
+    _single(ctx, "a3-square", "A.3 Square (black-box) vs α", "gelu-pgd", ["apgd-ce", "bpda-apgd-ce", "square"])
 
 
 def a4(ctx: Ctx) -> None:
@@ -298,8 +271,7 @@ def a9(ctx: Ctx) -> None:
 
 def a10(ctx: Ctx) -> None:
     """A.10 PGD-50 as the paper's metric, next to BPDA-PGD-50 and the worst case."""
-    _single(ctx, "a10-pgd50", "A.10 PGD-50", "gelu-pgd", ["pgd", "bpda-pgd", "transfer"],
-            "A.10: GELU PGD-AT, PGD-50 vs BPDA")
+    _single(ctx, "a10-pgd50", "A.10 PGD-50", "gelu-pgd", ["pgd", "bpda-pgd", "transfer"])
 
 
 def per_layer(ctx: Ctx) -> None:
@@ -333,9 +305,24 @@ ABLATIONS = {"a1": a1, "a2": a2, "a3": a3, "a4": a4, "a5": a5, "a6": a6, "a7": a
              "a10": a10, "per-layer": per_layer}
 
 
+def replot() -> int:
+    """Redraw every result's plot from its saved data (no model, no data set, no attack)."""
+    for path in sorted(RESULTS.glob("*/results.json")):
+        rec = json.loads(path.read_text())
+        table = path.parent / "table.md"
+        md = table.read_text() if table.exists() else ""
+        title = rec.get("title") or (md.splitlines()[0].lstrip("# ") if md else path.parent.name)
+        drawn = plot_result(path.parent / "plot.png", rec["data"], title)
+        if drawn and md and "![plot](plot.png)" not in md:
+            table.write_text(md.rstrip("\n") + "\n\n![plot](plot.png)\n")
+        print(f"{path.parent.name}: {'plot.png' if drawn else 'no plot for this shape'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="+", help=f"{', '.join(ABLATIONS)} or all")
+    p.add_argument("names", nargs="*", help=f"{', '.join(ABLATIONS)} or all")
+    p.add_argument("--replot", action="store_true", help="only redraw every plot.png from its results.json")
     p.add_argument("--n", type=int, default=200, help="test images")
     p.add_argument("--steps", type=int, default=20, help="APGD iterations")
     p.add_argument("--queries", type=int, default=1000, help="Square queries")
@@ -354,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is available")
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if args.replot:
+        return replot()
+    if not args.names:
+        p.error("name at least one ablation (or all), or pass --replot")
     names = list(ABLATIONS) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
