@@ -133,6 +133,16 @@ def test_unfuse_alpha_zero_calibrate_save_load(build_model, images, tmp_path, ea
     assert ms.remove(model) is base
 
 
+@pytest.mark.parametrize("method,name", [("fx", "resnet18"), ("modules", "untraceable")])
+def test_prepare_fuse_true_equals_prepare_then_fuse(method, name, build_model, images, quiet, eager_only):
+    model = calibrated(ms.prepare(build_model(name), method=method, example_inputs=images, fuse=True), images)
+    ref = calibrated(ms.fuse(ms.prepare(build_model(name), method=method, example_inputs=images)), images)
+    assert ms.fused_sites(model) == ms.fused_sites(ref) and ms.fused_sites(model)
+    for a, b in zip(outputs_and_grads(model, images, "exact"), outputs_and_grads(ref, images, "exact"), strict=True):
+        assert torch.equal(a, b)
+    assert not ms.fused_sites(ms.prepare(build_model(name), method=method, example_inputs=images))
+
+
 def test_uncalibrated_fused_site_raises(build_model, images):
     model = ms.fuse(ms.prepare(build_model("se"), example_inputs=images))
     ms.set_alpha(model, 0.2)

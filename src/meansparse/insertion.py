@@ -1109,6 +1109,7 @@ def prepare(
     outputs: str | Sequence[str] | None = None,
     residual_adds: bool = False,
     preset: str | None = None,
+    fuse: bool = False,
 ) -> nn.Module:
     """Insert a MeanSparse operator immediately before each selected activation (alpha = 0: no change).
 
@@ -1123,7 +1124,8 @@ def prepare(
     add (site ``"<module>.add"``, ``after_residual_add=True``); pass ``activations=()`` for no activation
     sites.  ``preset`` applies the placement of an architecture family: ``"dm_wrn"``, ``"rawrn"``,
     ``"swin"``, ``"convnext"``, ``"generic"`` or ``"auto"`` (detected; see :mod:`meansparse.zoo`); its
-    exclusions and outputs are added to the ones given here.
+    exclusions and outputs are added to the ones given here.  ``fuse=True`` also calls
+    :func:`meansparse.fuse` (operator + activation in one compiled function, same results, see fused.py).
     """
     if method not in ("auto", "fx", "modules"):
         raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {method!r}")
@@ -1201,10 +1203,10 @@ def prepare(
                 model.__class__ = type(prepared)
                 rec = _Record(original=None, config=config, original_class=cls, attr=attr, code=code)
                 model.__dict__["_meansparse_record"] = rec
-                return _match_mode(model, before)
+                return _done(model, before, fuse)
             rec = _Record(original=model, config=config, attr=attr, code=code)
             prepared.__dict__["_meansparse_record"] = rec
-            return _match_mode(prepared, before)
+            return _done(prepared, before, fuse)
 
     target, _ = _prepare_modules(
         model,
@@ -1219,7 +1221,16 @@ def prepare(
     )
     config["method"] = "modules"
     target.__dict__["_meansparse_record"] = _Record(original=None if inplace else model, config=config)
-    return _match_mode(target, before)
+    return _done(target, before, fuse)
+
+
+def _done(prepared: nn.Module, before: dict[int, bool], fuse: bool) -> nn.Module:
+    _match_mode(prepared, before)
+    if fuse:
+        from .fused import fuse as fuse_model
+
+        fuse_model(prepared)
+    return prepared
 
 
 def _match_mode(prepared: nn.Module, before: dict[int, bool]) -> nn.Module:
