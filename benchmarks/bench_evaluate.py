@@ -141,7 +141,7 @@ def main() -> None:
             for k, v in res.items()]
     print(fmt_table(rows, ["variant", "median s", "min s", "samples s"]))
     print(f"\nratio ours / reference: {ratio:.3f} (medians), {ratio_min:.3f} (minima); "
-          f"{args.n / res['meansparse.evaluate']['median']:.0f} images/s (ours, all {args.n} test images)")
+          f"{args.n / res['meansparse.evaluate']['median']:.3g} images/s (ours, all {args.n} test images)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": res, "ratio": ratio}, f, indent=1)
