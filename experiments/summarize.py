@@ -41,10 +41,15 @@ def _table_rows(name: str, label: str, recs: list[dict], budget: float) -> list[
             f"{honest['alpha']:g}: {_pts(honest['worst_case'] - base['worst_case'])}"]
 
 
-def summarize(budget: float = 0.005) -> str:
+def _order(path: Path) -> tuple[int, str]:
+    head = path.parent.name.split("-")[0]
+    return (int(head[1:]) if head[:1] == "a" and head[1:].isdigit() else 10**6, path.parent.name)
+
+
+def summarize(budget: float = 0.005, results: Path = RESULTS) -> str:
     rows: list[str] = []
     sources: dict[str, list[str]] = {}
-    for path in sorted(RESULTS.glob("a*/results.json"), key=lambda p: int(p.parent.name[1:].split("-")[0])):
+    for path in sorted(results.glob("a*/results.json"), key=_order):
         res = json.loads(path.read_text())
         data = res["data"]
         sources.setdefault(res["command"], []).append(path.parent.name)

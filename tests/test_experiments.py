@@ -1,0 +1,64 @@
+"""The experiment scripts' offline parts: the summary table and the plots drawn from saved results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def _rec(alpha, clean, plain, worst, **more):
+    return {"alpha": alpha, "clean": clean, "apgd-ce": plain, "worst_case": worst, "warnings": [], **more}
+
+
+ALPHA_TABLE = [_rec(0.0, 0.700, 0.40, 0.38), _rec(0.1, 0.699, 0.42, 0.385), _rec(0.2, 0.690, 0.45, 0.37)]
+
+
+def test_summary_reports_the_plain_pick_and_the_honest_gain(tmp_path):
+    summarize = _module("summarize")
+    for name, data in {"a1-x": {"m1": ALPHA_TABLE}, "a10-y": ALPHA_TABLE, "a9-sites": [{"setting": "s"}]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"command": f"cmd {name}", "data": data}))
+    md = summarize.summarize(0.005, tmp_path)
+    rows = [line for line in md.splitlines() if line.startswith("| a") and not line.startswith("| ablation")]
+    assert [r.split(" | ")[0] for r in rows] == ["| a1-x", "| a10-y"]  # numeric order; a9's shape has no α table
+    # the plain metric picks α = 0.2 (+5.0) where the worst case is -1.0 and clean -1.0 (outside the budget);
+    # within the 0.5-point budget the best worst-case gain is α = 0.1: +0.5
+    assert "0.2: +5.0 | -1.0 (clean -1.0) | 0.1: +0.5" in rows[0]
+    assert "a1-x: `cmd a1-x`" in md
+
+
+@pytest.mark.parametrize("data", [
+    ALPHA_TABLE,
+    {"m1": ALPHA_TABLE, "m2": ALPHA_TABLE},
+    [{"eps": 2 / 255, "base": {"apgd-ce": 0.6}, "base_worst_case": 0.59, "alpha0.2": {"apgd-ce": 0.61},
+      "worst_case": 0.6}],
+    [{"setting": "all", "clean": 0.7, "apgd-ce": 0.44, "worst_case": 0.38}],
+    {"base": {"test_clean": 0.7, "test_worst": 0.38}, "global α": {"test_clean": 0.7, "test_worst": 0.38},
+     "schedule a·r^k": {"test_clean": 0.7, "test_worst": 0.381}},
+])
+def test_every_result_shape_gets_a_plot(data, tmp_path):
+    plots = _module("ablation_plots")
+    out = plots.plot_result(tmp_path / "plot.png", data, "title")
+    assert out is not None and out.stat().st_size > 1000
+
+
+def test_unknown_shape_draws_nothing(tmp_path):
+    assert _module("ablation_plots").plot_result(tmp_path / "p.png", {"x": 1}, "t") is None
+    assert not (tmp_path / "p.png").exists()
