@@ -108,3 +108,14 @@ def test_sweep_command_saves_the_chosen_state(tmp_path):
     assert rc == 0
     assert (tmp_path / "meansparse.safetensors").exists() and (tmp_path / "alpha_curve.png").exists()
     assert json.loads((tmp_path / "sweep.json").read_text())["chosen"]["alpha"] in (0.0, 0.3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_device_fails_before_any_work(tmp_path, capsys):
+    from meansparse.cli import main
+
+    assert main(["sweep", "--out", str(tmp_path), "--device", "cuda", "--quiet"]) == 2
+    assert "error: device 'cuda' requested but torch.cuda.is_available() is False" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a valid torch device"):
+        run(PipelineConfig(device="gpu0", progress=False), tmp_path)
+    assert not (tmp_path / "model").exists()  # nothing trained

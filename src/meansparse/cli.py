@@ -87,6 +87,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the models run")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="report directory")
 
@@ -102,7 +103,7 @@ def _pipeline_config(args: argparse.Namespace):
                          attack_options=parse_options(args.option) or None,
                          calibration_batches=args.calibration_batches,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                         train_epochs=args.train_epochs)
+                         train_epochs=args.train_epochs, device=args.device)
     if args.alphas:
         cfg.alphas = tuple(float(a) for a in args.alphas.split(","))
     if args.attacks:
@@ -150,8 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input (ValueError, missing files) ends with a one-line message and exit code 2
+    (``MEANSPARSE_DEBUG=1`` re-raises it with the traceback)."""
+    import os
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("MEANSPARSE_DEBUG"):
+            raise
+        print(f"meansparse {getattr(args, 'command', '')}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

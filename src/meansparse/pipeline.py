@@ -44,6 +44,19 @@ class PipelineConfig:
     seed: int = 0
     progress: bool = True
     train_epochs: int = 30            # the embedded digits model (about 20 s on 2 cores)
+    device: str = "cpu"               # where the models run ("cuda", "cuda:1", ...); data stays on the CPU
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a valid torch device: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    return dev
 
 
 def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Module:
@@ -53,7 +66,7 @@ def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Mo
     tc = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 32}, dataset="digits",
                      method="pgd", eps=cfg.eps, steps=5, step_size=cfg.eps / 4, epochs=cfg.train_epochs, batch_size=64,
                      lr=0.05, n_holdout=cfg.n_holdout, eval_n=cfg.n_holdout, eval_steps=10, seed=cfg.seed)
-    train(tc, out, progress=progress, command="meansparse demo (embedded digits model)")
+    train(tc, out, progress=progress, command="meansparse demo (embedded digits model)", device=cfg.device)
     return load(out / "best")
 
 
@@ -81,6 +94,7 @@ def _calibrated(cfg: PipelineConfig, out: Path):
 
     if cfg.eps is None:
         cfg.eps = DIGITS_EPS if cfg.data == "digits" else 8 / 255
+    device = _device(cfg.device)  # fail before loading data or training anything
     fit, hold, test = _load_data(cfg)
     say = _say(cfg)
     say(f"data: {cfg.data} — {len(fit)} calibration / {len(hold)} held-out / {len(test)} test images")
@@ -90,8 +104,8 @@ def _calibrated(cfg: PipelineConfig, out: Path):
         base = _train_digits_model(out / "model", cfg, cfg.progress)
     else:
         raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
-    base.eval()
-    model = ms.prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2],))
+    base = base.to(device).eval()
+    model = ms.prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),))
     say(f"prepared: {len(ms.sites(model))} MeanSparse sites")
     ms.calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches,
                  progress=cfg.progress)
@@ -183,7 +197,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
                    "robust": before.robust_accuracy},
         "after": {"clean": after.clean_accuracy, "worst_case": after.worst_case_accuracy,
                   "robust": after.robust_accuracy},
-        "warnings": after.warnings, "seconds": time.time() - t0, "plots": plots,
+        "warnings": after.warnings, "seconds": time.time() - t0, "plots": plots, "device": cfg.device,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     md = [f"# MeanSparse report — {cfg.data}", "",
