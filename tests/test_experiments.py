@@ -62,3 +62,23 @@ def test_every_result_shape_gets_a_plot(data, tmp_path):
 def test_unknown_shape_draws_nothing(tmp_path):
     assert _module("ablation_plots").plot_result(tmp_path / "p.png", {"x": 1}, "t") is None
     assert not (tmp_path / "p.png").exists()
+
+
+def _state(path, n, attacks):
+    batches = {a: {"0": {"indices": idx, "robust": rob}} for a, (idx, rob) in attacks.items()}
+    path.write_text(json.dumps({"config": {"n_examples": n}, "batches": batches}))
+
+
+def test_paired_interval_compares_each_setting_with_its_alpha_zero_state(tmp_path):
+    ci = _module("paired_ci")
+    # 6 images; image 5 is clean-wrong.  α = 0: robust {0, 1}; α = 0.2: robust {0, 1, 2, 3}
+    _state(tmp_path / "m-Linf-0.03137-0-x-n6.json", 6, {"a": ([0, 1, 2, 3, 4], [1, 1, 0, 1, 0]),
+                                                       "b": ([0, 1, 2, 3, 4], [1, 1, 1, 0, 1])})
+    _state(tmp_path / "m-Linf-0.03137-0.2-x-n6.json", 6, {"a": ([0, 1, 2, 3, 4], [1, 1, 1, 1, 0]),
+                                                         "b": ([0, 1, 2, 3, 4], [1, 1, 1, 1, 0])})
+    assert ci.worst_case_vector(tmp_path / "m-Linf-0.03137-0-x-n6.json") == [1, 1, 0, 0, 0, 0]
+    rows = ci.collect(tmp_path)
+    assert [(g, name) for g, name, _ in rows] == [("α tables", "m-Linf-0.03137-0.2-x-n6")]
+    r = rows[0][2]
+    assert r["plus"] == 2 and r["minus"] == 0 and r["delta"] == pytest.approx(2 / 6)
+    assert r["low"] < r["delta"] < r["high"]
