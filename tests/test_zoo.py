@@ -312,6 +312,32 @@ def test_load_robustbench(robustbench, monkeypatch, tmp_path):
         zoo.load("Nobody2099", "cifar100", "L2", pretrained=False)
 
 
+class _NotATensor:  # a pickled object a checkpoint should not be able to smuggle in
+    pass
+
+
+def test_robustbench_reads_a_cached_checkpoint_with_weights_only(robustbench, monkeypatch, tmp_path):
+    """robustbench's own load_model on a checkpoint already in its cache (no download): plain tensors load
+    (torch >= 2.6 loads with weights_only=True by default), a pickled object is refused."""
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    entry = {"model": tiny_dm_wrn, "gdrive_id": "not-used"}
+    monkeypatch.setitem(model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")], "Tiny2024_WRN-10-1", entry)
+    torch.manual_seed(1)
+    trained = tiny_dm_wrn()
+    path = tmp_path / "cifar10" / "Linf" / "Tiny2024_WRN-10-1.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, path)
+    model = zoo.load("Tiny2024_WRN-10-1", model_dir=tmp_path)
+    assert not model.training
+    for (k, a), b in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    torch.save({"state_dict": trained.state_dict(), "extra": _NotATensor()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        zoo.load("Tiny2024_WRN-10-1", model_dir=tmp_path)
+
+
 def test_paper_ids_are_known(robustbench):
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
