@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .insertion import _record, operators
+from .insertion import _model_device, _record, operators
 from .moments import Moments
 from .operator import MeanSparse
 
@@ -34,14 +34,6 @@ def _inputs(batch: Any) -> Any:
             raise ValueError("calibration loader yielded an empty batch")
         return batch[0]
     return batch
-
-
-def _default_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
 
 
 def _progress(progress: bool, total: int | None):
@@ -102,7 +94,7 @@ def calibrate(
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     if device is not None:
         model.to(device)
-    dev = torch.device(device) if device is not None else _default_device(model)
+    dev = torch.device(device) if device is not None else _model_device(model)
 
     modes = [(m, m.training) for m in model.modules()]
     previous = [op._observer for op in ops]

@@ -394,6 +394,7 @@ def _make_op(c: _Candidate, index: int, centering: str, device: torch.device | N
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
+    """Device of the model's first parameter (else buffer); None for a model with neither."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():

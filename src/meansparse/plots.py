@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .insertion import _model_device
+
 
 def _pyplot():
     try:
@@ -62,7 +64,7 @@ def capture_site(model: nn.Module, op: nn.Module, x: torch.Tensor) -> tuple[torc
         store["in"], store["out"] = inputs[0].detach(), output.detach()
 
     handle = op.register_forward_hook(hook)
-    device = next((t.device for t in model.parameters()), x.device)
+    device = _model_device(model) or x.device
     try:
         model(x.to(device))
     finally:

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .insertion import _model_device
+
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 DEFAULT_SEARCH_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 AlphaSpec = float | Mapping[int, float]
@@ -109,7 +111,7 @@ class AlphaObjective:
 
     @torch.no_grad()
     def clean(self) -> float:
-        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+        device = _model_device(self.model) or torch.device("cpu")
         correct, bs = 0, self.kw["batch_size"]
         for s in range(0, len(self.x), bs):
             pred = self.model(self.x[s:s + bs].to(device)).argmax(1).cpu()

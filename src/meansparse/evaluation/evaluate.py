@@ -27,6 +27,7 @@ from torch import nn
 from ..distributed import all_gather_object, broadcast_object
 from ..distributed import rank as dist_rank
 from ..distributed import world_size as dist_world_size
+from ..insertion import _model_device as _first_device
 from .attacks import ATTACK_NAMES, DEFAULT_ATTACKS, LIBRARY_LOGGER, Attack, build_attack
 from .report import RUN_KEY, Report
 from .state import EvaluationState
@@ -86,9 +87,7 @@ def _operators(model: nn.Module) -> list[nn.Module]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    return _first_device(model) or torch.device("cpu")
 
 
 @contextlib.contextmanager
