@@ -38,6 +38,17 @@ def _budget_key(attack: str) -> str | None:
     return "queries" if base == "square" else "steps"
 
 
+def _monotone(check: str, title: str, key: str, shown: list[str], keys: list[str], accs: list[float],
+              xs: list, tolerance: float) -> SanityFinding:
+    """Accuracy must not rise (by more than ``tolerance``) as the attack gets stronger along ``xs``."""
+    rises = [(xs[i], xs[i + 1]) for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + tolerance]
+    return SanityFinding(
+        check, not rises,
+        f"{title}: " + ", ".join(f"{label}: {100 * v:.1f} %" for label, v in zip(shown, accs))
+        + ("" if not rises else f"; rises between {rises}"),
+        {f"{key}={k}": v for k, v in zip(keys, accs)})
+
+
 def sanity_checks(
     model: nn.Module,
     x: torch.Tensor,
@@ -95,20 +106,9 @@ def sanity_checks(
         {"eps": big, "accuracy": a}))
 
     epss = sorted(eps * f for f in eps_factors)
-    accs = [acc(e) for e in epss]
-    rises = [(epss[i], epss[i + 1]) for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + tolerance]
-    findings.append(SanityFinding(
-        "eps-monotone", not rises,
-        f"{attack} accuracy by eps: " + ", ".join(f"{e:.4g}: {100 * v:.1f} %" for e, v in zip(epss, accs))
-        + ("" if not rises else f"; rises between {rises}"),
-        {f"eps={e:.6g}": v for e, v in zip(epss, accs)}))
-
+    findings.append(_monotone("eps-monotone", f"{attack} accuracy by eps", "eps", [f"{e:.4g}" for e in epss],
+                              [f"{e:.6g}" for e in epss], [acc(e) for e in epss], epss, tolerance))
     budgets = sorted(int(b) for b in budgets)
-    baccs = [acc(eps, b) for b in budgets]
-    rises_b = [(budgets[i], budgets[i + 1]) for i in range(len(baccs) - 1) if baccs[i + 1] > baccs[i] + tolerance]
-    findings.append(SanityFinding(
-        "budget-monotone", not rises_b,
-        f"{attack} accuracy by {key}: " + ", ".join(f"{b}: {100 * v:.1f} %" for b, v in zip(budgets, baccs))
-        + ("" if not rises_b else f"; rises between {rises_b}"),
-        {f"{key}={b}": v for b, v in zip(budgets, baccs)}))
+    findings.append(_monotone("budget-monotone", f"{attack} accuracy by {key}", key, [str(b) for b in budgets],
+                              [str(b) for b in budgets], [acc(eps, b) for b in budgets], budgets, tolerance))
     return findings
