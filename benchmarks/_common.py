@@ -71,6 +71,13 @@ def environment(threads: int) -> dict:
     }
 
 
+def describe(env: dict) -> str:
+    """One line for a benchmark's header: software, hardware and conditions of the run."""
+    gpu = f"GPU {env['gpu']}, " if env.get("gpu") else ""
+    return (f"torch {env['torch']}, {gpu}threads={env['threads']}, {env['cores']} cores ({env['cpu_capability']}), "
+            f"load average at start {env['load_average']}, clock={env['clock']}")
+
+
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
     """Run every variant once per round, rounds in a row (A B C A B C ...): slow drifts of a shared machine
     hit all variants alike.  Returns median / min seconds (of the clock chosen by ``set_clock``) and the

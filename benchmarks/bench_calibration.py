@@ -25,6 +25,7 @@ import sys
 import torch
 from _common import (
     base_parser,
+    describe,
     environment,
     fmt_table,
     interleaved,
@@ -137,7 +138,7 @@ def main() -> None:
         memory_child(args)
         return
     setup(args.threads)
-    clock = set_clock(args.clock, args.threads, args.device)
+    set_clock(args.clock, args.threads, args.device)
     rows, out = [], {"environment": environment(args.threads), "cases": []}
     for width in args.widths:
         base, model, data = build(width, args.activation, args.batch, args.batches, args.device)
@@ -160,9 +161,7 @@ def main() -> None:
         out["cases"].append({"width": width, "batch": args.batch, "batches": args.batches,
                              "median_s": {k: v["median"] for k, v in res.items()}, "ratio": r, "memory": mem})
     env = out["environment"]
-    gpu = f"GPU {env['gpu']}, " if env["gpu"] else ""
-    print(f"torch {env['torch']}, {gpu}threads={env['threads']}, {env['cores']} cores, load average at start "
-          f"{env['load_average']}, clock={clock}, ResNet-18 ({args.activation}), 32x32 inputs\n"
+    print(f"{describe(env)}, ResNet-18 ({args.activation}), 32x32 inputs\n"
           "ratios: median time / median time of the plain eval pass over the same batches, interleaved\n")
     print("memory: RSS (on a GPU: allocated device memory) at the start of a pass + the pass's peak growth\n"
           "above it (MiB), measured in a fresh "

@@ -23,7 +23,7 @@ import json
 import tempfile
 
 import torch
-from _common import base_parser, environment, fmt_table, interleaved, set_clock, setup
+from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup
 
 import meansparse as ms
 from meansparse.data import Batches, load_dataset
@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--attack", choices=["aa", "apgd-ce"], default="aa")
     args = p.parse_args()
     setup(args.threads)
-    clock = set_clock(args.clock, args.threads, args.device)
+    set_clock(args.clock, args.threads, args.device)
     device = torch.device(args.device)
     quick = args.quick
     args.n = args.n or (24 if quick else 64)
@@ -131,9 +131,7 @@ def main() -> None:
                 f"({'standard' if attack.params()['standard'] else 'cheaper than standard'})")
     else:
         what = f"APGD-CE, {args.steps} steps, 1 restart"
-    gpu = f"GPU {env['gpu']}, " if env["gpu"] else ""
-    print(f"torch {env['torch']}, {gpu}threads={env['threads']}, {env['cores']} cores, load average at start "
-          f"{env['load_average']}, clock={clock}\nmodel: {args.checkpoint or 'digits small_cnn (trained here)'}"
+    print(f"{describe(env)}\nmodel: {args.checkpoint or 'digits small_cnn (trained here)'}"
           f"{f', MeanSparse alpha={args.alpha} (fused)' if args.alpha > 0 else ''}; {data_name} test[:{args.n}], "
           f"eps={eps:.4g}, batch {args.batch_size}; {what}"
           f"\nclean {report.clean_accuracy:.3f}, robust {report.worst_case_accuracy:.3f}\n")

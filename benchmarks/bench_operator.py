@@ -17,7 +17,7 @@ import json
 import sys
 
 import torch
-from _common import base_parser, environment, fmt_table, interleaved, ratios, run_variants, set_clock, setup
+from _common import base_parser, describe, environment, fmt_table, interleaved, ratios, run_variants, set_clock, setup
 
 import meansparse as ms
 from meansparse.fused import compile_disabled_reason, compile_enabled
@@ -118,10 +118,7 @@ def report(variants: list[tuple[str, dict]]) -> str:
     header = ["malloc", "width", "act", "batch", "fwd base ms", "fwd eager", "fwd fused", "step base ms",
               "step eager exact", "step fused exact", "step eager ST", "step fused ST", "bit-identical"]
     env = variants[0][1]["environment"]
-    return (f"torch {env['torch']}, {'GPU ' + env['gpu'] + ', ' if env.get('gpu') else ''}"
-            f"threads={env['threads']}, {env['cores']} cores ({env['cpu_capability']}), "
-            f"load average at start {env['load_average']}, compile={variants[0][1]['compile']}, "
-            f"clock={env['clock']}\n"
+    return (f"{describe(env)}, compile={variants[0][1]['compile']}\n"
             "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
             + fmt_table(rows, header))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 
-from _common import base_parser, environment, fmt_table, set_clock, setup
+from _common import base_parser, describe, environment, fmt_table, set_clock, setup
 from bench_evaluate import digits_model
 
 import meansparse as ms
@@ -84,8 +84,7 @@ def main() -> None:
         MeanSparse.start_observing = real_start
         ms.evaluate = real_evaluate
     env = environment(args.threads)
-    print(f"torch {env['torch']}, threads={env['threads']}, {env['cores']} cores, load average at start "
-          f"{env['load_average']}, clock={clock}\ndigits small_cnn (fused MeanSparse), held-out {len(x)} images "
+    print(f"{describe(env)}\ndigits small_cnn (fused MeanSparse), held-out {len(x)} images "
           f"(clean accuracy on all of them per α), batch 32, attacks apgd-ce ({args.steps} steps) then bpda-apgd-ce on "
           "the examples still robust\n")
     print(fmt_table(rows, ["α values", "robust examples", "sweep s", "attacked (example, attack) pairs",
