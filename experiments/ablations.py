@@ -82,13 +82,14 @@ class Ctx:
             ms.save(model, cache)
         return base, model.eval()
 
-    def evaluate(self, model, attacks, base=None, norm="Linf", eps=None, tag="", individual=True) -> ms.Report:
+    def evaluate(self, model, attacks, base=None, norm="Linf", eps=None, tag="", individual=True,
+                 options=None) -> ms.Report:
         state = RESULTS / "cache" / "state" / self.device.type / f"{tag}.json" if tag else None
         if state:
             state.parent.mkdir(parents=True, exist_ok=True)
         return ms.evaluate(model, self.x, self.y, norm=norm, eps=eps or self.eps, attacks=attacks,
                            base_model=base, batch_size=self.batch, seed=0, individual=individual,
-                           attack_options=self.opts, progress=self.args.progress, state_path=state)
+                           attack_options=options or self.opts, progress=self.args.progress, state_path=state)
 
     def scale(self) -> str:
         return (f"ResNet-18 width 16 (CIFAR-10 JPEG copy), {self.n} random test images (seed 0), "
@@ -314,17 +315,14 @@ def strong(ctx: Ctx) -> None:
     base, model = ctx.prepared(key)
     rows, data = [], {}
     weak_opts = {**ctx.opts, **{k: {**v, "steps": 20} for k, v in ctx.opts.items() if "steps" in v}}
-    for label, attacks, individual in (("20-step set (apgd-ce, bpda-apgd-ce, transfer)", HONEST, True),
-                                       ("strong cascade (" + ", ".join(STRONG) + ")", STRONG, False)):
+    for label, attacks, individual, opts in (
+            ("20-step set (apgd-ce, bpda-apgd-ce, transfer)", HONEST, True, weak_opts),
+            ("strong cascade (" + ", ".join(STRONG) + ")", STRONG, False, ctx.opts)):
         reports = {}
         for a in (0.0, alpha):
             ms.set_alpha(model, a)
             tag = f"strong-{key}-{a:g}-{'-'.join(attacks)}-n{ctx.n}-s{ctx.args.steps}-q{ctx.args.queries}"
-            saved, ctx.opts = ctx.opts, (weak_opts if attacks is HONEST else ctx.opts)
-            try:
-                reports[a] = ctx.evaluate(model, attacks, base=base, tag=tag, individual=individual)
-            finally:
-                ctx.opts = saved
+            reports[a] = ctx.evaluate(model, attacks, base=base, tag=tag, individual=individual, options=opts)
         r0, r1 = reports[0.0], reports[alpha]
         d = paired([int(v) for v in r1.worst_case_robust], [int(v) for v in r0.worst_case_robust])
         rows.append([label, _pct(r0.clean_accuracy), f"**{_pct(r0.worst_case_accuracy)}**",

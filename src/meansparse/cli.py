@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("MEANSPARSE_DEBUG"):
             raise
-        print(f"meansparse {getattr(args, 'command', '')}: error: {e}".replace("  ", " "), file=sys.stderr)
+        print(f"meansparse {args.command}: error: {e}", file=sys.stderr)  # a sub-command is required
         return 2
 
 
