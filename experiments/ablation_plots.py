@@ -13,24 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from meansparse.plots import _pyplot  # matplotlib with the Agg backend, or a clear ImportError
+
+#: the paper's metric in each α table: the first of these columns present
+PLAIN = ("apgd-ce", "pgd")
+
 SKIP = {"alpha", "warnings", "eps", "setting"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _pct(v: float | None) -> float:
     return float("nan") if v is None else 100 * v
 
 
-def _plain(rec: dict[str, Any]) -> str:
-    return next(k for k in ("apgd-ce", "pgd") if k in rec)
+def _plain(rec: dict[str, Any]) -> str | None:
+    return next((k for k in PLAIN if k in rec), None)
 
 
 def _alpha_curves(ax, recs: list[dict[str, Any]]) -> None:

@@ -15,8 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation_plots import _plain  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-PLAIN = ("apgd-ce", "pgd")  # the paper's metric in each table: the first of these present
 
 
 def _pts(v: float) -> str:
@@ -26,7 +28,7 @@ def _pts(v: float) -> str:
 def _table_rows(name: str, label: str, recs: list[dict], budget: float) -> list[str] | None:
     if not recs or "alpha" not in recs[0]:
         return None
-    plain = next((k for k in PLAIN if k in recs[0]), None)
+    plain = _plain(recs[0])
     base = next((r for r in recs if r["alpha"] == 0), None)
     if plain is None or base is None:
         return None
