@@ -29,6 +29,7 @@ import torch
 import meansparse as ms
 from meansparse.data import Batches, holdout_split, load_dataset
 from meansparse.evaluation import AdaptivePGD
+from meansparse.pipeline import _device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_plots import plot_result  # noqa: E402
@@ -378,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device is available")
+    try:
+        device = _device(args.device)  # the pipeline's check: a valid torch device that is available
+    except ValueError as e:
+        p.error(str(e))
+    if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if args.replot:
         return replot()
