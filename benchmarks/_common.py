@@ -100,28 +100,29 @@ def ratios(results: dict[str, dict], base: str, stat: str = "median") -> dict[st
     return {k: v[stat] / b for k, v in results.items()}
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (since the last ``reset_peak_rss``), MiB."""
+def _status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status (``VmHWM``, ``VmRSS``) in MiB; None where /proc is unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (since the last ``reset_peak_rss``), MiB."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; never reset
 
 
 def rss_mib() -> float:
     """Current resident set size, MiB (0 where /proc is unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mib("VmRSS") or 0.0
 
 
 def reset_peak_rss() -> bool:
