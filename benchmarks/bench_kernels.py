@@ -1,0 +1,120 @@
+"""The small measurements behind docs/benchmarks.md's explanations of the fused operator's cost.
+
+1. GELU on 4 M elements: ATen's kernel vs a torch.compile'd GELU vs a compiled sparsify + GELU (the fully
+   compiled alternative to the split path), with whether the compiled result is bit-identical to ATen's.
+2. ReLU on 1 M elements: ATen's bare ReLU vs meansparse's compiled sparsify + ReLU kernel.
+3. The fixed cost of one compiled call: meansparse's compiled ReLU kernel vs the same eager ops on a tiny
+   tensor (the difference is dynamo's guards and the inductor wrapper).
+4. A ResNet-18 (width 16, batch 256) forward as the eager module vs flattened by ``torch.fx.symbolic_trace``
+   (no operators inserted): the allocator effect of a different free order.
+
+    python benchmarks/bench_kernels.py --threads 2
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim_threshold=4294967296 \\
+        python benchmarks/bench_kernels.py --threads 2
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup
+
+from meansparse import fused
+from meansparse.models import create_model
+
+
+def _no_grad(fn, *args):
+    def run():
+        with torch.no_grad():
+            fn(*args)
+
+    return run
+
+
+def gelu_case(repeats: int) -> tuple[list[list[str]], dict]:
+    x = torch.randn(64, 64, 32, 32)  # 4 M elements
+    m, t = torch.randn(1, 64, 1, 1) * 0.1, torch.rand(1, 64, 1, 1) * 0.3
+    compiled_gelu = torch.compile(lambda v: F.gelu(v), dynamic=True, fullgraph=True)
+    compiled_both = torch.compile(lambda v, c, h: F.gelu(torch.where((v - c).abs() < h, c, v)), dynamic=True,
+                                  fullgraph=True)
+    res = interleaved({"ATen GELU": _no_grad(F.gelu, x), "compiled GELU": _no_grad(compiled_gelu, x),
+                       "compiled sparsify+GELU": _no_grad(compiled_both, x, m, t)}, repeats, warmup=2)
+    with torch.no_grad():
+        identical = torch.equal(compiled_gelu(x), F.gelu(x))
+    rows = [["GELU, 4 M elements", k, f"{1e3 * v['median']:.3f}", "" if k == "ATen GELU" else
+             ("yes" if identical else "no") if k == "compiled GELU" else ""] for k, v in res.items()]
+    return rows, {"gelu": {k: v["median"] for k, v in res.items()}, "compiled_gelu_bit_identical": identical}
+
+
+def relu_case(repeats: int) -> tuple[list[list[str]], dict]:
+    x = torch.randn(64, 16, 32, 32)  # 1 M elements
+    m, t = torch.randn(1, 16, 1, 1) * 0.1, torch.rand(1, 16, 1, 1) * 0.3
+    k = fused.kernel("relu", (), "forward", ("contiguous", 4, 1))
+    res = interleaved({"ATen ReLU": _no_grad(torch.relu, x), "compiled sparsify+ReLU": _no_grad(k, x, m, t)},
+                      repeats, warmup=2)
+    rows = [["ReLU, 1 M elements", name, f"{1e3 * v['median']:.3f}", ""] for name, v in res.items()]
+    return rows, {"relu": {name: v["median"] for name, v in res.items()}}
+
+
+def call_overhead_case(repeats: int) -> tuple[list[list[str]], dict]:
+    x = torch.randn(1, 4, 2, 2)
+    m, t = torch.zeros(1, 4, 1, 1), torch.full((1, 4, 1, 1), 0.1)
+    k = fused.kernel("relu", (), "forward", ("contiguous", 4, 1))
+
+    def eager(v, c, h):
+        return torch.relu(torch.where((v - c).abs() < h, c, v))
+
+    def many(fn):
+        def run():
+            with torch.no_grad():
+                for _ in range(100):
+                    fn(x, m, t)
+
+        return run
+
+    res = interleaved({"eager ops": many(eager), "compiled call": many(k)}, repeats, warmup=2)
+    per_call = {name: v["median"] / 100 for name, v in res.items()}
+    rows = [["one call, 16 elements", name, f"{1e3 * v:.4f}", ""] for name, v in per_call.items()]
+    rows.append(["one call, 16 elements", "compiled − eager (fixed cost)",
+                 f"{1e3 * (per_call['compiled call'] - per_call['eager ops']):.4f}", ""])
+    return rows, {"call_seconds": per_call}
+
+
+def fx_case(repeats: int) -> tuple[list[list[str]], dict]:
+    torch.manual_seed(0)
+    net = create_model("resnet18", width=16, activation="relu").eval()
+    traced = torch.fx.symbolic_trace(net)
+    x = torch.rand(256, 3, 32, 32)
+    res = interleaved({"eager module": _no_grad(net, x), "fx-flattened": _no_grad(traced, x)}, repeats, warmup=2)
+    ratio = res["fx-flattened"]["median"] / res["eager module"]["median"]
+    rows = [["ResNet-18 w16 forward, batch 256", name, f"{1e3 * v['median']:.1f}", ""] for name, v in res.items()]
+    rows.append(["ResNet-18 w16 forward, batch 256", "fx-flattened / eager", f"{ratio:.3f}", ""])
+    return rows, {"fx": {name: v["median"] for name, v in res.items()}, "fx_ratio": ratio}
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    args = p.parse_args()
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    setup(args.threads)
+    set_clock(args.clock, args.threads)
+    if not fused.compile_enabled():
+        raise SystemExit(f"torch.compile is unavailable here ({fused.compile_disabled_reason()})")
+    rows, out = [], {"environment": environment(args.threads)}
+    for case in (gelu_case, relu_case, call_overhead_case, fx_case):
+        r, d = case(args.repeats)
+        rows += r
+        out.update(d)
+    env = out["environment"]
+    print(f"{describe(env)}, GLIBC_TUNABLES={'set' if env['glibc_tunables'] else 'unset'}\n"
+          "medians of interleaved rounds (ms)\n")
+    print(fmt_table(rows, ["case", "variant", "ms", "bit-identical to ATen"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
