@@ -484,8 +484,10 @@ def _fx_base_class(root: nn.Module) -> type:
                 and issubclass(c, nn.Module))
 
 
-def _fuse_fx(root: nn.Module) -> int:
+def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
     import torch.fx as fx
+
+    from .fused_producer import absorb_producer
 
     class _Retracer(fx.Tracer):
         """The prepared forward is already flat fx code that only calls leaf modules: keep every module
@@ -515,6 +517,8 @@ def _fuse_fx(root: nn.Module) -> int:
         graph.erase_node(act)
         op.fused_activation = spec
         fused += 1
+        if producers:
+            absorb_producer(graph, node, root, spec)
     if not fused:
         return 0
     graph.lint()
@@ -524,8 +528,11 @@ def _fuse_fx(root: nn.Module) -> int:
     return fused
 
 
-def fuse(model: nn.Module) -> nn.Module:
+def fuse(model: nn.Module, *, producers: bool = True) -> nn.Module:
     """Fuse every operator with the activation right after it (in place; returns ``model``).
+
+    ``producers``: in fx-prepared models also compute the eval BatchNorm and/or residual add that feeds a
+    site inside its kernel (:mod:`meansparse.fused_producer`; ReLU and split-path activations).
 
     Sites whose activation is unsupported (custom modules, activations with hooks, PReLU ...) or whose
     in-place activation mutates a tensor other code reads keep the unfused path.  Idempotent.  See the
@@ -543,7 +550,7 @@ def fuse(model: nn.Module) -> nn.Module:
     for m in list(model.modules()):
         rec = _record(m)
         if rec is not None and rec.config.get("method") == "fx" and "_meansparse_unfused_class" not in m.__dict__:
-            _fuse_fx(m)
+            _fuse_fx(m, producers)
     return model
 
 
@@ -556,6 +563,7 @@ def unfuse(model: nn.Module) -> nn.Module:
             m.__dict__.pop("_meansparse_spec", None)
         if isinstance(m, MeanSparse):
             m.fused_activation = None
+            m.fused_producer = None
     return model
 
 

@@ -138,6 +138,7 @@ class MeanSparse(nn.Module):
         self._observer: Moments | None = None
         self.batch_index: int | None = None  # set by calibrate() so errors can name the batch
         self.fused_activation: tuple | None = None  # set by meansparse.fuse: (kind, params, write_back)
+        self.fused_producer: str | None = None  # set by meansparse.fuse: "bn", "add", "bn+add" absorbed
         self._ct_token: tuple | None = None  # (buffer, version) pairs the cached vectors were built from
         self._ct_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
@@ -390,6 +391,8 @@ class MeanSparse(nn.Module):
 
     def extra_repr(self) -> str:
         fused = "" if self.fused_activation is None else f", fused={self.fused_activation[0]}"
+        if getattr(self, "fused_producer", None):
+            fused += f"+{self.fused_producer}"
         return (
             f"site={self.name!r}, layout={self._layout}, channels={self._channels}, "
             f"centering={self.centering!r}, gradient={self._gradient!r}, alpha={self._alpha_value:g}{fused}"

@@ -1,0 +1,429 @@
+"""Producer fusion: a fused site also computes the eval BatchNorm / residual add that produces its input.
+
+Why.  A fused site whose activation stays ATen's own kernel (GELU, SiLU, ...: the split path of
+:mod:`meansparse.fused`) costs one extra elementwise pass: the compiled sparsify kernel writes a tensor that
+the activation reads again.  In a conv net the operator's input is itself made by an elementwise step, an
+eval-mode BatchNorm (``x * a + b`` per channel) or the residual ``add``, so computing that step inside the
+sparsify kernel removes the pass: the site then reads and writes no more memory than the base model's
+BN + activation, and fused ReLU (one kernel for BN, band and ReLU) one pass less.
+
+Exactness.  ATen's CPU eval BatchNorm takes ``a = (1 / sqrt(var + eps)) * w`` and ``b = bias - mean * a``
+in the input's dtype and computes ``x * a + b``, both with fused multiply-adds (GCC contracts them); its
+input gradient is ``(g * invstd) * w`` with ``invstd`` from a float64 square root.  The kernels here spell
+the same arithmetic out (``prims.fma``).  That mirrors ATen internals, so every compiled kernel is checked
+once per process at its first use: the whole fused site (forward, and under autograd both input gradients)
+runs on a probe with odd sizes against the eager reference (``F.batch_norm``, add, operator, activation,
+autograd); on any difference that key keeps the unfused producer for good (logged at WARNING).
+
+Scope (fx-prepared models, at :func:`meansparse.fuse` time).  Absorbed: an ``nn.BatchNorm1d/2d/3d`` call
+whose output only the site reads; an ``add`` of two tensors whose result only the site reads, with a
+BatchNorm call directly feeding either side absorbed too.  Activations: ReLU and the split path.  Every call
+re-checks what fx cannot know (BN in eval mode with running statistics, no hooks on the operator or the BN
+modules, BN parameters not requiring grad under autograd, inputs of one shape, dtype and layout, big enough,
+compilation on, operator calibrated with alpha > 0 and not observing); otherwise the absorbed modules run as
+before and the site takes the plain fused path, so the values are the same either way.  This is a
+hand-written pattern fuser because no library fuses into ``torch.autograd.Function``-based custom ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator as _op
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fused import (
+    _ACTIVATIONS,
+    _COMPILED_DTYPES,
+    COMPILE_MIN_NUMEL,
+    CompiledKernel,
+    Spec,
+    _compilable_layout,
+    _is_compiling,
+    _like,
+    _private,
+    act_eager,
+    compile_enabled,
+)
+from .operator import MeanSparse, _same, _StraightThrough, _versions, sparsify
+
+__all__ = ["fused_site", "absorb_producer", "describe"]
+
+log = logging.getLogger(__name__)
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Activations whose fused site can take a producer: ReLU (one kernel) and the split path.
+SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish")
+
+#: A producer expression: ("x", i) input i; ("bn", j, ("x", i)) BatchNorm j of input i; ("add", a, b).
+Struct = tuple
+
+
+# ================================================================================ expressions
+def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    if _is_compiling():
+        return torch.ops.prims.fma(a, b, c)
+    # eager stand-in, only reached when compilation fails on the first call (its result is then discarded)
+    return (a.double() * b.double() + c.double()).to(c.dtype)
+
+
+def _value(s: Struct, leaves: tuple, aff: tuple) -> Tensor:
+    if s[0] == "x":
+        return leaves[s[1]]
+    if s[0] == "bn":
+        return _fma(_value(s[2], leaves, aff), aff[2 * s[1]], aff[2 * s[1] + 1])
+    return _value(s[1], leaves, aff) + _value(s[2], leaves, aff)
+
+
+def _leaf_bns(s: Struct, out: dict[int, int | None] | None = None, bn: int | None = None) -> dict[int, int | None]:
+    """Input index -> index of the BatchNorm between it and the site (None: reached through adds only)."""
+    out = {} if out is None else out
+    if s[0] == "x":
+        out[s[1]] = bn
+    elif s[0] == "bn":
+        _leaf_bns(s[2], out, s[1])
+    else:
+        _leaf_bns(s[1], out, bn)
+        _leaf_bns(s[2], out, bn)
+    return out
+
+
+def _count(s: Struct) -> tuple[int, int]:
+    paths = _leaf_bns(s)
+    return len(paths), len({b for b in paths.values() if b is not None})
+
+
+def describe(s: Struct) -> str:
+    """``bn``, ``add``, ``bn+add``: what a site absorbed (for ``extra_repr``)."""
+    kinds = []
+    if any(b is not None for b in _leaf_bns(s).values()):
+        kinds.append("bn")
+    if s[0] == "add":
+        kinds.append("add")
+    return "+".join(kinds)
+
+
+def _evaluate(s: Struct, bns: tuple, leaves: tuple) -> Tensor:
+    """The absorbed producer as the original graph computed it (modules called as modules)."""
+    if s[0] == "x":
+        return leaves[s[1]]
+    if s[0] == "bn":
+        return bns[s[1]](_evaluate(s[2], bns, leaves))
+    return _evaluate(s[1], bns, leaves) + _evaluate(s[2], bns, leaves)
+
+
+def _reference(s: Struct, bns: tuple, leaves: tuple) -> Tensor:
+    """Same values through ``F.batch_norm`` in eval mode (the probe's reference; no hooks, no stat updates)."""
+    if s[0] == "x":
+        return leaves[s[1]]
+    if s[0] == "bn":
+        bn = bns[s[1]]
+        return F.batch_norm(_reference(s[2], bns, leaves), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                            False, 0.0, bn.eps)
+    return _reference(s[1], bns, leaves) + _reference(s[2], bns, leaves)
+
+
+# ================================================================================ kernels
+def _make(s: Struct, kind: str, params: tuple, role: str) -> Any:
+    n_leaves, n_bn = _count(s)
+    paths = _leaf_bns(s)
+    act = _ACTIVATIONS[kind][0] if kind else None
+
+    def leaf_grads(gx: Tensor, scales: tuple) -> tuple:
+        # eval BatchNorm backward as ATen computes it: (g * invstd) * w; through an add the gradient is g
+        return tuple(gx if paths[i] is None else gx * scales[2 * paths[i]] * scales[2 * paths[i] + 1]
+                     for i in range(n_leaves))
+
+    if role == "sparsify":  # split path forward: the producer and the band in one pass
+
+        def fn(*a: Tensor) -> Tensor:
+            x = _value(s, a[:n_leaves], a[n_leaves:n_leaves + 2 * n_bn])
+            m, t = a[-2], a[-1]
+            return torch.where((x - m).abs() < t, m, x)
+
+    elif role == "forward":  # in-kernel activation (ReLU): producer, band and activation in one pass
+
+        def fn(*a: Tensor) -> Tensor:
+            x = _value(s, a[:n_leaves], a[n_leaves:n_leaves + 2 * n_bn])
+            m, t = a[-2], a[-1]
+            return act(torch.where((x - m).abs() < t, m, x), params, False)
+
+    elif role in ("exact", "straight_through"):  # split path: (ATen act backward done), band mask + BN scales
+
+        def fn(gy: Tensor, y: Tensor, m: Tensor, t: Tensor, *scales: Tensor) -> tuple:
+            gx = torch.where((y == m) & (t > 0), 0.0, gy) if role == "exact" else gy
+            return leaf_grads(gx, scales)
+
+    else:  # ReLU from its output z: zero where z <= 0 (threshold_backward) or in the band (exact mode)
+
+        def fn(g: Tensor, z: Tensor, m: Tensor, t: Tensor, *scales: Tensor) -> tuple:
+            if role == "relu_exact":
+                gx = torch.where(((z == m) & (m > 0) & (t > 0)) | (z <= 0), 0.0, g)
+            else:
+                gx = torch.where(z <= 0, 0.0, g)
+            return leaf_grads(gx, scales)
+
+    return fn
+
+
+_KERNELS: dict[tuple, CompiledKernel] = {}
+
+
+def _kernel(s: Struct, kind: str, params: tuple, role: str, layout: tuple) -> CompiledKernel:
+    key = (s, kind, params, role, layout)
+    k = _KERNELS.get(key)
+    if k is None:
+        safe = "".join(ch if ch.isalnum() else "_" for ch in f"{role}_{kind}_{len(_KERNELS)}")
+        k = _KERNELS[key] = CompiledKernel(_make(s, kind, params, role), f"meansparse_producer_{safe}")
+    return k
+
+
+# ================================================================================ BatchNorm terms
+def _bn_terms(bn: nn.Module, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a, b, invstd, w) of an eval BatchNorm, as ATen's CPU kernels compute them, shaped to broadcast along
+    dim 1 of ``like``.  Cached on the module until a statistic or parameter is replaced or modified."""
+    params = tuple(p for p in (bn.weight, bn.bias) if p is not None)
+    token = _versions(bn.running_mean, bn.running_var, *params)
+    if token is not None:
+        token = token + ((float(bn.eps), 0), (len(params), bn.weight is None))
+    cache = bn.__dict__.get("_meansparse_bn_terms")
+    key = (like.dtype, like.device, like.ndim)
+    if cache is not None and _same(cache[0], token) and key in cache[1]:
+        return cache[1][key]
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (like.ndim - 2)
+        rm, rv = bn.running_mean.detach(), bn.running_var.detach()
+        w = bn.weight.detach() if bn.weight is not None else torch.ones_like(rv)
+        b = bn.bias.detach() if bn.bias is not None else torch.zeros_like(rm)
+        a, beta = _AFFINE(rm, rv + bn.eps, w, b)  # rv + eps in the dtype, as ATen's forward
+        invstd = (1 / torch.sqrt(rv.double() + bn.eps)).to(rv.dtype)  # ATen's backward: a float64 sqrt
+        out = tuple(v.reshape(shape).to(device=like.device) for v in (a, beta, invstd, w))
+    if token is not None:
+        if cache is None or not _same(cache[0], token):
+            cache = (token, {})
+            bn.__dict__["_meansparse_bn_terms"] = cache
+        cache[1][key] = out
+    return out  # type: ignore[return-value]
+
+
+def _affine(rm: Tensor, rv_eps: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    a = (1 / torch.sqrt(rv_eps)) * w
+    return a, _fma(-rm, a, b)
+
+
+_AFFINE = CompiledKernel(_affine, "meansparse_bn_affine")
+
+
+# ================================================================================ autograd
+class _ProducerFunction(torch.autograd.Function):
+    """act(sparsify(producer(inputs))) under autograd; saves one tensor of the site's size (the sparsified
+    value, or ReLU's output) and gives each input the gradient eager autograd would."""
+
+    @staticmethod
+    def forward(ctx, info: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, *leaves: Tensor) -> Tensor:  # type: ignore[override]
+        s, kind, params, mode, key = info
+        ctx.info, ctx.scales, ctx.n = info, scales, len(leaves)
+        if kind == "relu":
+            out = _kernel(s, kind, params, "forward", key)(*leaves, *aff, m, t)
+            ctx.save_for_backward(out, m, t)
+            return out
+        y = _kernel(s, "", (), "sparsify", key)(*leaves, *aff, m, t)
+        ctx.save_for_backward(y, m, t)
+        return act_eager(y, (kind, params, False))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        saved, m, t = ctx.saved_tensors
+        s, kind, params, mode, key = ctx.info
+        g = _like(g, key[0])
+        if kind == "relu":
+            grads = _kernel(s, kind, params, f"relu_{mode}", key)(g, saved, m, t, *ctx.scales)
+        else:
+            gy = _ACTIVATIONS[kind][1](g, saved, params)  # the ATen op eager autograd runs
+            grads = _kernel(s, "", (), mode, key)(gy, saved, m, t, *ctx.scales)
+        return (None, None, None, None, None, *grads)
+
+
+def _run(info: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, leaves: tuple, grad: bool) -> Tensor:
+    s, kind, params, mode, key = info
+    if grad:
+        return _ProducerFunction.apply(info, aff, scales, m, t, *leaves)
+    if kind == "relu":
+        return _kernel(s, kind, params, "forward", key)(*leaves, *aff, m, t)
+    return act_eager(_kernel(s, "", (), "sparsify", key)(*leaves, *aff, m, t), (kind, params, False))
+
+
+# ================================================================================ first-use check
+_VERDICTS: dict[tuple, bool] = {}
+
+
+def _probe_like(x: Tensor, layout: str, gen: torch.Generator) -> Tensor:
+    shape = (3, x.shape[1]) + tuple(5 + 2 * i for i in range(x.ndim - 2)) if x.ndim > 2 else (37, x.shape[1])
+    p = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(dtype=x.dtype, device=x.device)
+    return p.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else p
+
+
+def _verified(info: tuple, op: MeanSparse, bns: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor,
+              like: Tensor, grad: bool) -> bool:
+    """Run the fused site on a probe against the eager reference, once per kernel key (see module doc)."""
+    s, kind, params, mode, key = info
+    vkey = (info if grad else info[:3] + (None,) + info[4:], like.dtype, like.device.type)
+    if vkey in _VERDICTS:
+        return _VERDICTS[vkey]
+    gen = torch.Generator().manual_seed(0)
+    n_leaves = _count(s)[0]
+    probe = [_probe_like(like, key[0], gen).requires_grad_(grad) for _ in range(n_leaves)]
+    spec = (kind, params, False)
+    # the operator's real centre, a threshold per channel that puts half the probe in the band
+    with torch.enable_grad() if grad else torch.no_grad():
+        x = _reference(s, bns, tuple(probe))
+        d = (x.detach() - m).abs().movedim(key[2], 0).flatten(1).median(1).values
+        tp = d.reshape(t.shape) if d.numel() == t.numel() else d.median().expand(t.shape)
+        if mode == "straight_through" and grad:
+            ref = act_eager(_StraightThrough.apply(x, m, tp), spec)
+        elif grad:
+            with torch.no_grad():
+                inside = (x - m).abs() < tp
+            ref = act_eager(torch.where(inside, m, x), spec)
+        else:
+            ref = act_eager(sparsify(x, m, tp), spec)
+        got = _run(info, aff, scales, m, tp, tuple(probe), grad)
+        ok = torch.equal(ref, got)
+        if ok and grad:
+            gout = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.dtype)
+            want = torch.autograd.grad(ref, probe, gout.clone())
+            have = torch.autograd.grad(got, probe, gout.clone())
+            ok = all(torch.equal(a, b) for a, b in zip(want, have, strict=True))
+    if not ok:
+        log.warning("meansparse: fused %s producer (%s) at %s differs from the eager reference on this torch "
+                    "build; that site keeps the unfused producer", describe(s), kind, op.name)
+    _VERDICTS[vkey] = bool(ok) and compile_enabled()
+    return _VERDICTS[vkey]
+
+
+# ================================================================================ the fused site
+def _global_hooks() -> bool:
+    mod = torch.nn.modules.module
+    return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
+
+
+def _eligible(op: MeanSparse, spec: Spec, s: Struct, bns: tuple, leaves: tuple, grad: bool) -> str | None:
+    """The layout key when the compiled producer path applies to this call, else None."""
+    if not compile_enabled() or _is_compiling() or spec[0] not in SUPPORTED or spec[2]:
+        return None
+    if op._forward_hooks or op._forward_pre_hooks or _global_hooks():
+        return None
+    if op._observer is not None or op._alpha_value == 0.0 or not op._calibrated or op._layout is None:
+        return None
+    x = leaves[0]
+    if not all(isinstance(v, Tensor) for v in leaves) or x.dtype not in _COMPILED_DTYPES:
+        return None
+    if x.numel() < COMPILE_MIN_NUMEL or x.shape[op.channel_dim(x.ndim)] != op._channels:
+        return None
+    layout = _compilable_layout(x)
+    if layout is None or any(v.shape != x.shape or v.dtype != x.dtype or v.device != x.device
+                             or v.stride() != x.stride() for v in leaves[1:]):
+        return None
+    for bn in bns:
+        if (type(bn) not in _BN_TYPES or bn.training or bn.running_mean is None or bn.running_var is None
+                or bn._forward_hooks or bn._forward_pre_hooks or op.channel_dim(x.ndim) != 1
+                or bn.running_var.dtype != x.dtype or bn.running_var.device != x.device):
+            return None
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (bn.weight, bn.bias)):
+            return None
+    return layout
+
+
+def fused_site(op: MeanSparse, spec: Spec, s: Struct, bns: tuple, *leaves: Tensor) -> Tensor:
+    """``activation(op(producer(*leaves)))``: what :func:`meansparse.fuse` puts in an fx graph where it
+    absorbed the producer of a site's input."""
+    grad = torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in leaves)
+    layout = _eligible(op, spec, s, bns, leaves, grad)
+    if layout is not None:
+        x = leaves[0]
+        key = (layout, x.ndim, op.channel_dim(x.ndim))
+        m, t = op._center_threshold_for(x)
+        terms = [_bn_terms(bn, x) for bn in bns]
+        aff = tuple(v for a, b, _, _ in terms for v in (a, b))
+        scales = tuple(v for _, _, i, w in terms for v in (i, w))
+        info = (s, spec[0], spec[1], op.gradient, key)
+        if _verified(info, op, bns, aff, scales, m, t, x, grad):
+            return _run(info, aff, scales, m, t, leaves, grad)
+    return op(_evaluate(s, bns, leaves), activation=spec)
+
+
+# ================================================================================ the fx pass
+_ADD_FUNCTIONS = {_op.add, torch.add, _op.iadd}
+_ADD_METHODS = {"add", "__add__", "add_", "__iadd__"}
+
+
+def _is_add(n: Any) -> bool:
+    import torch.fx as fx
+
+    if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
+        return False
+    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
+        inplace = n.target is _op.iadd
+    elif n.op == "call_method" and n.target in _ADD_METHODS:
+        inplace = n.target in ("add_", "__iadd__")
+    else:
+        return False
+    return not inplace or len(n.args[0].users) == 1  # in place on a tensor nobody else reads
+
+
+def _bn_node(n: Any, root: nn.Module) -> bool:
+    import torch.fx as fx
+
+    if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
+        return False
+    m = root.get_submodule(n.target)
+    return type(m) in _BN_TYPES and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: Spec) -> bool:
+    """Rewrite the fused site ``node`` (``op(x, activation=spec)``) into ``fused_site(...)`` over the inputs
+    of the BatchNorm / add that produced ``x``, when only the site reads it.  Returns whether it did."""
+    op = root.get_submodule(node.target)
+    if spec[0] not in SUPPORTED or not isinstance(op, MeanSparse) or len(node.args) != 1:
+        return False
+    leaves: list = []
+    bns: list = []
+    absorbed: list = []
+
+    def term(n: Any) -> Struct:
+        if _bn_node(n, root) and len(n.users) == 1:
+            absorbed.append(n)
+            bns.append(n.target)
+            leaves.append(n.args[0])
+            return ("bn", len(bns) - 1, ("x", len(leaves) - 1))
+        leaves.append(n)
+        return ("x", len(leaves) - 1)
+
+    src = node.args[0]
+    if len(src.users) != 1:
+        return False
+    if _is_add(src):
+        absorbed.append(src)
+        struct: Struct = ("add", term(src.args[0]), term(src.args[1]))
+    elif _bn_node(src, root):
+        struct = term(src)
+    else:
+        return False
+    if len(set(leaves)) != len(leaves):
+        return False
+    if struct[0] == "add" and src.target in (_op.iadd, "add_", "__iadd__") and not _private(src.args[0], root):
+        return False
+    with graph.inserting_before(node):
+        op_attr = graph.get_attr(node.target)
+        bn_attrs = tuple(graph.get_attr(b) for b in bns)
+        new = graph.call_function(fused_site, (op_attr, spec, struct, bn_attrs, *leaves))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    for n in absorbed:  # outermost first: each has no users left once the site is gone
+        graph.erase_node(n)
+    op.fused_producer = describe(struct)
+    return True
