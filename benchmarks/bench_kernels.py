@@ -7,6 +7,9 @@
    tensor (the difference is dynamo's guards and the inductor wrapper).
 4. A ResNet-18 (width 16, batch 256) forward as the eager module vs flattened by ``torch.fx.symbolic_trace``
    (no operators inserted): the allocator effect of a different free order.
+5. One site, eval BatchNorm then GELU / ReLU on 4 M elements (a width-16 ResNet-18's first stage at batch 256):
+   the base model vs the eager operator vs ``ms.fuse(producers=False)`` (sparsify kernel between ATen's BN and
+   activation) vs ``ms.fuse()`` (BN computed inside the sparsify kernel), with bit-identity to the eager site.
 
     python benchmarks/bench_kernels.py --threads 2
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim_threshold=4294967296 \\
@@ -15,12 +18,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
 import torch.nn.functional as F
 from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup
 
+import meansparse as ms
 from meansparse import fused
 from meansparse.models import create_model
 
@@ -94,6 +99,42 @@ def fx_case(repeats: int) -> tuple[list[list[str]], dict]:
     return rows, {"fx": {name: v["median"] for name, v in res.items()}, "fx_ratio": ratio}
 
 
+class _Site(torch.nn.Module):
+    def __init__(self, c: int, activation: str) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(c)
+        self.act = torch.nn.GELU() if activation == "gelu" else torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(x))
+
+
+def producer_case(repeats: int) -> tuple[list[list[str]], dict]:
+    rows, out = [], {}
+    x = torch.randn(256, 16, 32, 32)  # 4 M elements
+    for act in ("gelu", "relu"):
+        torch.manual_seed(0)
+        base = _Site(16, act).eval()
+        with torch.no_grad():
+            base.bn.running_mean.normal_()
+            base.bn.running_var.uniform_(0.5, 2.0)
+        eager = ms.prepare(copy.deepcopy(base), example_inputs=(x[:2],))
+        ms.calibrate(eager, [x[:64]], progress=False)
+        ms.set_alpha(eager, 0.25)
+        variants = {"base model (BN, activation)": base, "eager operator": eager,
+                    "fused, producers=False": ms.fuse(copy.deepcopy(eager), producers=False),
+                    "fused (BN inside the kernel)": ms.fuse(copy.deepcopy(eager))}
+        res = interleaved({k: _no_grad(m, x) for k, m in variants.items()}, repeats, warmup=2)
+        with torch.no_grad():
+            ref = eager(x)
+            same = {k: torch.equal(m(x), ref) for k, m in variants.items() if k.startswith("fused")}
+        for k, v in res.items():
+            rows.append([f"BN + {act.upper() if act == 'gelu' else 'ReLU'} site, 4 M elements", k,
+                         f"{1e3 * v['median']:.3f}", ("yes" if same[k] else "no") if k in same else ""])
+        out[f"site_{act}"] = {k: v["median"] for k, v in res.items()} | {"bit_identical": same}
+    return rows, out
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     args = p.parse_args()
@@ -103,14 +144,14 @@ def main() -> None:
     if not fused.compile_enabled():
         raise SystemExit(f"torch.compile is unavailable here ({fused.compile_disabled_reason()})")
     rows, out = [], {"environment": environment(args.threads)}
-    for case in (gelu_case, relu_case, call_overhead_case, fx_case):
+    for case in (gelu_case, relu_case, call_overhead_case, fx_case, producer_case):
         r, d = case(args.repeats)
         rows += r
         out.update(d)
     env = out["environment"]
     print(f"{describe(env)}, GLIBC_TUNABLES={'set' if env['glibc_tunables'] else 'unset'}\n"
           "medians of interleaved rounds (ms)\n")
-    print(fmt_table(rows, ["case", "variant", "ms", "bit-identical to ATen"]))
+    print(fmt_table(rows, ["case", "variant", "ms", "bit-identical to ATen / the eager site"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -119,3 +119,14 @@ def test_unavailable_device_fails_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a valid torch device"):
         run(PipelineConfig(device="gpu0", progress=False), tmp_path)
     assert not (tmp_path / "model").exists()  # nothing trained
+
+
+def test_pipeline_with_fuse_reports_the_same_numbers(tmp_path):
+    """--fuse changes the speed, not the numbers: the fused model is bit-identical on the CPU."""
+    cfg = dict(n_holdout=60, n_sweep_robust=20, n_test=40, alphas=(0.0, 0.2), train_epochs=1,
+               attacks=("apgd-ce", "bpda-apgd-ce"), attack_options=FAST, progress=False)
+    plain = run(PipelineConfig(**cfg), tmp_path / "plain")
+    fused = run(PipelineConfig(**cfg, fuse=True), tmp_path / "fused")
+    for key in ("before", "after"):
+        assert fused[key]["robust"] == plain[key]["robust"] and fused[key]["clean"] == plain[key]["clean"]
+    assert fused["alpha"] == plain["alpha"]

@@ -33,6 +33,10 @@ the first failure is logged once at DEBUG level and every call from then on runs
 disables compilation.  Inputs that are small (< ``COMPILE_MIN_NUMEL`` elements), not float32/float64, not
 contiguous (or channels-last), or seen while an outer ``torch.compile`` is tracing also take the eager path.
 
+Producers (:mod:`meansparse.fused_producer`, fx graphs, on by default): where the site's input comes from
+an eval-mode BatchNorm and/or a residual add that nothing else reads, the kernel computes those too (ATen's
+arithmetic, checked against it at first use), which removes the split path's extra pass and one of ReLU's.
+
 Use: ``meansparse.fuse(model)`` after ``prepare`` (opt-in; ``unfuse`` undoes it).  With ``method="fx"`` the
 graph is re-traced and each operator node whose only user is a supported activation becomes one call
 ``meansparse.k(x, activation=spec)``; with ``method="modules"`` each :class:`MeanSparseActivation` becomes a

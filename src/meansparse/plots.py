@@ -61,6 +61,8 @@ def capture_site(model: nn.Module, op: nn.Module, x: torch.Tensor) -> tuple[torc
     store: dict[str, torch.Tensor] = {}
 
     def hook(_m, inputs, output):
+        if op.fused_activation is not None:  # a fused site returns the activation's output: recompute
+            output = op.forward(inputs[0].clone())
         store["in"], store["out"] = inputs[0].detach(), output.detach()
 
     handle = op.register_forward_hook(hook)
