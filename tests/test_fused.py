@@ -362,6 +362,33 @@ def test_fast_batch_stats_compiled_path_and_chunks(monkeypatch):
         torch.testing.assert_close(fast.var, exact.var, rtol=1e-6, atol=0)
 
 
+def test_fused_moments_update_matches_the_reference_and_flags_non_finite():
+    """``Moments.update_fast`` (batch moments + Chan merge + finiteness in one compiled call) equals the
+    float64 reference over several batches of different sizes, and its flag catches NaN/Inf."""
+    compiled_or_skip()
+    from meansparse import moments
+
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 8, 16, 16) * (1 + i) - 20 for i, n in enumerate([16, 17, 40])]
+    acc, ref = Moments(), Moments()
+    for b in batches:
+        acc.update_fast(b, 1)
+        ref.update(b, 1)
+        assert acc.finite is not None and bool(acc.finite)
+    assert moments._KERNELS["update_first"]._compiled is not None
+    assert acc.total == ref.total == sum(b.numel() // 8 for b in batches)
+    torch.testing.assert_close(acc.mean, ref.mean, rtol=1e-9, atol=0)
+    torch.testing.assert_close(acc.var, ref.var, rtol=1e-6, atol=0)
+    bad = batches[0].clone()
+    bad[2, 5, 3, 3] = float("inf")
+    acc.update_fast(bad, 1)
+    assert not bool(acc.finite)
+    op = MeanSparse(8, layout="NCHW", site_name="s")
+    op.start_observing()
+    op(bad)
+    assert not bool(op.observer_finite())
+
+
 def test_calibration_keeps_batches_exact_and_merges_per_batch(build_model):
     torch.manual_seed(0)
     model = ms.prepare(build_model("vit"))

@@ -311,13 +311,15 @@ class MeanSparse(nn.Module):
         """Fold ``x`` into the observer: shifted per-group sums merged in float64, no full-size float64 copy
         and no device sync (non-finite inputs poison the accumulator; ``calibrate`` checks once per batch)."""
         self._check_channels(x)
-        self._observer.merge(Moments.batch_stats_fast(x, self.channel_dim(x.ndim)))  # type: ignore[union-attr]
+        self._observer.update_fast(x, self.channel_dim(x.ndim))  # type: ignore[union-attr]
 
     def observer_finite(self) -> Tensor | None:
         """0-dim bool tensor: whether everything observed so far was finite (None before any input)."""
         o = self._observer
         if o is None or o.count is None:
             return None
+        if getattr(o, "finite", None) is not None:
+            return o.finite
         return torch.isfinite(o.mean_).all() & torch.isfinite(o.m2).all()
 
     def _require_calibrated(self) -> None:
