@@ -5,8 +5,9 @@
 2. ReLU on 1 M elements: ATen's bare ReLU vs meansparse's compiled sparsify + ReLU kernel.
 3. The fixed cost of one compiled call: meansparse's compiled ReLU kernel vs the same eager ops on a tiny
    tensor (the difference is dynamo's guards and the inductor wrapper).
-4. A ResNet-18 (width 16, batch 256) forward as the eager module vs flattened by ``torch.fx.symbolic_trace``
-   (no operators inserted): the allocator effect of a different free order.
+4. A ResNet-18 (width 16, batch 256, ReLU and GELU) forward as the eager module vs flattened by
+   ``torch.fx.symbolic_trace`` (no operators inserted), one batch repeated and a pass over 4 batches: the
+   allocator effect of a different free order.
 5. One site, eval BatchNorm then GELU / ReLU on 4 M elements (a width-16 ResNet-18's first stage at batch 256):
    the base model vs the eager operator vs ``ms.fuse(producers=False)`` (sparsify kernel between ATen's BN and
    activation) vs ``ms.fuse()`` (BN computed inside the sparsify kernel), with bit-identity to the eager site.
@@ -88,15 +89,34 @@ def call_overhead_case(repeats: int) -> tuple[list[list[str]], dict]:
 
 
 def fx_case(repeats: int) -> tuple[list[list[str]], dict]:
-    torch.manual_seed(0)
-    net = create_model("resnet18", width=16, activation="relu").eval()
-    traced = torch.fx.symbolic_trace(net)
-    x = torch.rand(256, 3, 32, 32)
-    res = interleaved({"eager module": _no_grad(net, x), "fx-flattened": _no_grad(traced, x)}, repeats, warmup=2)
-    ratio = res["fx-flattened"]["median"] / res["eager module"]["median"]
-    rows = [["ResNet-18 w16 forward, batch 256", name, f"{1e3 * v['median']:.1f}", ""] for name, v in res.items()]
-    rows.append(["ResNet-18 w16 forward, batch 256", "fx-flattened / eager", f"{ratio:.3f}", ""])
-    return rows, {"fx": {name: v["median"] for name, v in res.items()}, "fx_ratio": ratio}
+    """One batch repeated, and a pass over 4 different batches (what calibration and evaluation do)."""
+    rows, out = [], {}
+    for act in ("relu", "gelu"):
+        torch.manual_seed(0)
+        net = create_model("resnet18", width=16, activation=act).eval()
+        traced = torch.fx.symbolic_trace(net)
+        data = [torch.rand(256, 3, 32, 32) for _ in range(4)]
+
+        def loop(m, data=data):
+            def run():
+                with torch.no_grad():
+                    for x in data:
+                        m(x)
+
+            return run
+
+        res = interleaved({"eager module": _no_grad(net, data[0]), "fx-flattened": _no_grad(traced, data[0]),
+                           "eager module, 4 batches": loop(net), "fx-flattened, 4 batches": loop(traced)},
+                          repeats, warmup=2)
+        case = f"ResNet-18 w16 {act.upper() if act == 'gelu' else 'ReLU'}, batch 256"
+        for name, v in res.items():
+            rows.append([case, name, f"{1e3 * v['median']:.1f}", ""])
+        for suffix in ("", ", 4 batches"):
+            ratio = res[f"fx-flattened{suffix}"]["median"] / res[f"eager module{suffix}"]["median"]
+            rows.append([case, f"fx-flattened / eager{suffix}", f"{ratio:.3f}", ""])
+            out[f"fx_ratio_{act}{suffix.replace(', ', '_').replace(' ', '_')}"] = ratio
+        out[f"fx_{act}"] = {name: v["median"] for name, v in res.items()}
+    return rows, out
 
 
 class _Site(torch.nn.Module):
