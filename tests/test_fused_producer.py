@@ -209,3 +209,14 @@ def test_producers_false_and_unfuse(quiet):
     assert not ms.fused_sites(fused) and not any(o.fused_producer for o in ms.operators(fused))
     with torch.no_grad():
         assert torch.equal(eager(x), fused(x)) and torch.equal(eager(x), plain(x))
+
+
+def test_an_outer_torch_compile_traces_the_modules():
+    """Under an outer torch.compile the producer path steps aside (the modules are traced as they are)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 16, 16)
+    eager = prepared(randomize_bn(BnAdd("gelu")), x)
+    fused = ms.fuse(copy.deepcopy(eager))
+    compiled = torch.compile(fused, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), eager(x))
