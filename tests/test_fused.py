@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -416,3 +419,12 @@ def test_fused_activation_in_extra_repr(build_model, images, eager_only):
     model = ms.fuse(ms.prepare(build_model("se"), example_inputs=images))
     assert "fused=silu" in repr(ms.operators(model)[0])
     assert F.silu(images).shape == images.shape
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tune_cpu_allocator_applies_mallopt_in_a_fresh_process():
+    """Run in a child: the setting is process-wide.  glibc accepts both thresholds; out-of-range is refused."""
+    code = ("import meansparse as ms; "
+            "print(ms.tune_cpu_allocator(), ms.tune_cpu_allocator(0), ms.tune_cpu_allocator(2**40))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "False"]

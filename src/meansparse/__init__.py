@@ -62,6 +62,9 @@ __all__ += ["Report", "evaluate", "AlphaSearchResult", "search_alpha", "search_p
 from .fused import fuse, fused_sites, unfuse  # noqa: E402
 
 __all__ += ["fuse", "unfuse", "fused_sites"]
+from .allocator import tune_cpu_allocator  # noqa: E402
+
+__all__ += ["tune_cpu_allocator"]
 from . import zoo  # noqa: E402  (imports timm / robustbench only when used)
 
 __all__ += ["zoo"]
