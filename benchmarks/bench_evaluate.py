@@ -13,7 +13,12 @@ interleaved (ours, reference, ours, reference ...).
         --n 1000 --batch-size 500 --attack apgd-ce                    # APGD-CE alone: images/s on a GPU
 
 ``--attack apgd-ce`` compares ``ms.evaluate(attacks=["apgd-ce"])`` with pyautoattack's ``APGDAttack.perturb``
-called per batch.
+called per batch.  ``--fused-vs-eager`` instead compares ``ms.evaluate`` on the MeanSparse model with the eager
+operator against the same model after ``ms.fuse`` (what ``--fuse`` changes on the command line), and checks
+that the two reports are identical.
+
+    python benchmarks/bench_evaluate.py --threads 2 --checkpoint checkpoints/cifar10-resnet18-gelu-pgd \
+        --attack apgd-ce --steps 50 --n 128 --batch-size 64 --fused-vs-eager
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="APGD/FAB iterations (100 = standard)")
     p.add_argument("--queries", type=int, default=None, help="Square queries (5000 = standard)")
     p.add_argument("--attack", choices=["aa", "apgd-ce"], default="aa")
+    p.add_argument("--fused-vs-eager", action="store_true",
+                   help="time ms.evaluate on the eager-operator model vs the fused model (identical reports)")
     args = p.parse_args()
     setup(args.threads)
     set_clock(args.clock, args.threads, args.device)
@@ -93,7 +100,10 @@ def main() -> None:
         model = ms.prepare(copy.deepcopy(base), example_inputs=(x[:2].to(device),))
         ms.calibrate(model, Batches(train, 128), progress=False)
         ms.set_alpha(model, args.alpha)
+        eager_model = copy.deepcopy(model).eval()
         ms.fuse(model)
+    elif args.fused_vs_eager:
+        raise SystemExit("--fused-vs-eager needs --alpha > 0")
     model.eval()
     if args.attack == "aa":
         attack = AutoAttackStandard(eps=eps, steps=args.steps, queries=args.queries)
@@ -103,11 +113,15 @@ def main() -> None:
     state_dir = tempfile.mkdtemp()
     last: dict = {}
 
-    def ours():  # with a resume file, as the CLI runs it (a fresh file each time: nothing is resumed)
+    def ours(net=model, key="report"):  # with a resume file, as the CLI runs it (a fresh one each time)
         last["runs"] = last.get("runs", 0) + 1
         path = f"{state_dir}/state-{last['runs']}.json"
-        last["report"] = ms.evaluate(model, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
-                                     progress=False, state_path=path)
+        last[key] = ms.evaluate(net, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
+                                progress=False, state_path=path)
+
+    if args.fused_vs_eager:
+        fused_vs_eager(args, lambda: ours(eager_model, "eager"), ours, last)
+        return
 
     def reference():
         if args.attack == "aa":
@@ -143,6 +157,26 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": res, "ratio": ratio}, f, indent=1)
+
+
+def fused_vs_eager(args, eager, fused, last: dict) -> None:
+    res = interleaved({"evaluate, eager operator": eager, "evaluate, fused": fused}, args.repeats, warmup=1)
+    a, b = last["eager"], last["report"]
+    same = a.comparable() == b.comparable()
+    ratio = res["evaluate, fused"]["median"] / res["evaluate, eager operator"]["median"]
+    print(f"{describe(environment(args.threads))}\nmodel: {args.checkpoint or 'digits small_cnn'}, MeanSparse "
+          f"alpha={args.alpha}; {args.n} test images, batch {args.batch_size}; attack {args.attack}, "
+          f"{args.steps} steps\nclean {b.clean_accuracy:.3f}, robust {b.worst_case_accuracy:.3f}; "
+          f"reports identical: {'yes' if same else 'NO'}\n")
+    rows = [[k, f"{v['median']:.2f}", f"{v['min']:.2f}"] for k, v in res.items()]
+    print(fmt_table(rows, ["variant", "median s", "min s"]))
+    print(f"\nfused / eager: {ratio:.3f} (medians)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(args.threads), "results": res, "ratio": ratio,
+                       "identical": same}, f, indent=1)
+    if not same:
+        raise SystemExit("the fused model's report differs from the eager model's")
 
 
 if __name__ == "__main__":
