@@ -3,6 +3,9 @@
 # table and JSON under OUT: the lent GPU machines are held for minutes, so the round is one command.
 #   bash benchmarks/gpu_round.sh OUT            # on the GPU machine (DEVICE=cuda, the default)
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_round.sh /tmp/round   # dry run of the same commands on a CPU
+# The lent machines have their own CUDA torch and no internet: put meansparse's src and the pure-Python
+# dependencies on PYTHONPATH and point MEANSPARSE_CIFAR10_JPG at a copy of the CIFAR-10 archive, e.g.
+#   export PYTHONPATH=$PWD/src:$PWD/.devdata/site MEANSPARSE_CIFAR10_JPG=$PWD/.devdata/cifar10-jpg.tar.gz
 set -euo pipefail
 OUT=${1:?usage: gpu_round.sh OUT_DIR}
 DEVICE=${DEVICE:-cuda}
