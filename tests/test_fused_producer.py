@@ -220,3 +220,25 @@ def test_an_outer_torch_compile_traces_the_modules():
     compiled = torch.compile(fused, backend="aot_eager")
     with torch.no_grad():
         assert torch.equal(compiled(x), eager(x))
+
+
+def test_calibrate_save_load_and_alpha_changes_on_a_producer_fused_model(tmp_path):
+    """Calibrating a fused model observes the real pre-activation (the absorbed modules run while observing),
+    and state files move between fused and unfused models."""
+    compiled_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 16, 16)
+    base = randomize_bn(BnAdd("relu")).eval()
+    eager = prepared(copy.deepcopy(base), x)
+    fused = ms.fuse(copy.deepcopy(eager))
+    data = [torch.randn(8, 16, 16, 16) * 2 + 1]
+    ms.calibrate(eager, data, progress=False)
+    ms.calibrate(fused, data, progress=False)
+    for a, b in zip(ms.operators(eager), ms.operators(fused), strict=True):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    ms.set_alpha(fused, 0.5)
+    ms.save(fused, tmp_path / "s.safetensors")
+    loaded = ms.load(copy.deepcopy(base), tmp_path / "s.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+    assert fp._VERDICTS and all(fp._VERDICTS.values())
