@@ -242,3 +242,28 @@ def test_calibrate_save_load_and_alpha_changes_on_a_producer_fused_model(tmp_pat
     with torch.no_grad():
         assert torch.equal(loaded(x), fused(x))
     assert fp._VERDICTS and all(fp._VERDICTS.values())
+
+
+def test_token_features_absorb_a_residual_add():
+    """Channels last (NLC): ``gelu(x + fc(x))`` absorbs the add; the probe uses the token layout."""
+    compiled_or_skip()
+
+    class TokenAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return F.gelu(x + self.fc(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, 32)
+    model = TokenAdd().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    eager = prepared(model, x)
+    fused = ms.fuse(copy.deepcopy(eager))
+    assert [o.fused_producer for o in ms.operators(fused)] == ["add"]
+    assert_same_runs(eager, fused, (x,))
+    keys = [k for k, v in fp._VERDICTS.items() if v and k[0][4] == ("contiguous", 3, 2)]
+    assert keys
