@@ -135,26 +135,41 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def run_child(args: list[str], name: str, tunables: bool | None = None) -> dict:
+    """Re-run this script as a child (``args`` after the script name): with GLIBC_TUNABLES (True), without it
+    (False) or in this process's environment (None).  The child prints one JSON line as its last line."""
+    env = dict(os.environ)
+    if tunables is not None:
+        env.pop("GLIBC_TUNABLES", None)
+    if tunables:
+        env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    proc = subprocess.run([sys.executable, sys.argv[0], *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"benchmark child ({name}) failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_variants(argv: list[str], glibc: str) -> list[tuple[str, dict]]:
     """Re-run this script as children: without GLIBC_TUNABLES and/or with it (``glibc``: default, tuned or
-    both).  Each child prints one JSON line as its last line of output."""
-    out = []
+    both)."""
     wanted = {"both": ("default", "tuned"), "default": ("default",), "tuned": ("tuned",)}[glibc]
-    for name in wanted:
-        env = dict(os.environ)
-        env.pop("GLIBC_TUNABLES", None)
-        if name == "tuned":
-            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
-        proc = subprocess.run([sys.executable, sys.argv[0], *argv, "--child"], env=env, capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"benchmark child ({name}) failed with exit code {proc.returncode}")
-        out.append((name, json.loads(proc.stdout.strip().splitlines()[-1])))
-    return out
+    return [(name, run_child([*argv, "--child"], name, name == "tuned")) for name in wanted]
 
 
 def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def hidden() -> str:
+    """``help=`` of the arguments a script passes to its own child processes (not shown in --help)."""
+    return argparse.SUPPRESS
+
+
+def write_json(path: str | None, data: object) -> None:
+    """``--json FILE``: the results as JSON (nothing when no file was asked for)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)

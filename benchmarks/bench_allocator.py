@@ -9,21 +9,21 @@ Each mode runs in its own child process (the allocator setting is process-wide).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import torch
 from _common import (
-    GLIBC_TUNABLES,
     base_parser,
     describe,
     environment,
     fmt_table,
+    hidden,
     interleaved,
     peak_rss_mib,
+    run_child,
     set_clock,
     setup,
+    write_json,
 )
 
 import meansparse as ms
@@ -65,26 +65,15 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--activations", nargs="+", default=["relu", "gelu"])
-    p.add_argument("--mode", choices=MODES, default=None, help=argparse_hidden())
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    p.add_argument("--mode", choices=MODES, default=None, help=hidden())
+    p.add_argument("--child", action="store_true", help=hidden())
     args = p.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 7)
     if args.child:
         print(json.dumps(child(args)))
         return
     argv = [a for a in sys.argv[1:] if a != "--child"]
-    results = {}
-    for mode in MODES:
-        env = dict(os.environ)
-        env.pop("GLIBC_TUNABLES", None)
-        if mode == "tunables":
-            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
-        proc = subprocess.run([sys.executable, sys.argv[0], *argv, "--child", "--mode", mode], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"benchmark child ({mode}) failed with exit code {proc.returncode}")
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {mode: run_child([*argv, "--child", "--mode", mode], mode, mode == "tunables") for mode in MODES}
     rows = []
     for act in args.activations:
         base = results["default"][act]
@@ -97,15 +86,8 @@ def main() -> None:
           f"mallopt applied: {results['mallopt']['mallopt_applied']}\n")
     print(fmt_table(rows, ["act", "allocator", "eval ms/batch", "vs default", "attack step ms", "vs default",
                            "peak RSS MiB"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
 
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ On a CUDA device the batches already sit on the GPU (for every variant alike) an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
 from _common import (
@@ -28,13 +26,16 @@ from _common import (
     describe,
     environment,
     fmt_table,
+    hidden,
     interleaved,
     peak_rss_mib,
     ratios,
     reset_peak_rss,
     rss_mib,
+    run_child,
     set_clock,
     setup,
+    write_json,
 )
 
 import meansparse as ms
@@ -127,8 +128,8 @@ def main() -> None:
     p.add_argument("--activation", default="relu")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--batches", type=int, default=None)
-    p.add_argument("--memory", default=None, help=argparse_hidden())
-    p.add_argument("--width-one", type=int, default=None, help=argparse_hidden())
+    p.add_argument("--memory", default=None, help=hidden())
+    p.add_argument("--width-one", type=int, default=None, help=hidden())
     args = p.parse_args()
     args.widths = args.widths or ([16] if args.quick else [16, 64])
     args.batch = args.batch or (128 if args.quick else 256)
@@ -147,11 +148,10 @@ def main() -> None:
         r = ratios(res, "eval")
         mem = {}
         for v in (v for v in fns if v != "eval_prepared"):
-            cmd = [sys.executable, sys.argv[0], "--memory", v, "--width-one", str(width), "--threads",
+            cmd = ["--memory", v, "--width-one", str(width), "--threads",
                    str(args.threads), "--activation", args.activation, "--batch", str(args.batch), "--batches",
                    str(args.batches), "--device", args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            mem[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+            mem[v] = run_child(cmd, f"memory {v}")
         images = args.batch * args.batches
         rows.append([width, args.batch, args.batches, f"{1e3 * res['eval']['median']:.0f}",
                      f"{r['eval_prepared']:.3f}", f"{r['calibrate']:.3f}", f"{r['calibrate_eager']:.3f}",
@@ -171,15 +171,8 @@ def main() -> None:
                            "eager calibrate / eval",
                            "float64 reference / eval", "calibrate img/s", "mem eval", "mem calibrate",
                            "mem eager calibrate", "mem reference"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

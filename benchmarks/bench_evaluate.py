@@ -24,11 +24,10 @@ that the two reports are identical.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 
 import torch
-from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup
+from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup, write_json
 
 import meansparse as ms
 from meansparse.data import Batches, load_dataset
@@ -164,9 +163,7 @@ def main() -> None:
     print(fmt_table(rows, ["variant", "median s", "min s", "samples s"]))
     print(f"\nratio ours / reference: {ratio:.3f} (medians), {ratio_min:.3f} (minima); "
           f"{args.n / res['meansparse.evaluate']['median']:.3g} images/s (ours, all {args.n} test images)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": res, "ratio": ratio}, f, indent=1)
+    write_json(args.json, {"environment": env, "results": res, "ratio": ratio})
 
 
 def fused_vs_eager(args, eager, fused, last: dict) -> None:
@@ -181,10 +178,8 @@ def fused_vs_eager(args, eager, fused, last: dict) -> None:
     rows = [[k, f"{v['median']:.2f}", f"{v['min']:.2f}"] for k, v in res.items()]
     print(fmt_table(rows, ["variant", "median s", "min s"]))
     print(f"\nfused / eager: {ratio:.3f} (medians)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(args.threads), "results": res, "ratio": ratio,
-                       "identical": same}, f, indent=1)
+    write_json(args.json, {"environment": environment(args.threads), "results": res, "ratio": ratio,
+                       "identical": same})
     if not same:
         raise SystemExit("the fused model's report differs from the eager model's")
 

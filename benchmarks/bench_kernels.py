@@ -20,11 +20,10 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import torch
 import torch.nn.functional as F
-from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup
+from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup, write_json
 
 import meansparse as ms
 from meansparse import fused
@@ -172,9 +171,7 @@ def main() -> None:
     print(f"{describe(env)}, GLIBC_TUNABLES={'set' if env['glibc_tunables'] else 'unset'}\n"
           "medians of interleaved rounds (ms)\n")
     print(fmt_table(rows, ["case", "variant", "ms", "bit-identical to ATen / the eager site"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

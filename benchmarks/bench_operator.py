@@ -17,7 +17,19 @@ import json
 import sys
 
 import torch
-from _common import base_parser, describe, environment, fmt_table, interleaved, ratios, run_variants, set_clock, setup
+from _common import (
+    base_parser,
+    describe,
+    environment,
+    fmt_table,
+    hidden,
+    interleaved,
+    ratios,
+    run_variants,
+    set_clock,
+    setup,
+    write_json,
+)
 
 import meansparse as ms
 from meansparse.fused import compile_disabled_reason, compile_enabled
@@ -130,7 +142,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--alpha", type=float, default=0.25)
     p.add_argument("--glibc", choices=["both", "default", "tuned"], default="both")
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    p.add_argument("--child", action="store_true", help=hidden())
     args = p.parse_args()
     args.widths = args.widths or ([16] if args.quick else [16, 64])
     args.batch = args.batch or [64 if args.quick else 256]
@@ -141,15 +153,8 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if a != "--child"]
     variants = run_variants(argv, args.glibc)
     print(report(variants))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(variants), f, indent=1)
+    write_json(args.json, dict(variants))
 
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

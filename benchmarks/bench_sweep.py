@@ -11,10 +11,9 @@ examples still robust), the seconds per attacked pair, and how many calibration 
 
 from __future__ import annotations
 
-import json
 import time
 
-from _common import base_parser, describe, environment, fmt_table, set_clock, setup
+from _common import base_parser, describe, environment, fmt_table, set_clock, setup, write_json
 from bench_evaluate import digits_model
 
 import meansparse as ms
@@ -89,9 +88,7 @@ def main() -> None:
           "the examples still robust\n")
     print(fmt_table(rows, ["α values", "robust examples", "sweep s", "attacked (example, attack) pairs",
                            "ms per attacked pair", "calibration passes"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": out}, f, indent=1)
+    write_json(args.json, {"environment": env, "rows": out})
 
 
 if __name__ == "__main__":
