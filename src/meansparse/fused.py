@@ -361,6 +361,15 @@ def _compilable_layout(x: Tensor) -> str | None:
     return None
 
 
+def compiled_layout(x: Tensor) -> str | None:
+    """The layout key (see :func:`_compilable_layout`) when ``x`` takes the compiled kernels now: compilation
+    on and not inside an outer ``torch.compile``, float32/float64, at least ``COMPILE_MIN_NUMEL`` elements;
+    else None (eager reference)."""
+    if x.dtype in _COMPILED_DTYPES and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled() and not _is_compiling():
+        return _compilable_layout(x)
+    return None
+
+
 def _like(g: Tensor, layout: str) -> Tensor:
     if layout == "channels_last":
         return g.contiguous(memory_format=torch.channels_last)
@@ -418,9 +427,7 @@ def fused_forward(op: nn.Module, x: Tensor, spec: Spec) -> Tensor:
     grad = torch.is_grad_enabled() and x.requires_grad
     if write_back and grad:  # in-place semantics under autograd: exactly the unfused computation
         return act_eager(op._sparsify(x, in_place=True), spec)
-    layout = None
-    if x.dtype in _COMPILED_DTYPES and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled() and not _is_compiling():
-        layout = _compilable_layout(x)
+    layout = compiled_layout(x)
     if layout is None:  # eager: the reference computation
         out = act_eager(op._sparsify(x, in_place=False), (kind, params, False))
     else:

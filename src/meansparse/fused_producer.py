@@ -37,16 +37,14 @@ from torch import Tensor, nn
 
 from .fused import (
     _ACTIVATIONS,
-    _COMPILED_DTYPES,
-    COMPILE_MIN_NUMEL,
     CompiledKernel,
     Spec,
-    _compilable_layout,
     _is_compiling,
     _like,
     _private,
     act_eager,
     compile_enabled,
+    compiled_layout,
 )
 from .operator import MeanSparse, _same, _StraightThrough, _versions, sparsify
 
@@ -225,7 +223,7 @@ class _ProducerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, info: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, *leaves: Tensor) -> Tensor:  # type: ignore[override]
         s, kind, params, mode, key = info
-        ctx.info, ctx.scales, ctx.n = info, scales, len(leaves)
+        ctx.info, ctx.scales = info, scales
         if kind == "relu":
             out = _kernel(s, kind, params, "forward", key)(*leaves, *aff, m, t)
             ctx.save_for_backward(out, m, t)
@@ -326,26 +324,25 @@ def _global_hooks() -> bool:
     return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
 
 
-def _eligible(op: MeanSparse, spec: Spec, s: Struct, bns: tuple, leaves: tuple, grad: bool) -> str | None:
+def _eligible(op: MeanSparse, spec: Spec, bns: tuple, leaves: tuple) -> str | None:
     """The layout key when the compiled producer path applies to this call, else None."""
-    if not compile_enabled() or _is_compiling() or spec[0] not in SUPPORTED or spec[2]:
+    if spec[0] not in SUPPORTED or spec[2] or not all(isinstance(v, Tensor) for v in leaves):
         return None
     if op._forward_hooks or op._forward_pre_hooks or _global_hooks():
         return None
     if op._observer is not None or op._alpha_value == 0.0 or not op._calibrated or op._layout is None:
         return None
     x = leaves[0]
-    if not all(isinstance(v, Tensor) for v in leaves) or x.dtype not in _COMPILED_DTYPES:
+    layout = compiled_layout(x)
+    cd = op.channel_dim(x.ndim)
+    if layout is None or x.shape[cd] != op._channels or (bns and cd != 1):
         return None
-    if x.numel() < COMPILE_MIN_NUMEL or x.shape[op.channel_dim(x.ndim)] != op._channels:
-        return None
-    layout = _compilable_layout(x)
-    if layout is None or any(v.shape != x.shape or v.dtype != x.dtype or v.device != x.device
-                             or v.stride() != x.stride() for v in leaves[1:]):
+    if any(v.shape != x.shape or v.dtype != x.dtype or v.device != x.device or v.stride() != x.stride()
+           for v in leaves[1:]):
         return None
     for bn in bns:
         if (type(bn) not in _BN_TYPES or bn.training or bn.running_mean is None or bn.running_var is None
-                or bn._forward_hooks or bn._forward_pre_hooks or op.channel_dim(x.ndim) != 1
+                or bn._forward_hooks or bn._forward_pre_hooks
                 or bn.running_var.dtype != x.dtype or bn.running_var.device != x.device):
             return None
         if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (bn.weight, bn.bias)):
@@ -357,7 +354,7 @@ def fused_site(op: MeanSparse, spec: Spec, s: Struct, bns: tuple, *leaves: Tenso
     """``activation(op(producer(*leaves)))``: what :func:`meansparse.fuse` puts in an fx graph where it
     absorbed the producer of a site's input."""
     grad = torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in leaves)
-    layout = _eligible(op, spec, s, bns, leaves, grad)
+    layout = _eligible(op, spec, bns, leaves)
     if layout is not None:
         x = leaves[0]
         key = (layout, x.ndim, op.channel_dim(x.ndim))

@@ -107,13 +107,15 @@ def _from_mean_m2(count: float, mean: Tensor, m2: Tensor) -> Moments:
     return out
 
 
+def _split(x: Tensor, cd: int) -> tuple[int, int, int]:
+    """(A, C, B): sizes before, at and after the channel dim ``cd`` (``x`` viewed as A x C x B)."""
+    a, c = math.prod(x.shape[:cd]), x.shape[cd]
+    return a, c, x.numel() // (a * c)
+
+
 def _fast_moments(x: Tensor, cd: int) -> Moments:
     """See :meth:`Moments.batch_stats_fast`."""
-    c = x.shape[cd]
-    a = 1
-    for s in x.shape[:cd]:
-        a *= s
-    b = x.numel() // (a * c)
+    a, c, b = _split(x, cd)
     x = x.detach()
     if b > 1:  # groups: one (sample, channel) plane each
         v = x.reshape(a, c, b)
@@ -257,14 +259,12 @@ class Moments:
     def update_fast(self, x: Tensor, channel_dim: int) -> Moments:
         """``merge(batch_stats_fast(x, channel_dim))`` (what calibration uses), in one compiled call when the
         channel dim has something after it; also sets :attr:`finite`."""
-        cd = channel_dim % x.ndim if x.ndim else 0
-        c = x.shape[cd] if x.ndim else 0
-        b = x.numel() // max(1, c * math.prod(x.shape[:cd])) if x.ndim >= 2 and c else 0
-        if b > 1 and x.numel() and (self.count is None or self.count.shape == (c,)):
-            v = x.detach().reshape(-1, c, b)
+        a, c, b = _split(x, channel_dim % x.ndim) if x.ndim >= 2 and x.numel() else (0, 0, 0)
+        if b > 1 and (self.count is None or self.count.shape == (c,)):
+            v = x.detach().reshape(a, c, b)
             # once compiled (dynamic shapes), the kernel serves small inputs too: one call beats ~20 eager ops
             k = _KERNELS.get("update_first")
-            if _use_compiled(v) or (k is not None and k._compiled is not None and _use_compiled(v, small=True)):
+            if _use_compiled(v, small=k is not None and k._compiled is not None):
                 if self.count is None:
                     self._allocate(c, x.device)
                 self.count, self.mean_, self.m2, self.finite = _kernel("update_first")(

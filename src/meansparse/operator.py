@@ -318,7 +318,7 @@ class MeanSparse(nn.Module):
         o = self._observer
         if o is None or o.count is None:
             return None
-        if getattr(o, "finite", None) is not None:
+        if o.finite is not None:
             return o.finite
         return torch.isfinite(o.mean_).all() & torch.isfinite(o.m2).all()
 
