@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .evaluation.cli import parse_eps, parse_options
+from .evaluation.cli import FUSE_HELP, parse_eps, parse_options
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -88,8 +88,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the models run")
-    p.add_argument("--fuse", action="store_true",
-                   help="fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU")
+    p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="report directory")
 

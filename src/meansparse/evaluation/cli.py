@@ -14,6 +14,8 @@ from typing import Any
 
 from .attacks import ATTACK_NAMES, DEFAULT_ATTACKS
 
+#: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
+FUSE_HELP = "fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU"
 
 def parse_eps(text: str) -> float:
     """'8/255', '0.031' or '2e-2' -> float (fractions keep the usual CIFAR notation exact)."""
@@ -70,8 +72,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--fuse", action="store_true",
-                   help="fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU")
+    p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
     p.add_argument("--state", default=None, help="resume file (default OUT/state.json)")
     p.add_argument("--no-resume", action="store_true", help="do not read or write a resume file")
