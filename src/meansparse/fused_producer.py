@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import operator as _op
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,12 +69,18 @@ def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     return (a.double() * b.double() + c.double()).to(c.dtype)
 
 
-def _value(s: Struct, leaves: tuple, aff: tuple) -> Tensor:
+def _walk(s: Struct, leaves: tuple, bn: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """Evaluate the producer expression ``s`` on ``leaves``, applying BatchNorm ``j`` as ``bn(j, x)``."""
     if s[0] == "x":
         return leaves[s[1]]
     if s[0] == "bn":
-        return _fma(_value(s[2], leaves, aff), aff[2 * s[1]], aff[2 * s[1] + 1])
-    return _value(s[1], leaves, aff) + _value(s[2], leaves, aff)
+        return bn(s[1], _walk(s[2], leaves, bn))
+    return _walk(s[1], leaves, bn) + _walk(s[2], leaves, bn)
+
+
+def _value(s: Struct, leaves: tuple, aff: tuple) -> Tensor:
+    """Inside the kernels: BatchNorm ``j`` as ATen's fused multiply-add with its terms ``aff[2j:2j+2]``."""
+    return _walk(s, leaves, lambda j, x: _fma(x, aff[2 * j], aff[2 * j + 1]))
 
 
 def _leaf_bns(s: Struct, out: dict[int, int | None] | None = None, bn: int | None = None) -> dict[int, int | None]:
@@ -106,22 +113,17 @@ def describe(s: Struct) -> str:
 
 def _evaluate(s: Struct, bns: tuple, leaves: tuple) -> Tensor:
     """The absorbed producer as the original graph computed it (modules called as modules)."""
-    if s[0] == "x":
-        return leaves[s[1]]
-    if s[0] == "bn":
-        return bns[s[1]](_evaluate(s[2], bns, leaves))
-    return _evaluate(s[1], bns, leaves) + _evaluate(s[2], bns, leaves)
+    return _walk(s, leaves, lambda j, x: bns[j](x))
 
 
 def _reference(s: Struct, bns: tuple, leaves: tuple) -> Tensor:
     """Same values through ``F.batch_norm`` in eval mode (the probe's reference; no hooks, no stat updates)."""
-    if s[0] == "x":
-        return leaves[s[1]]
-    if s[0] == "bn":
-        bn = bns[s[1]]
-        return F.batch_norm(_reference(s[2], bns, leaves), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                            False, 0.0, bn.eps)
-    return _reference(s[1], bns, leaves) + _reference(s[2], bns, leaves)
+
+    def bn(j: int, x: Tensor) -> Tensor:
+        m = bns[j]
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    return _walk(s, leaves, bn)
 
 
 # ================================================================================ kernels
