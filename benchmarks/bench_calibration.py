@@ -56,7 +56,7 @@ def reference_observe(op, x):
     b = Moments.batch_stats(x, op.channel_dim(x.ndim))
     if not bool(torch.isfinite(b.mean_).all() and torch.isfinite(b.m2).all()):
         raise ValueError("non-finite")
-    op._observer.merge(b)
+    op.observer.merge(b)
 
 
 def variant_fns(base, model, data):
@@ -84,14 +84,13 @@ def variant_fns(base, model, data):
 
     def reference():
         ops = ms.operators(model)
-        originals = [op._observe for op in ops]
         try:
-            for op in ops:
-                op._observe = (lambda x, op=op: (op._check_channels(x), reference_observe(op, x)))
+            for op in ops:  # an instance attribute shadows the method for the duration of the pass
+                op.observe = (lambda x, op=op: (op.check_channels(x), reference_observe(op, x)))
             ms.calibrate(model, data, progress=False)
         finally:
-            for op, fn in zip(ops, originals, strict=True):
-                op._observe = fn
+            for op in ops:
+                del op.observe
 
     return {"eval": eval_pass, "eval_prepared": eval_prepared, "calibrate": calibrate,
             "calibrate_eager": calibrate_eager, "reference": reference}

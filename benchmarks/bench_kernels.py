@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup, write_json
 
 import meansparse as ms
-from meansparse import fused
+from meansparse._compile import compile_disabled_reason, compile_enabled
+from meansparse.accel import kernels
 from meansparse.models import create_model
 
 
@@ -56,7 +57,7 @@ def gelu_case(repeats: int) -> tuple[list[list[str]], dict]:
 def relu_case(repeats: int) -> tuple[list[list[str]], dict]:
     x = torch.randn(64, 16, 32, 32)  # 1 M elements
     m, t = torch.randn(1, 16, 1, 1) * 0.1, torch.rand(1, 16, 1, 1) * 0.3
-    k = fused.kernel("relu", (), "forward", ("contiguous", 4, 1))
+    k = kernels.kernel("relu", (), "forward", ("contiguous", 4, 1))
     res = interleaved({"ATen ReLU": _no_grad(torch.relu, x), "compiled sparsify+ReLU": _no_grad(k, x, m, t)},
                       repeats, warmup=2)
     rows = [["ReLU, 1 M elements", name, f"{1e3 * v['median']:.3f}", ""] for name, v in res.items()]
@@ -66,7 +67,7 @@ def relu_case(repeats: int) -> tuple[list[list[str]], dict]:
 def call_overhead_case(repeats: int) -> tuple[list[list[str]], dict]:
     x = torch.randn(1, 4, 2, 2)
     m, t = torch.zeros(1, 4, 1, 1), torch.full((1, 4, 1, 1), 0.1)
-    k = fused.kernel("relu", (), "forward", ("contiguous", 4, 1))
+    k = kernels.kernel("relu", (), "forward", ("contiguous", 4, 1))
 
     def eager(v, c, h):
         return torch.relu(torch.where((v - c).abs() < h, c, v))
@@ -160,8 +161,8 @@ def main() -> None:
     args.repeats = args.repeats or (5 if args.quick else 15)
     setup(args.threads)
     set_clock(args.clock, args.threads)
-    if not fused.compile_enabled():
-        raise SystemExit(f"torch.compile is unavailable here ({fused.compile_disabled_reason()})")
+    if not compile_enabled():
+        raise SystemExit(f"torch.compile is unavailable here ({compile_disabled_reason()})")
     rows, out = [], {"environment": environment(args.threads)}
     for case in (gelu_case, relu_case, call_overhead_case, fx_case, producer_case):
         r, d = case(args.repeats)

@@ -32,7 +32,7 @@ from _common import (
 )
 
 import meansparse as ms
-from meansparse.fused import compile_disabled_reason, compile_enabled
+from meansparse._compile import compile_disabled_reason, compile_enabled
 from meansparse.models import create_model
 
 

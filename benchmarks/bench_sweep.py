@@ -17,8 +17,8 @@ from _common import base_parser, describe, environment, fmt_table, set_clock, se
 from bench_evaluate import digits_model
 
 import meansparse as ms
+from meansparse import MeanSparse
 from meansparse.data import Batches, load_dataset
-from meansparse.operator import MeanSparse
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from meansparse.plots import _pyplot  # matplotlib with the Agg backend, or a clear ImportError
+from meansparse.plots import pyplot  # matplotlib with the Agg backend, or a clear ImportError
 
 #: the paper's metric in each α table: the first of these columns present
 PLAIN = ("apgd-ce", "pgd")
@@ -25,7 +25,8 @@ def _pct(v: float | None) -> float:
     return float("nan") if v is None else 100 * v
 
 
-def _plain(rec: dict[str, Any]) -> str | None:
+def plain_attack(rec: dict[str, Any]) -> str | None:
+    """The plain (paper-metric) attack column of a result record, if it has one."""
     return next((k for k in PLAIN if k in rec), None)
 
 
@@ -43,7 +44,7 @@ def _variant_curves(ax, data: dict[str, list[dict[str, Any]]]) -> None:
     for i, (tag, recs) in enumerate(data.items()):
         color = f"C{i}"
         xs = [r["alpha"] for r in recs]
-        plain = _plain(recs[0])
+        plain = plain_attack(recs[0])
         ax.plot(xs, [_pct(r[plain]) for r in recs], "o--", color=color, lw=1.2, label=f"{tag}: {plain}")
         ax.plot(xs, [_pct(r["worst_case"]) for r in recs], "o-", color=color, lw=2.2, label=f"{tag}: worst case")
     ax.set_xlabel("α")
@@ -71,7 +72,7 @@ def _bars(ax, labels: list[str], plain: list[float], worst: list[float], plain_l
 
 def plot_result(path: str | Path, data: Any, title: str) -> Path | None:
     """Draw ``data`` (an ablation's results.json "data") to ``path``; None if the shape is unknown."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         if isinstance(data, list) and data and "alpha" in data[0]:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 import meansparse as ms
+from meansparse._utils import resolve_device
 from meansparse.data import Batches, holdout_split, load_dataset
 from meansparse.evaluation import AdaptivePGD
-from meansparse.pipeline import _device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_plots import plot_result  # noqa: E402
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        device = _device(args.device)  # the pipeline's check: a valid torch device that is available
+        device = resolve_device(args.device)  # a valid torch device that is available
     except ValueError as e:
         p.error(str(e))
     if device.type == "cuda":

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation_plots import _plain  # noqa: E402
+from ablation_plots import plain_attack  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,7 +28,7 @@ def _pts(v: float) -> str:
 def _table_rows(name: str, label: str, recs: list[dict], budget: float) -> list[str] | None:
     if not recs or "alpha" not in recs[0]:
         return None
-    plain = _plain(recs[0])
+    plain = plain_attack(recs[0])
     base = next((r for r in recs if r["alpha"] == 0), None)
     if plain is None or base is None:
         return None

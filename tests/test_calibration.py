@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import meansparse as ms
+from meansparse import Moments
 
 
 def captured_reference(model, batches):
@@ -149,3 +150,26 @@ def test_calibrate_accepts_device(build_model, images):
     model = ms.prepare(build_model("se"))
     assert ms.calibrate(model, [images], device="cpu", progress=False) is model
     assert all(o.running_mean.device.type == "cpu" for o in ms.operators(model))
+
+
+def test_calibration_keeps_batches_exact_and_merges_per_batch(build_model):
+    torch.manual_seed(0)
+    model = ms.prepare(build_model("vit"))
+    batches = [torch.randn(n, 3, 16, 16) * (1 + i) for i, n in enumerate([3, 1, 4])]
+    ms.calibrate(model, batches, progress=False)
+    ref = ms.prepare(build_model("vit"))
+    for op in ms.operators(ref):
+        op.start_observing()
+    feats = {i: [] for i in range(2)}
+    hooks = [op.register_forward_pre_hook(lambda m, a, i=i: feats[i].append(a[0])) for i, op in
+             enumerate(ms.operators(ref))]
+    with torch.no_grad():
+        for b in batches:
+            ref(b)
+    for h in hooks:
+        h.remove()
+    for i, op in enumerate(ms.operators(model)):
+        whole = Moments()
+        for f in feats[i]:
+            whole.update(f, -1)
+        torch.testing.assert_close(op.running_var.double(), whole.var, rtol=1e-6, atol=0)

@@ -11,7 +11,7 @@ from torch import nn
 
 import meansparse as ms
 from meansparse import MeanSparse
-from meansparse.insertion import MeanSparseActivation
+from meansparse.placement import MeanSparseActivation
 
 # name -> (sites, sites after a residual add, expected (layout, channels) of the first site)
 EXPECTED = {

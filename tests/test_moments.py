@@ -8,7 +8,9 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meansparse import Moments
+from meansparse import MeanSparse, Moments
+from meansparse._compile import compile_disabled_reason, compile_enabled
+from meansparse.core.moments import compiled_kernels
 
 
 def reference(x: torch.Tensor, cd: int):
@@ -130,3 +132,60 @@ def test_all_reduce_folds_ranks_with_the_same_merge(monkeypatch):
     mine.all_reduce()
     torch.testing.assert_close(mine.mean, whole.mean, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(mine.var, whole.var, rtol=1e-14, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------- fast statistics
+
+
+@pytest.mark.parametrize("shape,cd", [((6, 5, 7, 3), 1), ((4, 9, 5), 2), ((300, 4), 1), ((3, 6, 2, 4), 3),
+                                      ((2, 3, 1, 1), 1), ((1, 4, 257), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_fast_batch_stats_match_the_float64_reference(shape, cd, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 2 + 30).to(dtype)  # |mean| = 15 sigma: a naive sum of squares would fail
+    fast, exact = Moments.batch_stats_fast(x, cd), Moments.batch_stats(x, cd)
+    assert torch.equal(fast.count, exact.count)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(fast.mean, exact.mean, rtol=tol, atol=0)
+    torch.testing.assert_close(fast.var, exact.var, rtol=tol * 10, atol=0)
+
+
+def test_fast_batch_stats_compiled_path_and_chunks(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 16, 16) * 3 - 40
+    exact = Moments.batch_stats(x, 1)
+    monkeypatch.setattr("meansparse.core.moments.CHUNK_ELEMENTS", 1000)  # eager: many chunks
+    for fast in (Moments.batch_stats_fast(x, 1), Moments.batch_stats_fast(x.permute(0, 2, 3, 1), 3)):
+        torch.testing.assert_close(fast.mean, exact.mean, rtol=1e-9, atol=0)
+        torch.testing.assert_close(fast.var, exact.var, rtol=1e-6, atol=0)
+    if compile_enabled():
+        fast = Moments.batch_stats_fast(x, 1)
+        assert compiled_kernels()["first"]
+        torch.testing.assert_close(fast.mean, exact.mean, rtol=1e-9, atol=0)
+        torch.testing.assert_close(fast.var, exact.var, rtol=1e-6, atol=0)
+
+
+def test_fused_moments_update_matches_the_reference_and_flags_non_finite():
+    """``Moments.update_fast`` (batch moments + Chan merge + finiteness in one compiled call) equals the
+    float64 reference over several batches of different sizes, and its flag catches NaN/Inf."""
+    if not compile_enabled():
+        pytest.skip(f"torch.compile unavailable here ({compile_disabled_reason()})")
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 8, 16, 16) * (1 + i) - 20 for i, n in enumerate([16, 17, 40])]
+    acc, ref = Moments(), Moments()
+    for b in batches:
+        acc.update_fast(b, 1)
+        ref.update(b, 1)
+        assert acc.finite is not None and bool(acc.finite)
+    assert compiled_kernels()["update_first"]
+    assert acc.total == ref.total == sum(b.numel() // 8 for b in batches)
+    torch.testing.assert_close(acc.mean, ref.mean, rtol=1e-9, atol=0)
+    torch.testing.assert_close(acc.var, ref.var, rtol=1e-6, atol=0)
+    bad = batches[0].clone()
+    bad[2, 5, 3, 3] = float("inf")
+    acc.update_fast(bad, 1)
+    assert not bool(acc.finite)
+    op = MeanSparse(8, layout="NCHW", site_name="s")
+    op.start_observing()
+    op(bad)
+    assert not bool(op.observer_finite())

@@ -247,3 +247,49 @@ def test_global_centering_uses_pooled_statistics():
     t = math.sqrt(2.0)
     want = [[1.0 if abs(v - 1.0) < t else v for v in row] for row in x.tolist()]
     assert op(x).tolist() == want
+
+
+# ---------------------------------------------------------------------------------------------- lean operator
+
+
+def lean_op(c=16, layout="NCHW", seed=0, cls=MeanSparse):
+    """A calibrated operator (alpha 0.5) with random statistics; ``cls`` may be a subclass (a fused one)."""
+    g = torch.Generator().manual_seed(seed)
+    op = cls(c, layout=layout, site_name="s")
+    op.set_statistics(torch.randn(c, generator=g) * 0.3, torch.rand(c, generator=g) + 0.5, num_samples=10)
+    op.set_alpha(0.5)
+    return op
+
+
+def test_centre_threshold_cache_follows_every_change():
+    op = lean_op(c=3, layout="NC")
+    x = torch.randn(50, 3) * 2
+
+    def fresh():
+        m, t = (v.to(x.dtype) for v in op.center_threshold())
+        return torch.where((x - m).abs() < t, m, x)
+
+    assert torch.equal(op(x), fresh())
+    op.set_alpha(1.5)
+    assert torch.equal(op(x), fresh())
+    op.set_statistics(torch.tensor([1.0, -1.0, 0.0]), torch.tensor([2.0, 0.5, 1.0]), num_samples=5)
+    assert torch.equal(op(x), fresh())
+    with torch.no_grad():
+        op.running_mean.add_(0.25)  # in-place edit of a buffer
+    assert torch.equal(op(x), fresh())
+    op.centering = "global"
+    assert torch.equal(op(x), fresh())
+    op.load_state_dict(lean_op(c=3, layout="NC", seed=5).state_dict())
+    assert torch.equal(op(x), fresh())
+    op.double()  # new buffer objects
+    x = x.double()
+    assert torch.equal(op(x), fresh())
+    with torch.inference_mode():  # inference tensors have no version counter: computed every call
+        assert torch.equal(op(x), fresh())
+
+
+def test_alpha_zero_returns_the_input_object():
+    op = lean_op()
+    op.set_alpha(0.0)
+    x = torch.randn(2, 16, 3, 3)
+    assert op(x) is x

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import meansparse as ms
+from meansparse.cli import main
 from meansparse.data import Batches, holdout_split, load_digits
 from meansparse.pipeline import PipelineConfig, run
 from meansparse.search import AlphaSearchResult, schedule
@@ -100,20 +101,8 @@ def test_pipeline_writes_a_complete_report(tmp_path):
     assert torch.is_tensor(ms.operators(again)[0].running_mean)
 
 
-def test_sweep_command_saves_the_chosen_state(tmp_path):
-    from meansparse.cli import main
-
-    rc = main(["sweep", "--out", str(tmp_path), "--alphas", "0,0.3", "--n-holdout", "100", "--n-sweep-robust",
-               "30", "--option", "apgd-ce.steps=3", "--train-epochs", "2", "--quiet"])
-    assert rc == 0
-    assert (tmp_path / "meansparse.safetensors").exists() and (tmp_path / "alpha_curve.png").exists()
-    assert json.loads((tmp_path / "sweep.json").read_text())["chosen"]["alpha"] in (0.0, 0.3)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_unavailable_device_fails_before_any_work(tmp_path, capsys):
-    from meansparse.cli import main
-
     assert main(["sweep", "--out", str(tmp_path), "--device", "cuda", "--quiet"]) == 2
     assert "error: device 'cuda' requested but torch.cuda.is_available() is False" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a valid torch device"):

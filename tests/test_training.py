@@ -10,6 +10,7 @@ import torch
 from meansparse.data import load_digits
 from meansparse.models import load
 from meansparse.training import TrainConfig, lr_at, train
+from meansparse.version import __version__
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def test_checkpoint_config_records_the_run(digits, tmp_path):
     cfg = json.loads((tmp_path / "best.json").read_text())
     assert cfg["command"] == "meansparse train X" and cfg["training"]["method"] == "standard"
     assert cfg["model"] == "small_cnn" and "holdout_clean" in cfg["best_epoch"]
+    assert cfg["meansparse_version"] == __version__
 
 
 def test_bad_config_is_rejected(digits, tmp_path):

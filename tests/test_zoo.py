@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import meansparse as ms
-from meansparse import _torchvision_shim, zoo
-from meansparse.insertion import MeanSparseOutput
+from meansparse import zoo
+from meansparse.placement import MeanSparseOutput, get_record
+from meansparse.zoo import torchvision_shim
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -139,7 +140,7 @@ def test_reference_placement(family, robustbench):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fx fallback, no uncovered activation or add
         model = ms.prepare(base, preset="auto", example_inputs=x)
-    rec = model.__dict__["_meansparse_record"]
+    rec = get_record(model)
     assert rec.config["preset"] == family and rec.config["method"] == METHOD[family]
     got = [(s.kind, s.layout, s.channels) for s in ms.sites(model)]
     assert got == EXPECTED[family]
@@ -389,9 +390,9 @@ def test_missing_extra_names_it(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ shim
 def test_shim_imports_torchvision_and_fakes_nothing(timm):
-    tv = _torchvision_shim.import_torchvision()
+    tv = torchvision_shim.import_torchvision()
     assert tv is sys.modules["torchvision"]
-    if _torchvision_shim.shimmed():  # this machine's torchvision cannot load its C++ operators
+    if torchvision_shim.shimmed():  # this machine's torchvision cannot load its C++ operators
         with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
             tv.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
 
@@ -420,5 +421,5 @@ def test_shim_reraises_other_failures(error, monkeypatch):
         monkeypatch.delitem(sys.modules, name)  # restored afterwards by monkeypatch
     monkeypatch.setattr(sys, "meta_path", [_Failing(error), *sys.meta_path])
     with pytest.raises(RuntimeError) as info:
-        _torchvision_shim.import_torchvision()
+        torchvision_shim.import_torchvision()
     assert info.value is error

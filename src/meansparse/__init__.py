@@ -7,27 +7,50 @@ Typical use::
     ms.calibrate(model, train_loader)  # exact per-channel mean/var in one pass
     ms.set_alpha(model, 0.2)
     ms.save(model, "state.safetensors")
+
+This module only gathers the public API; the layers it comes from are described in docs/architecture.md.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import functools
+import inspect
 
+from . import accel as _accel
+from . import data, models, zoo
+from .accel import fuse, fused_sites, tune_cpu_allocator, unfuse
 from .calibration import calibrate
-from .insertion import (
+from .core import MeanSparse, Moments, operators
+from .evaluation import Report, evaluate
+from .placement import (
     MeanSparseActivation,
     Site,
-    operators,
-    prepare,
     register_activation,
     remove,
     set_alpha,
     sites,
     straight_through,
 )
-from .moments import Moments
-from .operator import MeanSparse
+from .placement import prepare as _place
+from .search import AlphaSearchResult, search_alpha, search_per_site, search_schedule
 from .serialization import load, save
+from .version import __version__
+
+
+@functools.wraps(_place)
+def prepare(*args, fuse: bool = False, **kwargs):
+    prepared = _place(*args, **kwargs)
+    return _accel.fuse(prepared) if fuse else prepared
+
+
+prepare.__doc__ = (_place.__doc__ or "") + """
+    ``fuse=True`` also calls :func:`meansparse.fuse` (operator + activation in one compiled function, same
+    results; see :mod:`meansparse.accel`).
+"""
+_signature = inspect.signature(_place)
+prepare.__signature__ = _signature.replace(parameters=[  # type: ignore[attr-defined]
+    *_signature.parameters.values(), inspect.Parameter("fuse", inspect.Parameter.KEYWORD_ONLY, default=False)])
+
 
 __all__ = [
     "__version__",
@@ -45,26 +68,17 @@ __all__ = [
     "register_activation",
     "Moments",
     "Site",
+    "Report",
+    "evaluate",
+    "AlphaSearchResult",
+    "search_alpha",
+    "search_per_site",
+    "search_schedule",
+    "data",
+    "models",
+    "fuse",
+    "unfuse",
+    "fused_sites",
+    "tune_cpu_allocator",
+    "zoo",
 ]
-
-# ---------------------------------------------------------------------------------------------------
-# Extension point: modules written in other issues register their public names below, e.g.
-#     from .evaluation import evaluate  # noqa: E402
-#     __all__ += ["evaluate"]
-# (kept at the end so the core above never depends on them)
-# ---------------------------------------------------------------------------------------------------
-from . import data, models  # noqa: E402, F401
-from .evaluation import Report, evaluate  # noqa: E402, F401
-from .search import AlphaSearchResult, search_alpha, search_per_site, search_schedule  # noqa: E402, F401
-
-__all__ += ["Report", "evaluate", "AlphaSearchResult", "search_alpha", "search_per_site", "search_schedule",
-            "data", "models"]
-from .fused import fuse, fused_sites, unfuse  # noqa: E402
-
-__all__ += ["fuse", "unfuse", "fused_sites"]
-from .allocator import tune_cpu_allocator  # noqa: E402
-
-__all__ += ["tune_cpu_allocator"]
-from . import zoo  # noqa: E402  (imports timm / robustbench only when used)
-
-__all__ += ["zoo"]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .insertion import _model_device, _record, operators
-from .moments import Moments
-from .operator import MeanSparse
+from ._utils import model_device
+from .core import MeanSparse, Moments, operators
+from .placement import get_record
 
 __all__ = ["calibrate"]
 
@@ -94,10 +94,10 @@ def calibrate(
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     if device is not None:
         model.to(device)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
 
     modes = [(m, m.training) for m in model.modules()]
-    previous = [op._observer for op in ops]
+    previous = [op.observer for op in ops]
     total = None
     if max_batches is None:
         try:
@@ -149,7 +149,7 @@ def calibrate(
         for op, m in zip(ops, moments, strict=True):
             if m.count is not None and m.total > 0:
                 op.set_statistics(m.mean, m.var, num_samples=int(m.total))
-        rec = _record(model) or next((r for r in map(_record, model.modules()) if r is not None), None)
+        rec = get_record(model) or next((r for r in map(get_record, model.modules()) if r is not None), None)
         if rec is not None and input_shape is not None:
             rec.config["input_shape"] = input_shape
         if bar is not None and elapsed > 0:
@@ -158,7 +158,7 @@ def calibrate(
         if bar is not None:
             bar.close()
         for op, obs in zip(ops, previous, strict=True):
-            op._observer = obs
+            op.observer = obs
             op.batch_index = None
         for m, t in modes:
             m.training = t

@@ -17,8 +17,18 @@ from typing import Any
 
 from torch import nn
 
+from ._utils import resolve_device
+from .accel import fuse, fused_sites
+from .calibration import calibrate
+from .core import operators
 from .data import Batches, ImageSet, holdout_split, load_dataset
-from .search import DEFAULT_ALPHAS, DEFAULT_SEARCH_ATTACKS, search_alpha
+from .evaluation import Report, evaluate
+from .models import load as load_checkpoint
+from .placement import prepare, set_alpha, sites
+from .plots import plot_alpha_curve, plot_feature_histogram
+from .search import DEFAULT_ALPHAS, DEFAULT_SEARCH_ATTACKS, AlphaSearchResult, search_alpha
+from .serialization import save
+from .training import TrainConfig, train
 
 HONEST_ATTACKS = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
 DIGITS_EPS = 0.1  # Linf budget used for the 8x8 digits default (pixels in [0, 1], 17 grey levels)
@@ -26,6 +36,8 @@ DIGITS_EPS = 0.1  # Linf budget used for the 8x8 digits default (pixels in [0, 1
 
 @dataclass
 class PipelineConfig:
+    """What ``meansparse demo`` / ``sweep`` run: data and model, threat model, α grid, budget and attacks."""
+
     data: str = "digits"
     data_root: str | None = None
     model: str | None = None          # checkpoint path; None = train the small digits model
@@ -43,42 +55,27 @@ class PipelineConfig:
     batch_size: int = 256
     seed: int = 0
     progress: bool = True
-    train_epochs: int = 30            # the embedded digits model (about 20 s on 2 cores)
+    train_epochs: int = 30            # epochs of the embedded digits model
     device: str = "cpu"               # where the models run ("cuda", "cuda:1", ...); data stays on the CPU
-    fuse: bool = False                # ms.fuse the MeanSparse model: bit-identical on CPU, faster there
-
-
-def _device(name: str):
-    import torch
-
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device {name!r} is not a valid torch device: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
-    return dev
+    fuse: bool = False                # fuse the MeanSparse model: bit-identical on CPU, faster there
 
 
 def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Module:
-    from .models import load
-    from .training import TrainConfig, train
-
     tc = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 32}, dataset="digits",
                      method="pgd", eps=cfg.eps, steps=5, step_size=cfg.eps / 4, epochs=cfg.train_epochs, batch_size=64,
                      lr=0.05, n_holdout=cfg.n_holdout, eval_n=cfg.n_holdout, eval_steps=10, seed=cfg.seed)
     train(tc, out, progress=progress, command="meansparse demo (embedded digits model)", device=cfg.device)
-    return load(out / "best")
+    return load_checkpoint(out / "best")
 
 
 def _load_data(cfg: PipelineConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
-    train = load_dataset(cfg.data, "train", root=cfg.data_root)
+    full = load_dataset(cfg.data, "train", root=cfg.data_root)
     test = load_dataset(cfg.data, "test", root=cfg.data_root).sample(cfg.n_test, seed=cfg.seed)
-    fit, hold = holdout_split(train, cfg.n_holdout, seed=cfg.seed)
+    fit, hold = holdout_split(full, cfg.n_holdout, seed=cfg.seed)
     return fit, hold, test
 
 
-def _table(before, after) -> str:
+def _table(before: Report, after: Report) -> str:
     names = list(dict.fromkeys([*before.robust_accuracy, *after.robust_accuracy]))
     lines = ["| | clean % | " + " | ".join(f"{n} %" for n in names) + " | **worst case %** |",
              "|---|---:|" + "---:|" * len(names) + "---:|"]
@@ -89,30 +86,27 @@ def _table(before, after) -> str:
     return "\n".join(lines)
 
 
-def _calibrated(cfg: PipelineConfig, out: Path):
+def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, ImageSet, ImageSet, ImageSet]:
     """Data splits, the base model, and a MeanSparse copy calibrated once on the fitting split."""
-    import meansparse as ms
-
     if cfg.eps is None:
         cfg.eps = DIGITS_EPS if cfg.data == "digits" else 8 / 255
-    device = _device(cfg.device)  # fail before loading data or training anything
+    device = resolve_device(cfg.device)  # fail before loading data or training anything
     fit, hold, test = _load_data(cfg)
     say = _say(cfg)
     say(f"data: {cfg.data} — {len(fit)} calibration / {len(hold)} held-out / {len(test)} test images")
     if cfg.model:
-        base = ms.models.load(cfg.model)
+        base = load_checkpoint(cfg.model)
     elif cfg.data == "digits":
         base = _train_digits_model(out / "model", cfg, cfg.progress)
     else:
         raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
     base = base.to(device).eval()
-    model = ms.prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),))
-    say(f"prepared: {len(ms.sites(model))} MeanSparse sites")
-    ms.calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches,
-                 progress=cfg.progress)
+    model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),))
+    say(f"prepared: {len(sites(model))} MeanSparse sites")
+    calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches, progress=cfg.progress)
     if cfg.fuse:
-        ms.fuse(model)
-        say(f"fused: {len(ms.fused_sites(model))} of {len(ms.operators(model))} sites")
+        fuse(model)
+        say(f"fused: {len(fused_sites(model))} of {len(operators(model))} sites")
     return base, model, fit, hold, test
 
 
@@ -120,7 +114,7 @@ def _say(cfg: PipelineConfig):
     return print if cfg.progress else (lambda *a, **k: None)
 
 
-def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path):
+def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path) -> AlphaSearchResult:
     """Global α sweep on the held-out split; writes sweep.json / sweep.md / alpha_curve.png."""
     sweep = search_alpha(model, hold.float(), hold.labels, cfg.alphas, clean_budget=cfg.clean_budget,
                          n_robust=cfg.n_sweep_robust, attacks=cfg.sweep_attacks, norm=cfg.norm, eps=cfg.eps,
@@ -130,8 +124,6 @@ def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path):
     (out / "sweep.md").write_text(sweep.to_markdown())
     _say(cfg)(sweep.to_markdown())
     try:
-        from .plots import plot_alpha_curve
-
         plot_alpha_curve(sweep.rows, out / "alpha_curve.png", chosen=float(sweep.chosen["alpha"]),
                          naive=float(sweep.naive["alpha"]),
                          title=f"{cfg.data}: α sweep on {len(hold)} held-out images ({cfg.norm} ε={cfg.eps:.4g})")
@@ -142,14 +134,12 @@ def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path):
 
 def run_sweep(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     """`meansparse sweep`: calibrate once, sweep α on held-out data, save the state with the chosen α."""
-    import meansparse as ms
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _, model, _, hold, _ = _calibrated(cfg, out)
     sweep = _sweep(cfg, model, hold, out)
-    ms.set_alpha(model, sweep.chosen_alpha)
-    ms.save(model, out / "meansparse.safetensors")
+    set_alpha(model, sweep.chosen_alpha)
+    save(model, out / "meansparse.safetensors")
     _say(cfg)(f"chosen α = {sweep.chosen_alpha} (plain-attack choice: {sweep.naive['alpha']}); "
               f"state: {out / 'meansparse.safetensors'}")
     return json.loads(sweep.to_json())
@@ -157,8 +147,6 @@ def run_sweep(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
 
 def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     """Run the whole job, writing everything under `out`; returns the summary also saved as summary.json."""
-    import meansparse as ms
-
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,19 +165,17 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     x, y = test.float(), test.labels
     common = dict(norm=cfg.norm, eps=cfg.eps, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
                   attack_options=cfg.attack_options)
-    before = ms.evaluate(base, x, y, attacks=[a for a in cfg.attacks if not a.startswith(("bpda-", "transfer"))],
-                         state_path=out / "state" / "before.json", **common)
-    ms.set_alpha(model, shown)
-    after = ms.evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
-                        state_path=out / "state" / "after.json", **common)
+    before = evaluate(base, x, y, attacks=[a for a in cfg.attacks if not a.startswith(("bpda-", "transfer"))],
+                      state_path=out / "state" / "before.json", **common)
+    set_alpha(model, shown)
+    after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
+                     state_path=out / "state" / "after.json", **common)
     (out / "before.json").write_text(before.to_json())
     (out / "after.json").write_text(after.to_json())
 
     plots = {"alpha_curve": "alpha_curve.png"} if (out / "alpha_curve.png").exists() else {}
     try:
-        from .plots import plot_feature_histogram
-
-        op = ms.operators(model)[0]
+        op = operators(model)[0]
         plots["feature_histogram"] = plot_feature_histogram(model, op, x[:256], out / "feature_histogram.png").name
     except ImportError as e:
         say(f"(plots skipped: {e})")
@@ -206,7 +192,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     md = [f"# MeanSparse report — {cfg.data}", "",
           f"- model: {summary['model']}", f"- threat model: {cfg.norm}, ε = {cfg.eps:.4g}",
-          f"- sites: {len(ms.sites(model))}; calibration on {len(fit)} training images; α chosen on "
+          f"- sites: {len(sites(model))}; calibration on {len(fit)} training images; α chosen on "
           f"{len(hold)} held-out training images (never the test split)",
           f"- chosen α = {alpha if isinstance(alpha, float) else 'per-layer'} (worst case within a "
           f"{100 * cfg.clean_budget:.2f}-point clean budget); a plain white-box selection would have picked "
@@ -221,8 +207,8 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     md += [f"![{k}]({v})" for k, v in plots.items()]
     md += ["", "## Per-attack breakdown after MeanSparse", "", after.to_markdown()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    ms.set_alpha(model, alpha)
-    ms.save(model, out / "meansparse.safetensors")  # the recommended setting
+    set_alpha(model, alpha)
+    save(model, out / "meansparse.safetensors")  # the recommended setting
     say("\n" + _table(before, after).replace("+ MeanSparse", f"+ MeanSparse α={shown:g}"))
     if shown != alpha:
         say(f"recommended α = 0: no α > 0 raises the worst case within the budget (shown: α = {shown:g})")

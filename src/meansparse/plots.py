@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .insertion import _model_device
+from ._utils import model_device
+from .core import MeanSparse
+
+__all__ = ["pyplot", "plot_alpha_curve", "capture_site", "plot_feature_histogram"]
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or an ImportError naming the ``[plot]`` extra."""
     try:
         import matplotlib
 
@@ -36,7 +40,7 @@ def _save(fig, path: str | Path) -> Path:
 def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | None = None,
                      naive: float | None = None, title: str = "") -> Path:
     """Clean, plain-robust and worst-case robust accuracy against α (rows: dicts with those keys)."""
-    plt = _pyplot()
+    plt = pyplot()
     alphas = [r["alpha"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(alphas, [100 * r["clean"] for r in rows], "o-", label="clean")
@@ -56,7 +60,7 @@ def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | Non
 
 
 @torch.no_grad()
-def capture_site(model: nn.Module, op: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def capture_site(model: nn.Module, op: MeanSparse, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of one MeanSparse operator on a batch (forward hook; nothing else changes)."""
     store: dict[str, torch.Tensor] = {}
 
@@ -66,7 +70,7 @@ def capture_site(model: nn.Module, op: nn.Module, x: torch.Tensor) -> tuple[torc
         store["in"], store["out"] = inputs[0].detach(), output.detach()
 
     handle = op.register_forward_hook(hook)
-    device = _model_device(model) or x.device
+    device = model_device(model) or x.device
     try:
         model(x.to(device))
     finally:
@@ -74,10 +78,10 @@ def capture_site(model: nn.Module, op: nn.Module, x: torch.Tensor) -> tuple[torc
     return store["in"].cpu(), store["out"].cpu()
 
 
-def plot_feature_histogram(model: nn.Module, op: nn.Module, x: torch.Tensor, path: str | Path,
+def plot_feature_histogram(model: nn.Module, op: MeanSparse, x: torch.Tensor, path: str | Path,
                            channel: int = 0, bins: int = 120) -> Path:
     """Histogram of one channel before and after the operator (the paper's Figure 1)."""
-    plt = _pyplot()
+    plt = pyplot()
     z_in, z_out = capture_site(model, op, x)
     dim = op.channel_dim(z_in.ndim)
     a = z_in.movedim(dim, 0)[channel].flatten().float().cpu()

@@ -9,7 +9,6 @@ Statistics are calibrated once beforehand; only α changes between evaluations.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .insertion import _model_device
+from ._utils import model_device
+from .core import check_alpha, operators
+from .evaluation import evaluate
+from .placement import set_alpha
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 DEFAULT_SEARCH_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
@@ -97,9 +99,7 @@ class AlphaObjective:
                  attacks: Sequence[str] = DEFAULT_SEARCH_ATTACKS, norm: str = "Linf", eps: float = 8 / 255,
                  attack_options: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int = 256,
                  seed: int = 0, state_dir: str | Path | None = None, progress: bool = False) -> None:
-        import meansparse as ms
-
-        if not ms.operators(model):
+        if not operators(model):
             raise ValueError("search_alpha needs a prepared and calibrated model (ms.prepare + ms.calibrate)")
         self.model, self.x, self.y = model, x, y
         self.n_robust = min(n_robust, len(x))
@@ -107,11 +107,11 @@ class AlphaObjective:
         self.kw = dict(norm=norm, eps=eps, attack_options=attack_options, batch_size=batch_size, seed=seed)
         self.state_dir = Path(state_dir) if state_dir else None
         self.progress = progress
-        self.n_sites = len(ms.operators(model))
+        self.n_sites = len(operators(model))
 
     @torch.no_grad()
     def clean(self) -> float:
-        device = _model_device(self.model) or torch.device("cpu")
+        device = model_device(self.model) or torch.device("cpu")
         correct, bs = 0, self.kw["batch_size"]
         for s in range(0, len(self.x), bs):
             pred = self.model(self.x[s:s + bs].to(device)).argmax(1).cpu()
@@ -119,12 +119,10 @@ class AlphaObjective:
         return correct / len(self.x)
 
     def __call__(self, alpha: AlphaSpec, tag: str) -> dict[str, Any]:
-        import meansparse as ms
-
-        ms.set_alpha(self.model, alpha)
+        set_alpha(self.model, alpha)
         state = self.state_dir / f"{tag}.json" if self.state_dir else None
-        report = ms.evaluate(self.model, self.x[:self.n_robust], self.y[:self.n_robust], attacks=self.attacks,
-                             individual=False, state_path=state, progress=self.progress, **self.kw)
+        report = evaluate(self.model, self.x[:self.n_robust], self.y[:self.n_robust], attacks=self.attacks,
+                          individual=False, state_path=state, progress=self.progress, **self.kw)
         plain = report.robust_accuracy[self.attacks[0]]  # the first attack of a cascade saw every example
         return {"clean": self.clean(), "plain": plain, "worst_case": report.worst_case_accuracy,
                 "robust": dict(report.robust_accuracy), "warnings": list(report.warnings)}
@@ -167,8 +165,11 @@ def search_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas: Seq
     examples it left robust. `state_dir` makes the sweep resumable (one evaluation state per α).
     """
     alphas = sorted({float(a) for a in alphas})
-    if any(a < 0 or not math.isfinite(a) for a in alphas):
-        raise ValueError(f"alphas must be finite and >= 0, got {alphas}")
+    try:
+        for a in alphas:
+            check_alpha(a)
+    except ValueError:
+        raise ValueError(f"alphas must be finite and >= 0, got {alphas}") from None
     if alphas[0] != 0.0:
         alphas = [0.0, *alphas]  # the clean budget is relative to the unmodified model
     objective = AlphaObjective(model, x, y, n_robust=n_robust, attacks=attacks, norm=norm, eps=eps,
@@ -176,9 +177,7 @@ def search_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas: Seq
                                state_dir=state_dir)
     rows = _run_grid(objective, [(a, a, f"alpha-{a:g}") for a in alphas], clean_budget, progress)
     result = _finish(rows, objective, clean_budget, {"kind": "global", "alphas": alphas, "eps": eps, "norm": norm})
-    import meansparse as ms
-
-    ms.set_alpha(model, result.chosen_alpha)
+    set_alpha(model, result.chosen_alpha)
     return result
 
 
@@ -195,9 +194,7 @@ def search_schedule(model: nn.Module, x: torch.Tensor, y: torch.Tensor, a_values
             specs.append(({"a": a, "r": float(r)}, schedule(a, r, objective.n_sites), f"sched-{a:g}-{r:g}"))
     rows = _run_grid(objective, specs, clean_budget, progress)
     result = _finish(rows, objective, clean_budget, {"kind": "schedule", "ratios": list(ratios)})
-    import meansparse as ms
-
-    ms.set_alpha(model, result.chosen_alpha)
+    set_alpha(model, result.chosen_alpha)
     return result
 
 
@@ -233,7 +230,5 @@ def search_per_site(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: f
                     best, current = row, trial
     bar.close()
     result = _finish(rows, objective, clean_budget, {"kind": "per_site", "start": start, "rounds": rounds})
-    import meansparse as ms
-
-    ms.set_alpha(model, result.chosen_alpha)
+    set_alpha(model, result.chosen_alpha)
     return result

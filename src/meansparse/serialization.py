@@ -17,18 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .insertion import _as_args, _eval_mode, _record, find_prepared, operators, prepare_from_config
+from ._utils import as_args, eval_mode
+from .core import operators
+from .placement import find_prepared, get_record, prepare_from_config
+from .version import __version__
 
 __all__ = ["save", "load"]
 
 FORMAT = "meansparse"
 FORMAT_VERSION = "1"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -57,7 +54,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
                 "calibrated": op.calibrated,
             }
         )
-    meta = {"config": rec.config, "sites": site_list, "package_version": _version()}
+    meta = {"config": rec.config, "sites": site_list, "package_version": __version__}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "meansparse": json.dumps(meta)}
     save_file(tensors, os.fspath(path), metadata=header)
 
@@ -111,8 +108,8 @@ def load(base_model: nn.Module, path: str | os.PathLike, example_inputs: Any = N
         if s.get("layout") and op.layout != s["layout"]:
             op.layout = s["layout"]
     if example_inputs is not None and any(op.channels is None for op in ops):
-        with _eval_mode(model), torch.no_grad():
-            model(*_as_args(example_inputs))
+        with eval_mode(model), torch.no_grad():
+            model(*as_args(example_inputs))
     for op, s in zip(ops, saved_sites, strict=True):
         c = s.get("channels")
         if c is not None and op.channels is not None and c != op.channels:
@@ -126,7 +123,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, example_inputs: Any = N
         if mean.numel() > 0 and s.get("calibrated", True):
             op.set_statistics(mean, var, num_samples=int(tensors[f"site.{i}.num_samples"].reshape(-1)[0]))
         op.set_alpha(float(tensors[f"site.{i}.alpha"].reshape(-1)[0]))
-    rec = _record(model)
+    rec = get_record(model)
     if rec is not None:
         for k in ("input_shape", "probed"):
             if k in cfg and k not in rec.config:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet, batches, holdout_split, load_dataset
 from .models import create_model, save_checkpoint
 from .pgd import pgd, pgd_ce
+from .version import __version__
 
 METHODS = ("pgd", "trades", "fgsm-rs", "standard")
 DATASET_NORMALIZATION = {"digits": "digits", "cifar10-jpg": "cifar10", "cifar10": "cifar10", "cifar100": "cifar100"}
@@ -223,15 +224,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, prog
     return out / "best.safetensors"
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("meansparse")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": cfg.model,
@@ -241,6 +233,6 @@ def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any]) -
         "command": command,
         "best_epoch": record,
         "metrics": {},
-        "meansparse_version": _package_version(),
+        "meansparse_version": __version__,
         "torch_version": torch.__version__,
     }

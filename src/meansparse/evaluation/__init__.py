@@ -20,32 +20,16 @@ from .attacks import (
     Square,
     Transfer,
     build_attack,
+    zero_alphas,
 )
-from .evaluate import derive_seed, evaluate, masking_findings, model_hash
+from .evaluate import evaluate
+from .hashing import derive_seed, model_hash
+from .masking import masking_findings
 from .report import Report
 from .sanity import SanityFinding, sanity_checks
 
 __all__ = [
-    "APGD",
-    "ATTACK_NAMES",
-    "BPDA",
-    "BPDA_ATTACKS",
-    "DEFAULT_ATTACKS",
-    "PGD",
-    "APGDTargeted",
-    "AdaptivePGD",
-    "Attack",
-    "AutoAttackStandard",
-    "Clean",
-    "FABTargeted",
-    "Report",
-    "SanityFinding",
-    "Square",
-    "Transfer",
-    "build_attack",
-    "derive_seed",
-    "evaluate",
-    "masking_findings",
-    "model_hash",
-    "sanity_checks",
+    "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "PGD", "APGDTargeted", "AdaptivePGD",
+    "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Report", "SanityFinding", "Square", "Transfer",
+    "build_attack", "derive_seed", "evaluate", "masking_findings", "model_hash", "sanity_checks", "zero_alphas"
 ]

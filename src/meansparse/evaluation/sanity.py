@@ -13,10 +13,15 @@ import torch
 from torch import nn
 
 from .attacks import build_attack
+from .runner import run_evaluation
+
+__all__ = ["SanityFinding", "large_eps", "sanity_checks"]
 
 
 @dataclass
 class SanityFinding:
+    """The outcome of one check; ``passed`` False means the attack, not the model, is suspect."""
+
     check: str
     passed: bool
     message: str
@@ -49,24 +54,12 @@ def _monotone(check: str, title: str, key: str, shown: list[str], keys: list[str
         {f"{key}={k}": v for k, v in zip(keys, accs)})
 
 
-def sanity_checks(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    norm: str = "Linf",
-    eps: float = 8 / 255,
-    attack: str = "apgd-ce",
-    eps_factors: Sequence[float] = (0.5, 1.0, 2.0),
-    budgets: Sequence[int] | None = None,
-    huge_eps: float | None = None,
-    zero_tolerance: float = 0.02,
-    tolerance: float = 0.01,
-    seed: int = 0,
-    batch_size: int = 128,
-    device: str | torch.device | None = None,
-    attack_options: Mapping[str, Mapping[str, Any]] | None = None,
-) -> list[SanityFinding]:
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "Linf", eps: float = 8 / 255,
+                  attack: str = "apgd-ce", eps_factors: Sequence[float] = (0.5, 1.0, 2.0),
+                  budgets: Sequence[int] | None = None, huge_eps: float | None = None, zero_tolerance: float = 0.02,
+                  tolerance: float = 0.01, seed: int = 0, batch_size: int = 128,
+                  device: str | torch.device | None = None,
+                  attack_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[SanityFinding]:
     """Run ``attack`` at several eps and budgets; one finding per check (``passed`` False = suspicious).
 
     - ``huge-eps``: accuracy at ``huge_eps`` (default: the whole box) must be <= ``zero_tolerance``;
@@ -74,8 +67,6 @@ def sanity_checks(
     - ``budget-monotone``: accuracy with ``budgets`` steps (queries for Square; default: a fifth of the
       configured budget, then the full one) must not rise by more than ``tolerance``.
     """
-    from .evaluate import evaluate
-
     key = _budget_key(attack)
     if key is None:
         raise ValueError(f"sanity checks need a real attack, not {attack!r}")
@@ -91,8 +82,9 @@ def sanity_checks(
             opts = dict(base_opts)
             if budget is not None:
                 opts[key] = budget
-            r = evaluate(model, x, y, norm=norm, eps=e, attacks=(attack,), batch_size=batch_size, seed=seed,
-                         progress=False, device=device, individual=True, attack_options={attack: opts})
+            r = run_evaluation(model, x, y, norm=norm, eps=e, attacks=(attack,), batch_size=batch_size,
+                               seed=seed, progress=False, device=device, individual=True,
+                               attack_options={attack: opts})
             cache[(e, budget)] = r.robust_accuracy[attack]
         return cache[(e, budget)]
 

@@ -4,6 +4,7 @@ from .activations import ACTIVATIONS, PSiLU, PSSiLU, make_activation
 from .registry import (
     NORMALIZATION,
     Normalized,
+    checkpoint_paths,
     create_model,
     list_models,
     load,
@@ -18,6 +19,7 @@ __all__ = [
     "Normalized",
     "PSSiLU",
     "PSiLU",
+    "checkpoint_paths",
     "create_model",
     "list_models",
     "load",

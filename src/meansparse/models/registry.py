@@ -80,7 +80,8 @@ def _wrn(depth: int = 28, widen: int = 10, **kw: Any) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(weights, config)`` files of a checkpoint path given with or without its suffix."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -90,7 +91,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any]) 
     """Weights as safetensors + a JSON config that rebuilds the architecture (never a pickle)."""
     if "model" not in config or "model_kwargs" not in config:
         raise ValueError("checkpoint config needs 'model' (registry name) and 'model_kwargs'")
-    weights, meta = _paths(path)
+    weights, meta = checkpoint_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
@@ -99,12 +100,12 @@ def save_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any]) 
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    return json.loads(_paths(path)[1].read_text())
+    return json.loads(checkpoint_paths(path)[1].read_text())
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from `save_checkpoint` output: eval mode, inputs in [0, 1]."""
-    weights, meta = _paths(path)
+    weights, meta = checkpoint_paths(path)
     if not weights.exists() or not meta.exists():
         raise FileNotFoundError(f"checkpoint needs both {weights} and {meta}")
     config = json.loads(meta.read_text())

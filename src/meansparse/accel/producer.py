@@ -1,7 +1,7 @@
 """Producer fusion: a fused site also computes the eval BatchNorm / residual add that produces its input.
 
 Why.  A fused site whose activation stays ATen's own kernel (GELU, SiLU, ...: the split path of
-:mod:`meansparse.fused`) costs one extra elementwise pass: the compiled sparsify kernel writes a tensor that
+:mod:`meansparse.accel.kernels`) costs one extra elementwise pass: the compiled sparsify kernel writes a tensor that
 the activation reads again.  In a conv net the operator's input is itself made by an elementwise step, an
 eval-mode BatchNorm (``x * a + b`` per channel) or the residual ``add``, so computing that step inside the
 sparsify kernel removes the pass: the site then reads and writes no more memory than the base model's
@@ -28,28 +28,26 @@ hand-written pattern fuser because no library fuses into ``torch.autograd.Functi
 from __future__ import annotations
 
 import logging
-import operator as _op
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import (
-    _ACTIVATIONS,
-    CompiledKernel,
-    Spec,
-    _is_compiling,
-    _like,
-    _private,
-    act_eager,
-    compile_enabled,
-    compiled_layout,
-)
-from .operator import MeanSparse, _same, _StraightThrough, _versions, sparsify
+from .._compile import CompiledKernel, compile_enabled
+from .._utils import is_compiling, same_versions, tensor_versions
+from ..core import MeanSparse, StraightThrough, broadcast_channel, in_band, sparsify
+from ..core.band import band_from_output, relu_grad_from_output
+from ..placement.record import attach, attached
+from ..placement.registry import ActivationSpec, is_add, is_inplace_add
+from .graph import private
+from .kernels import ACTIVATIONS, KernelLayout, act_eager, backward_inputs, compiled_layout, save_and_activate
 
-__all__ = ["fused_site", "absorb_producer", "describe"]
+__all__ = ["fused_site", "absorb_producer", "describe", "verdicts", "compiled_kernels", "separate_cache",
+           "ProducerInfo", "SUPPORTED"]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +59,28 @@ SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish")
 Struct = tuple
 
 
+class ProducerInfo(NamedTuple):
+    """What a producer kernel is specialised on."""
+
+    struct: Struct
+    kind: str
+    params: tuple
+    mode: str  # the operator's gradient mode
+    layout: KernelLayout
+
+
+class BNTerms(NamedTuple):
+    """An eval BatchNorm as ATen's CPU kernels compute it: ``x * a + b``; input gradient ``(g * invstd) * w``."""
+
+    a: Tensor
+    b: Tensor
+    invstd: Tensor
+    w: Tensor
+
+
 # ================================================================================ expressions
 def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    if _is_compiling():
+    if is_compiling():
         return torch.ops.prims.fma(a, b, c)
     # eager stand-in, only reached when compilation fails on the first call (its result is then discarded)
     return (a.double() * b.double() + c.double()).to(c.dtype)
@@ -130,7 +147,7 @@ def _reference(s: Struct, bns: tuple, leaves: tuple) -> Tensor:
 def _make(s: Struct, kind: str, params: tuple, role: str) -> Any:
     n_leaves, n_bn = _count(s)
     paths = _leaf_bns(s)
-    act = _ACTIVATIONS[kind][0] if kind else None
+    act = ACTIVATIONS[kind].forward if kind else None
 
     def leaf_grads(gx: Tensor, scales: tuple) -> tuple:
         # eval BatchNorm backward as ATen computes it: (g * invstd) * w; through an add the gradient is g
@@ -141,30 +158,24 @@ def _make(s: Struct, kind: str, params: tuple, role: str) -> Any:
 
         def fn(*a: Tensor) -> Tensor:
             x = _value(s, a[:n_leaves], a[n_leaves:n_leaves + 2 * n_bn])
-            m, t = a[-2], a[-1]
-            return torch.where((x - m).abs() < t, m, x)
+            return sparsify(x, a[-2], a[-1])
 
     elif role == "forward":  # in-kernel activation (ReLU): producer, band and activation in one pass
 
         def fn(*a: Tensor) -> Tensor:
             x = _value(s, a[:n_leaves], a[n_leaves:n_leaves + 2 * n_bn])
-            m, t = a[-2], a[-1]
-            return act(torch.where((x - m).abs() < t, m, x), params, False)
+            return act(sparsify(x, a[-2], a[-1]), params, False)
 
     elif role in ("exact", "straight_through"):  # split path: (ATen act backward done), band mask + BN scales
 
         def fn(gy: Tensor, y: Tensor, m: Tensor, t: Tensor, *scales: Tensor) -> tuple:
-            gx = torch.where((y == m) & (t > 0), 0.0, gy) if role == "exact" else gy
+            gx = torch.where(band_from_output(y, m, t), 0.0, gy) if role == "exact" else gy
             return leaf_grads(gx, scales)
 
     else:  # ReLU from its output z: zero where z <= 0 (threshold_backward) or in the band (exact mode)
 
         def fn(g: Tensor, z: Tensor, m: Tensor, t: Tensor, *scales: Tensor) -> tuple:
-            if role == "relu_exact":
-                gx = torch.where(((z == m) & (m > 0) & (t > 0)) | (z <= 0), 0.0, g)
-            else:
-                gx = torch.where(z <= 0, 0.0, g)
-            return leaf_grads(gx, scales)
+            return leaf_grads(relu_grad_from_output(g, z, m, t, role == "relu_exact"), scales)
 
     return fn
 
@@ -172,8 +183,8 @@ def _make(s: Struct, kind: str, params: tuple, role: str) -> Any:
 _KERNELS: dict[tuple, CompiledKernel] = {}
 
 
-def _kernel(s: Struct, kind: str, params: tuple, role: str, layout: tuple) -> CompiledKernel:
-    key = (s, kind, params, role, layout)
+def _kernel(s: Struct, kind: str, params: tuple, role: str, layout: KernelLayout) -> CompiledKernel:
+    key = (s, kind, params, role, tuple(layout))
     k = _KERNELS.get(key)
     if k is None:
         safe = "".join(ch if ch.isalnum() else "_" for ch in f"{role}_{kind}_{len(_KERNELS)}")
@@ -182,31 +193,30 @@ def _kernel(s: Struct, kind: str, params: tuple, role: str, layout: tuple) -> Co
 
 
 # ================================================================================ BatchNorm terms
-def _bn_terms(bn: nn.Module, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(a, b, invstd, w) of an eval BatchNorm, as ATen's CPU kernels compute them, shaped to broadcast along
-    dim 1 of ``like``.  Cached on the module until a statistic or parameter is replaced or modified."""
+def _bn_terms(bn: nn.Module, x: Tensor) -> BNTerms:
+    """The terms of an eval BatchNorm, as ATen's CPU kernels compute them, shaped to broadcast along dim 1 of
+    ``x``.  Cached on the module until a statistic or parameter is replaced or modified."""
     params = tuple(p for p in (bn.weight, bn.bias) if p is not None)
-    token = _versions(bn.running_mean, bn.running_var, *params)
+    token = tensor_versions(bn.running_mean, bn.running_var, *params)
     if token is not None:
         token = token + ((float(bn.eps), 0), (len(params), bn.weight is None))
-    cache = bn.__dict__.get("_meansparse_bn_terms")
-    key = (like.dtype, like.device, like.ndim)
-    if cache is not None and _same(cache[0], token) and key in cache[1]:
+    cache = attached(bn, "bn_terms")
+    key = (x.dtype, x.device, x.ndim)
+    if cache is not None and same_versions(cache[0], token) and key in cache[1]:
         return cache[1][key]
     with torch.no_grad():
-        shape = (-1,) + (1,) * (like.ndim - 2)
         rm, rv = bn.running_mean.detach(), bn.running_var.detach()
         w = bn.weight.detach() if bn.weight is not None else torch.ones_like(rv)
         b = bn.bias.detach() if bn.bias is not None else torch.zeros_like(rm)
         a, beta = _AFFINE(rm, rv + bn.eps, w, b)  # rv + eps in the dtype, as ATen's forward
         invstd = (1 / torch.sqrt(rv.double() + bn.eps)).to(rv.dtype)  # ATen's backward: a float64 sqrt
-        out = tuple(v.reshape(shape).to(device=like.device) for v in (a, beta, invstd, w))
+        out = BNTerms(*(broadcast_channel(v, x.ndim, 1).to(device=x.device) for v in (a, beta, invstd, w)))
     if token is not None:
-        if cache is None or not _same(cache[0], token):
+        if cache is None or not same_versions(cache[0], token):
             cache = (token, {})
-            bn.__dict__["_meansparse_bn_terms"] = cache
+            attach(bn, "bn_terms", cache)
         cache[1][key] = out
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _affine(rm: Tensor, rv_eps: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,93 +233,116 @@ class _ProducerFunction(torch.autograd.Function):
     value, or ReLU's output) and gives each input the gradient eager autograd would."""
 
     @staticmethod
-    def forward(ctx, info: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, *leaves: Tensor) -> Tensor:  # type: ignore[override]
-        s, kind, params, mode, key = info
+    def forward(ctx, info: ProducerInfo, aff: tuple, scales: tuple, m: Tensor, t: Tensor,  # type: ignore[override]
+                *leaves: Tensor) -> Tensor:
         ctx.info, ctx.scales = info, scales
-        if kind == "relu":
-            out = _kernel(s, kind, params, "forward", key)(*leaves, *aff, m, t)
+        if info.kind == "relu":
+            out = _kernel(info.struct, info.kind, info.params, "forward", info.layout)(*leaves, *aff, m, t)
             ctx.save_for_backward(out, m, t)
             return out
-        y = _kernel(s, "", (), "sparsify", key)(*leaves, *aff, m, t)
-        ctx.save_for_backward(y, m, t)
-        return act_eager(y, (kind, params, False))
+        y = _kernel(info.struct, "", (), "sparsify", info.layout)(*leaves, *aff, m, t)
+        return save_and_activate(ctx, y, m, t, info.kind, info.params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        saved, m, t = ctx.saved_tensors
-        s, kind, params, mode, key = ctx.info
-        g = _like(g, key[0])
-        if kind == "relu":
-            grads = _kernel(s, kind, params, f"relu_{mode}", key)(g, saved, m, t, *ctx.scales)
+        saved, m, t, g = backward_inputs(ctx, g)
+        info: ProducerInfo = ctx.info
+        if info.kind == "relu":
+            grads = _kernel(info.struct, info.kind, info.params, f"relu_{info.mode}", info.layout)(
+                g, saved, m, t, *ctx.scales)
         else:
-            gy = _ACTIVATIONS[kind][1](g, saved, params)  # the ATen op eager autograd runs
-            grads = _kernel(s, "", (), mode, key)(gy, saved, m, t, *ctx.scales)
+            gy = ACTIVATIONS[info.kind].backward(g, saved, info.params)  # the ATen op eager autograd runs
+            grads = _kernel(info.struct, "", (), info.mode, info.layout)(gy, saved, m, t, *ctx.scales)
         return (None, None, None, None, None, *grads)
 
 
-def _run(info: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, leaves: tuple, grad: bool) -> Tensor:
-    s, kind, params, mode, key = info
+def _run(info: ProducerInfo, aff: tuple, scales: tuple, m: Tensor, t: Tensor, leaves: tuple, grad: bool) -> Tensor:
     if grad:
         return _ProducerFunction.apply(info, aff, scales, m, t, *leaves)
-    if kind == "relu":
-        return _kernel(s, kind, params, "forward", key)(*leaves, *aff, m, t)
-    return act_eager(_kernel(s, "", (), "sparsify", key)(*leaves, *aff, m, t), (kind, params, False))
+    if info.kind == "relu":
+        return _kernel(info.struct, info.kind, info.params, "forward", info.layout)(*leaves, *aff, m, t)
+    y = _kernel(info.struct, "", (), "sparsify", info.layout)(*leaves, *aff, m, t)
+    return act_eager(y, ActivationSpec(info.kind, info.params, False))
 
 
 # ================================================================================ first-use check
 _VERDICTS: dict[tuple, bool] = {}
 
 
-def _probe_like(x: Tensor, cd: int, layout: str, gen: torch.Generator) -> Tensor:
+def compiled_kernels() -> dict[tuple, bool]:
+    """(producer, kind, params, role, layout) -> whether that kernel has been compiled in this process."""
+    return {key: k.compiled for key, k in _KERNELS.items()}
+
+
+@contextmanager
+def separate_cache() -> Iterator[None]:
+    """Kernels made and checked inside the block are new ones, dropped after it (the process's are kept)."""
+    saved = dict(_KERNELS), dict(_VERDICTS)
+    _KERNELS.clear()
+    _VERDICTS.clear()
+    try:
+        yield
+    finally:
+        _KERNELS.clear()
+        _VERDICTS.clear()
+        _KERNELS.update(saved[0])
+        _VERDICTS.update(saved[1])
+
+
+def verdicts() -> dict[tuple, bool]:
+    """(producer info with mode None when checked without grad, dtype, device type) -> whether that kernel
+    passed its first-use check in this process."""
+    return dict(_VERDICTS)
+
+
+def _probe_like(x: Tensor, cd: int, memory: str, gen: torch.Generator) -> Tensor:
     """Random tensor with ``x``'s channels, dtype, device and layout, and small odd sizes elsewhere (vector
     tails included)."""
     sizes = iter([37] if x.ndim == 2 else [3, 5, 7, 9, 11])
     shape = tuple(c if i == cd else next(sizes) for i, c in enumerate(x.shape))
     p = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(dtype=x.dtype, device=x.device)
-    return p.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else p
+    return p.contiguous(memory_format=torch.channels_last) if memory == "channels_last" else p
 
 
-def _verified(info: tuple, op: MeanSparse, bns: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor,
-              like: Tensor, grad: bool) -> bool:
+def _verified(info: ProducerInfo, op: MeanSparse, bns: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor,
+              x: Tensor, grad: bool) -> bool:
     """Run the fused site on a probe against the eager reference, once per kernel key (see module doc)."""
-    s, kind, params, mode, key = info
-    vkey = (info if grad else info[:3] + (None,) + info[4:], like.dtype, like.device.type)
+    vkey = (info if grad else info._replace(mode=None), x.dtype, x.device.type)
     if vkey in _VERDICTS:
         return _VERDICTS[vkey]
     try:
-        ok = _probe(info, bns, aff, scales, m, t, like, grad)
+        ok = _probe(info, bns, aff, scales, m, t, x, grad)
     except Exception as e:  # noqa: BLE001 - a probe that cannot run means "do not use this kernel"
         log.warning("meansparse: the fused %s producer probe at %s failed (%s: %s); that site keeps the "
-                    "unfused producer", describe(s), op.name, type(e).__name__, e)
+                    "unfused producer", describe(info.struct), op.name, type(e).__name__, e)
         ok = None
     if ok is False:
         log.warning("meansparse: fused %s producer (%s) at %s differs from the eager reference on this torch "
-                    "build; that site keeps the unfused producer", describe(s), kind, op.name)
+                    "build; that site keeps the unfused producer", describe(info.struct), info.kind, op.name)
     _VERDICTS[vkey] = bool(ok) and compile_enabled()
     return _VERDICTS[vkey]
 
 
-def _probe(info: tuple, bns: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, like: Tensor,
+def _probe(info: ProducerInfo, bns: tuple, aff: tuple, scales: tuple, m: Tensor, t: Tensor, x: Tensor,
            grad: bool) -> bool:
-    s, kind, params, mode, key = info
     gen = torch.Generator().manual_seed(0)
-    n_leaves = _count(s)[0]
-    probe = [_probe_like(like, key[2], key[0], gen).requires_grad_(grad) for _ in range(n_leaves)]
-    spec = (kind, params, False)
+    cd = info.layout.channel_dim
+    probe = [_probe_like(x, cd, info.layout.memory, gen).requires_grad_(grad) for _ in range(_count(info.struct)[0])]
+    spec = ActivationSpec(info.kind, info.params, False)
     # the operator's real centre, a threshold per channel that puts half the probe in the band
     with torch.enable_grad() if grad else torch.no_grad():
-        x = _reference(s, bns, tuple(probe))
-        d = (x.detach() - m).abs().movedim(key[2], 0).flatten(1).median(1).values
+        xp = _reference(info.struct, bns, tuple(probe))
+        d = (xp.detach() - m).abs().movedim(cd, 0).flatten(1).median(1).values
         tp = d.reshape(t.shape) if d.numel() == t.numel() else d.median().expand(t.shape)
-        if mode == "straight_through" and grad:
-            ref = act_eager(_StraightThrough.apply(x, m, tp), spec)
+        if info.mode == "straight_through" and grad:
+            ref = act_eager(StraightThrough.apply(xp, m, tp), spec)
         elif grad:
             with torch.no_grad():
-                inside = (x - m).abs() < tp
-            ref = act_eager(torch.where(inside, m, x), spec)
+                inside = in_band(xp, m, tp)
+            ref = act_eager(torch.where(inside, m, xp), spec)
         else:
-            ref = act_eager(sparsify(x, m, tp), spec)
+            ref = act_eager(sparsify(xp, m, tp), spec)
         got = _run(info, aff, scales, m, tp, tuple(probe), grad)
         ok = torch.equal(ref, got)
         if ok and grad:
@@ -326,18 +359,18 @@ def _global_hooks() -> bool:
     return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
 
 
-def _eligible(op: MeanSparse, spec: Spec, bns: tuple, leaves: tuple) -> str | None:
-    """The layout key when the compiled producer path applies to this call, else None."""
-    if spec[0] not in SUPPORTED or spec[2] or not all(isinstance(v, Tensor) for v in leaves):
+def _eligible(op: MeanSparse, spec: ActivationSpec, bns: tuple, leaves: tuple) -> str | None:
+    """The memory format key when the compiled producer path applies to this call, else None."""
+    if spec.kind not in SUPPORTED or spec.write_back or not all(isinstance(v, Tensor) for v in leaves):
         return None
     if op._forward_hooks or op._forward_pre_hooks or _global_hooks():
         return None
-    if op._observer is not None or op._alpha_value == 0.0 or not op._calibrated or op._layout is None:
+    if not op.active or not op.calibrated or op.layout is None:
         return None
     x = leaves[0]
-    layout = compiled_layout(x)
+    memory = compiled_layout(x)
     cd = op.channel_dim(x.ndim)
-    if layout is None or x.shape[cd] != op._channels or (bns and cd != 1):
+    if memory is None or x.shape[cd] != op.channels or (bns and cd != 1):
         return None
     if any(v.shape != x.shape or v.dtype != x.dtype or v.device != x.device or v.stride() != x.stride()
            for v in leaves[1:]):
@@ -349,60 +382,51 @@ def _eligible(op: MeanSparse, spec: Spec, bns: tuple, leaves: tuple) -> str | No
             return None
         if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (bn.weight, bn.bias)):
             return None
-    return layout
+    return memory
 
 
-def fused_site(op: MeanSparse, spec: Spec, s: Struct, bns: tuple, *leaves: Tensor) -> Tensor:
+def fused_site(op: MeanSparse, spec: ActivationSpec, s: Struct, bns: tuple, *leaves: Tensor) -> Tensor:
     """``activation(op(producer(*leaves)))``: what :func:`meansparse.fuse` puts in an fx graph where it
     absorbed the producer of a site's input."""
+    if type(spec) is not ActivationSpec:
+        spec = ActivationSpec(*spec)
     grad = torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in leaves)
-    layout = _eligible(op, spec, bns, leaves)
-    if layout is not None:
+    memory = _eligible(op, spec, bns, leaves)
+    if memory is not None:
         x = leaves[0]
-        key = (layout, x.ndim, op.channel_dim(x.ndim))
-        m, t = op._center_threshold_for(x)
+        m, t = op.center_threshold_for(x)
         terms = [_bn_terms(bn, x) for bn in bns]
-        aff = tuple(v for a, b, _, _ in terms for v in (a, b))
-        scales = tuple(v for _, _, i, w in terms for v in (i, w))
-        info = (s, spec[0], spec[1], op.gradient, key)
+        aff = tuple(v for bt in terms for v in (bt.a, bt.b))
+        scales = tuple(v for bt in terms for v in (bt.invstd, bt.w))
+        info = ProducerInfo(s, spec.kind, spec.params, op.gradient,
+                            KernelLayout(memory, x.ndim, op.channel_dim(x.ndim)))
         if _verified(info, op, bns, aff, scales, m, t, x, grad):
             return _run(info, aff, scales, m, t, leaves, grad)
     return op(_evaluate(s, bns, leaves), activation=spec)
 
 
 # ================================================================================ the fx pass
-_ADD_FUNCTIONS = {_op.add, torch.add, _op.iadd}
-_ADD_METHODS = {"add", "__add__", "add_", "__iadd__"}
-
-
 def _is_add(n: Any) -> bool:
-    import torch.fx as fx
-
+    """A two-tensor add whose result may replace its operands: ``+``, or ``+=`` on a tensor nobody else reads."""
     if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
         return False
-    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
-        inplace = n.target is _op.iadd
-    elif n.op == "call_method" and n.target in _ADD_METHODS:
-        inplace = n.target in ("add_", "__iadd__")
-    else:
+    if not is_add(n.op, n.target):
         return False
-    return not inplace or len(n.args[0].users) == 1  # in place on a tensor nobody else reads
+    return not is_inplace_add(n.op, n.target) or len(n.args[0].users) == 1
 
 
 def _bn_node(n: Any, root: nn.Module) -> bool:
-    import torch.fx as fx
-
     if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
         return False
     m = root.get_submodule(n.target)
     return type(m) in _BN_TYPES and not m._forward_hooks and not m._forward_pre_hooks
 
 
-def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: Spec) -> bool:
+def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: ActivationSpec) -> bool:
     """Rewrite the fused site ``node`` (``op(x, activation=spec)``) into ``fused_site(...)`` over the inputs
     of the BatchNorm / add that produced ``x``, when only the site reads it.  Returns whether it did."""
     op = root.get_submodule(node.target)
-    if spec[0] not in SUPPORTED or not isinstance(op, MeanSparse) or len(node.args) != 1:
+    if spec.kind not in SUPPORTED or not isinstance(op, MeanSparse) or len(node.args) != 1:
         return False
     leaves: list = []
     bns: list = []
@@ -429,7 +453,7 @@ def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: Spec) -> bool:
         return False
     if len(set(leaves)) != len(leaves):
         return False
-    if struct[0] == "add" and src.target in (_op.iadd, "add_", "__iadd__") and not _private(src.args[0], root):
+    if struct[0] == "add" and is_inplace_add(src.op, src.target) and not private(src.args[0], root):
         return False
     with graph.inserting_before(node):
         op_attr = graph.get_attr(node.target)

@@ -8,54 +8,40 @@ from __future__ import annotations
 
 import argparse
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .attacks import ATTACK_NAMES, DEFAULT_ATTACKS
+from ..accel import fuse
+from ..core import operators
+from ..data import load_dataset
+from ..distributed import is_main, launch
+from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate
+from ..models import load as load_checkpoint
+from ..placement import set_alpha
+from ..serialization import load as load_state
+from .common import (
+    FUSE_HELP,
+    add_checkpoint_arg,
+    add_data_args,
+    add_device_arg,
+    comma_list,
+    parse_eps,
+    parse_options,
+)
 
-#: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
-FUSE_HELP = "fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU"
-
-def parse_eps(text: str) -> float:
-    """'8/255', '0.031' or '2e-2' -> float (fractions keep the usual CIFAR notation exact)."""
-    try:
-        value = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError) as e:
-        raise argparse.ArgumentTypeError(f"bad eps {text!r}: use a number or a fraction such as 8/255") from e
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"eps must be > 0, got {text}")
-    return value
-
-
-def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
-    """['apgd-ce.steps=20', 'adaptive.lam=10'] -> {'apgd-ce': {'steps': 20}, 'adaptive': {'lam': 10}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        attack, dot, option = key.rpartition(".")
-        if not sep or not dot or not attack or not option:
-            raise ValueError(f"bad --option {item!r}: use ATTACK.NAME=VALUE, e.g. apgd-ce.steps=20")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(attack, {})[option] = value
-    return out
+__all__ = ["add_evaluate_parser", "run_evaluate"]
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the ``evaluate`` sub-command (the lead's ``meansparse.cli`` calls this)."""
+    """Register the ``evaluate`` sub-command."""
     p = subparsers.add_parser(
         "evaluate", help="worst-case robust accuracy over AutoAttack, BPDA, transfer, Square, adaptive attacks",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                   help="model checkpoint written by `meansparse train` (.safetensors + .json)")
+    add_checkpoint_arg(p)
     p.add_argument("--meansparse", default=None,
                    help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint")
     p.add_argument("--alpha", type=float, default=None, help="set every operator's alpha (after --meansparse)")
-    p.add_argument("--data", default="digits", help="data set name or path (see meansparse.data.load_dataset)")
-    p.add_argument("--data-root", default=None)
+    add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n-examples", type=int, default=1000, help="N examples drawn at random (--seed) from the split")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2)")
@@ -71,7 +57,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                       help="each attack only sees examples still robust (AutoAttack style, cheaper)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    add_device_arg(p)
     p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
     p.add_argument("--state", default=None, help="resume file (default OUT/state.json)")
@@ -83,21 +69,16 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def _load_model(args: argparse.Namespace, device: str) -> Any:
-    import meansparse as ms
-    from meansparse.models import load
-
-    model = load(args.checkpoint, device=device)
+    model = load_checkpoint(args.checkpoint, device=device)
     if args.meansparse:
-        model = ms.load(model, args.meansparse)
+        model = load_state(model, args.meansparse)
     if args.alpha is not None:
-        ms.set_alpha(model, args.alpha)
+        set_alpha(model, args.alpha)
     model = model.to(device).eval()
-    return ms.fuse(model) if args.fuse and ms.operators(model) else model
+    return fuse(model) if args.fuse and operators(model) else model
 
 
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
-    from meansparse.data import load_dataset
-
     data = load_dataset(args.data, args.split, root=args.data_root).sample(args.n_examples, seed=args.seed)
     return data.float(), data.labels
 
@@ -107,19 +88,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     Under ``torchrun`` every rank evaluates a share of the batches (see ``evaluate``) and rank 0 writes the
     state file and the report, which is identical to a single-process run's."""
-    from ..distributed import is_main, launch
-
     with launch(args.device) as device:
         return _run_evaluate(args, device, is_main())
 
 
 def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
-    from .evaluate import evaluate
-
     out = Path(args.out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks = comma_list(args.attacks)
     model = _load_model(args, device)
     x, y = _load_data(args)
     state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"

@@ -9,81 +9,51 @@ in one calibration pass (:func:`meansparse.calibrate`).  ``alpha == 0`` returns 
 so a prepared but unsparsified model is bit-identical to the original.
 
 This operator is written by hand: no existing library implements it.  The element-wise math lives in
-:func:`sparsify` and the (mean, threshold) vectors come from :meth:`MeanSparse.center_threshold` (cached per
-alpha/statistics change for the hot path).  :func:`meansparse.fuse` makes ``forward(x, activation=spec)``
-compute the following activation too, with compiled kernels (:mod:`meansparse.fused`).
+:mod:`meansparse.core.band`; the (centre, threshold) vectors come from :meth:`MeanSparse.center_threshold`
+(cached per alpha/statistics change for the hot path).  :func:`meansparse.fuse` swaps an operator to a
+subclass that also computes the activation after it (:mod:`meansparse.accel`); this class knows nothing of
+that.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._utils import is_compiling, same_versions, tensor_versions
+from .band import StraightThrough, in_band, sparsify, sparsify_lean
+from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
 from .moments import Moments
 
-__all__ = ["MeanSparse", "sparsify", "LAYOUTS", "CENTERINGS", "GRADIENTS"]
+__all__ = ["MeanSparse", "operators", "check_alpha", "check_centering", "CENTERINGS", "GRADIENTS"]
 
-#: Layout name -> channel dimension.  ``NCL`` (channel-first 3-D, e.g. Conv1d) is an extension.
-LAYOUTS: dict[str, int] = {"NCHW": 1, "NC": 1, "NCL": 1, "NLC": -1, "NHWC": -1}
 CENTERINGS = ("channel", "zero", "global")
 GRADIENTS = ("exact", "straight_through")
 
 
-def sparsify(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
-    """``m`` where ``|x - m| < t`` else ``x``; ``m``/``t`` already broadcastable and of ``x.dtype``."""
-    return torch.where((x - m).abs() < t, m, x)
+def check_alpha(value: Any, site: str = "") -> float:
+    """``value`` as a float, or a ValueError unless it is finite and >= 0 (``site`` names the operator)."""
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        where = f"MeanSparse site '{site}': " if site else ""
+        raise ValueError(f"{where}alpha must be finite and >= 0, got {v}")
+    return v
 
 
-def _is_compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
+def check_centering(value: str) -> str:
+    """``value`` if it names a centering, else a ValueError listing them."""
+    if value not in CENTERINGS:
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {value!r}")
+    return value
 
 
-def _versions(*tensors: Tensor) -> tuple | None:
-    """Identity and in-place version of each tensor: changes whenever one is replaced or modified."""
-    try:
-        return tuple((t, t._version) for t in tensors)
-    except RuntimeError:  # inference tensors carry no version counter: no caching
-        return None
-
-
-def _same(a: tuple | None, b: tuple | None) -> bool:
-    if a is None or b is None or len(a) != len(b):
-        return False
-    return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Same forward as :func:`sparsify`; backward is the identity (BPDA-style gradient)."""
-
-    @staticmethod
-    def forward(x: Tensor, m: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
-        return sparsify(x, m, t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # nothing to save: the gradient is the identity
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad, None, None
-
-
-def infer_layout(ndim: int, hint: str | None = None) -> str:
-    """Layout from the tensor rank; ``hint`` ("first"/"last") comes from the producer (Conv vs Linear)."""
-    if ndim < 2:
-        raise ValueError(f"MeanSparse needs a batched input with a channel dimension, got a {ndim}-D tensor")
-    if ndim == 2:
-        return "NC"
-    if hint == "last":
-        return "NLC" if ndim == 3 else "NHWC"
-    if ndim == 3:
-        return "NCL" if hint == "first" else "NLC"
-    return "NCHW"
+def operators(model: nn.Module) -> list[MeanSparse]:
+    """All MeanSparse operators of ``model``, ordered by site index (execution order)."""
+    ops = [m for m in model.modules() if isinstance(m, MeanSparse)]
+    return sorted(ops, key=lambda o: o.site_index)
 
 
 class MeanSparse(nn.Module):
@@ -99,6 +69,10 @@ class MeanSparse(nn.Module):
     running_var: Tensor
     alpha: Tensor
     num_samples: Tensor
+    #: What a fused operator (:mod:`meansparse.accel`) also computes: the activation after it, and the
+    #: producer ("bn", "add", "bn+add") before it.  Plain operators compute neither.
+    fused_activation: Any = None
+    fused_producer: str | None = None
 
     def __init__(
         self,
@@ -118,9 +92,7 @@ class MeanSparse(nn.Module):
     ) -> None:
         super().__init__()
         self.site_name = site_name
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-        self.centering = centering
+        self.centering = check_centering(centering)
         self.gradient = gradient  # validated by the property setter
         self._layout: str | None = None
         if layout is not None:
@@ -137,8 +109,6 @@ class MeanSparse(nn.Module):
         self._calibrated = False
         self._observer: Moments | None = None
         self.batch_index: int | None = None  # set by calibrate() so errors can name the batch
-        self.fused_activation: tuple | None = None  # set by meansparse.fuse: (kind, params, write_back)
-        self.fused_producer: str | None = None  # set by meansparse.fuse: "bn", "add", "bn+add" absorbed
         self._ct_token: tuple | None = None  # (buffer, version) pairs the cached vectors were built from
         self._ct_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
@@ -190,11 +160,24 @@ class MeanSparse(nn.Module):
     def observing(self) -> bool:
         return self._observer is not None
 
+    @property
+    def observer(self) -> Moments | None:
+        """The accumulator of an observing operator (None otherwise); settable to restore a saved one."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, value: Moments | None) -> None:
+        self._observer = value
+
+    @property
+    def active(self) -> bool:
+        """Whether a forward changes its input: not observing and alpha > 0."""
+        return self._observer is None and self._alpha_value != 0.0
+
     def channel_dim(self, ndim: int) -> int:
         if self._layout is None:
             raise RuntimeError(f"MeanSparse site '{self.name}': layout unknown before the first input")
-        d = LAYOUTS[self._layout]
-        return d if d >= 0 else ndim + d
+        return channel_dim(self._layout, ndim)
 
     # ------------------------------------------------------------------ state changes
     def _home(self) -> torch.device:
@@ -208,9 +191,7 @@ class MeanSparse(nn.Module):
 
     def set_alpha(self, value: float | Tensor) -> None:
         """Set the threshold multiplier; must be finite and >= 0."""
-        v = float(value)
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"MeanSparse site '{self.name}': alpha must be finite and >= 0, got {v}")
+        v = check_alpha(value, self.name)
         self.alpha.fill_(v)
         self._alpha_value = v
 
@@ -262,7 +243,9 @@ class MeanSparse(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         a = float(self.alpha)
-        if not math.isfinite(a) or a < 0:
+        try:
+            check_alpha(a)
+        except ValueError:
             error_msgs.append(f"MeanSparse site '{self.name}': loaded alpha must be finite and >= 0, got {a}")
         self._alpha_value = a
         self._calibrated = int(self.num_samples) > 0
@@ -285,15 +268,24 @@ class MeanSparse(nn.Module):
         return mean, t
 
     def _broadcast(self, v: Tensor, x: Tensor) -> Tensor:
-        v = v.to(dtype=x.dtype)
-        if v.ndim == 0:
-            return v
-        cd = self.channel_dim(x.ndim)
-        if cd == x.ndim - 1:
-            return v
-        return v.reshape((-1,) + (1,) * (x.ndim - cd - 1))
+        return broadcast_channel(v.to(dtype=x.dtype), x.ndim, self.channel_dim(x.ndim) if v.ndim else 0)
 
-    def _check_channels(self, x: Tensor) -> None:
+    def band_mask(self, z: Tensor) -> Tensor:
+        """Positions of ``z`` (an input of this operator) that it replaces by its centre (all False at
+        alpha 0)."""
+        if self._alpha_value == 0.0:
+            return torch.zeros_like(z, dtype=torch.bool)
+        m, t = self.center_threshold()
+        return in_band(z, self._broadcast(m.to(z.device), z), self._broadcast(t.to(z.device), z))
+
+    def see(self, x: Tensor) -> None:
+        """Fix the layout and channel count from the first input (a no-op once both are known)."""
+        if self._layout is None:
+            self.layout = infer_layout(x.ndim, self.layout_hint)
+        if self._channels is None:
+            self._allocate(int(x.shape[self.channel_dim(x.ndim)]))
+
+    def check_channels(self, x: Tensor) -> None:
         c = x.shape[self.channel_dim(x.ndim)]
         if c != self._channels:
             raise ValueError(
@@ -301,16 +293,10 @@ class MeanSparse(nn.Module):
                 f"shape {tuple(x.shape)}) but the site expects {self._channels}"
             )
 
-    def _first_sight(self, x: Tensor) -> None:
-        if self._layout is None:
-            self.layout = infer_layout(x.ndim, self.layout_hint)
-        if self._channels is None:
-            self._allocate(int(x.shape[self.channel_dim(x.ndim)]))
-
-    def _observe(self, x: Tensor) -> None:
+    def observe(self, x: Tensor) -> None:
         """Fold ``x`` into the observer: shifted per-group sums merged in float64, no full-size float64 copy
         and no device sync (non-finite inputs poison the accumulator; ``calibrate`` checks once per batch)."""
-        self._check_channels(x)
+        self.check_channels(x)
         self._observer.update_fast(x, self.channel_dim(x.ndim))  # type: ignore[union-attr]
 
     def observer_finite(self) -> Tensor | None:
@@ -322,24 +308,26 @@ class MeanSparse(nn.Module):
             return o.finite
         return torch.isfinite(o.mean_).all() & torch.isfinite(o.m2).all()
 
-    def _require_calibrated(self) -> None:
+    def check_ready(self, x: Tensor) -> None:
+        """Raise unless the operator can sparsify ``x``: calibrated, and ``x`` has the site's channels."""
         if not self._calibrated:
             raise RuntimeError(
                 f"MeanSparse site '{self.name}' has alpha={self._alpha_value} but is not calibrated; "
                 "run meansparse.calibrate(model, loader) or meansparse.load(...) first"
             )
+        self.check_channels(x)
 
-    def _center_threshold_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def center_threshold_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(centre, threshold) in ``x``'s dtype, broadcastable against ``x``.  Cached until alpha, the
         statistics or the centering change (buffer identity + in-place version counter), so the hot path does
         no per-call arithmetic on them."""
-        if _is_compiling():
+        if is_compiling():
             m, t = self.center_threshold()
             return self._broadcast(m, x), self._broadcast(t, x)
-        token = _versions(self.running_mean, self.running_var, self.alpha)
+        token = tensor_versions(self.running_mean, self.running_var, self.alpha)
         if token is not None:
             token = token + ((self.centering, 0),)
-        if not _same(token, self._ct_token):
+        if not same_versions(token, self._ct_token):
             self._ct_cache = {}
             self._ct_token = token
         key = (x.dtype, x.device, x.ndim)
@@ -351,49 +339,40 @@ class MeanSparse(nn.Module):
                 self._ct_cache[key] = hit
         return hit
 
-    def _sparsify(self, x: Tensor, in_place: bool) -> Tensor:
-        """The operator on a calibrated, checked input; ``in_place`` honours ``self.inplace`` (the activation
-        after us is in-place: later users of x expect it mutated).  Same values as :func:`sparsify`, with
-        fewer full-size temporaries: the mask is computed without autograd and, when no gradient is needed,
-        the result reuses the ``x - m`` buffer (or ``x`` itself when in place)."""
-        m, t = self._center_threshold_for(x)
-        if _is_compiling():  # keep the traced graph plain
-            out = _StraightThrough.apply(x, m, t) if self._gradient == "straight_through" else sparsify(x, m, t)
-            return x.copy_(out) if in_place and self.inplace else out
+    def apply_band(self, x: Tensor, in_place: bool) -> Tensor:
+        """The operator on a ready input; ``in_place`` honours ``self.inplace`` (the activation after us is
+        in-place: later users of x expect it mutated).  Same values as :func:`~meansparse.core.band.sparsify`,
+        with fewer full-size temporaries: the mask is computed without autograd and, when no gradient is
+        needed, the result reuses the ``x - m`` buffer (or ``x`` itself when in place)."""
+        m, t = self.center_threshold_for(x)
+        write_back = in_place and self.inplace
+        if is_compiling():  # keep the traced graph plain
+            out = StraightThrough.apply(x, m, t) if self._gradient == "straight_through" else sparsify(x, m, t)
+            return x.copy_(out) if write_back else out
         if torch.is_grad_enabled() and x.requires_grad:
             if self._gradient == "straight_through":
-                out = _StraightThrough.apply(x, m, t)
+                out = StraightThrough.apply(x, m, t)
             else:
                 with torch.no_grad():
-                    inside = (x - m).abs_() < t
+                    inside = in_band(x, m, t)
                 out = torch.where(inside, m, x)
-            return x.copy_(out) if in_place and self.inplace else out
-        d = x - m
-        inside = d.abs_() < t
-        if in_place and self.inplace:
-            return torch.where(inside, m, x, out=x)
-        return torch.where(inside, m, x, out=d)
+            return x.copy_(out) if write_back else out
+        return sparsify_lean(x, m, t, write_back)
 
-    def forward(self, x: Tensor, activation: tuple | None = None) -> Tensor:
-        """``activation`` (set by :func:`meansparse.fuse`): also apply that activation, fused."""
-        if activation is not None:
-            from .fused import fused_forward
-
-            return fused_forward(self, x, activation)
+    def forward(self, x: Tensor) -> Tensor:
         if self._layout is None or self._channels is None:
-            self._first_sight(x)
+            self.see(x)
         if self._observer is not None:
-            self._observe(x)
+            self.observe(x)
             return x
         if self._alpha_value == 0.0:
             return x
-        self._require_calibrated()
-        self._check_channels(x)
-        return self._sparsify(x, in_place=True)
+        self.check_ready(x)
+        return self.apply_band(x, in_place=True)
 
     def extra_repr(self) -> str:
         fused = "" if self.fused_activation is None else f", fused={self.fused_activation[0]}"
-        if getattr(self, "fused_producer", None):
+        if self.fused_producer:
             fused += f"+{self.fused_producer}"
         return (
             f"site={self.name!r}, layout={self._layout}, channels={self._channels}, "

@@ -18,7 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_calibrate_parser", "run_calibrate"]
+from ..calibration import calibrate
+from ..core import operators
+from ..data import Batches, holdout_split, load_dataset
+from ..distributed import all_gather_object, is_main, launch, shard, world_size
+from ..models import load
+from ..placement import prepare, set_alpha
+from ..serialization import save
+from .common import add_checkpoint_arg, add_data_args, add_device_arg, add_threads_arg, set_threads
+
+__all__ = ["add_calibrate_parser", "run_calibrate", "calibrate_checkpoint"]
 
 
 def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,10 +35,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p = subparsers.add_parser(
         "calibrate", help="prepare a checkpoint and calibrate MeanSparse statistics (torchrun: data-parallel)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                   help="model checkpoint written by `meansparse train` (.safetensors + .json)")
-    p.add_argument("--data", default="digits", help="data set name or path (see meansparse.data.load_dataset)")
-    p.add_argument("--data-root", default=None)
+    add_checkpoint_arg(p)
+    add_data_args(p)
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--holdout", type=int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses)")
@@ -42,8 +49,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--method", default="auto", choices=["auto", "fx", "modules"])
     p.add_argument("--alpha", type=float, default=None, help="alpha stored in the file (default 0: unchanged)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_arg(p)
+    add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="state file to write (.safetensors)")
     p.set_defaults(func=run_calibrate)
@@ -52,12 +59,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """Run the calibration described by ``args``; rank 0 writes ``args.out`` and prints a JSON summary."""
-    import torch
-
-    from .distributed import is_main, launch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     with launch(args.device) as device:
         summary = calibrate_checkpoint(args, device)
         if is_main():
@@ -67,12 +69,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Load, prepare, calibrate (this rank's shard) and, on rank 0, save; returns a summary."""
-    import meansparse as ms
-    from meansparse.data import Batches, holdout_split, load_dataset
-    from meansparse.models import load
-
-    from .distributed import all_gather_object, is_main, shard, world_size
-
     model = load(args.checkpoint, device=device)
     data = load_dataset(args.data, args.split, root=args.data_root)
     if args.holdout:
@@ -80,25 +76,26 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     data = data.sample(args.n_examples, seed=0)
     mine = shard(data)
     example = data.subset(slice(0, 1)).float().to(device)
-    model = ms.prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
-                       method=args.method, example_inputs=(example,))
+    model = prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
+                    method=args.method, example_inputs=(example,))
     start = time.perf_counter()
-    ms.calibrate(model, Batches(mine, args.batch_size), device=device, max_batches=args.max_batches,
-                 progress=not args.no_progress and is_main())
+    calibrate(model, Batches(mine, args.batch_size), device=device, max_batches=args.max_batches,
+              progress=not args.no_progress and is_main())
     seconds = time.perf_counter() - start
     if args.alpha is not None:
-        ms.set_alpha(model, args.alpha)
+        set_alpha(model, args.alpha)
     images = sum(all_gather_object(_seen(len(mine), args.batch_size, args.max_batches)))
     if is_main():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        ms.save(model, out)
-    return {"state": str(args.out), "sites": len(ms.operators(model)), "images": images,
+        save(model, out)
+    return {"state": str(args.out), "sites": len(operators(model)), "images": images,
             "ranks": world_size(), "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None}
 
 
 def _seen(n: int, batch_size: int, max_batches: int | None) -> int:
+    """Images one rank calibrates on: its whole shard, or ``max_batches`` full batches of it."""
     if max_batches is None:
         return n
     return min(n, batch_size * max_batches)

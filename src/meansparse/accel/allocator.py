@@ -4,8 +4,8 @@ glibc serves large blocks with ``mmap`` and gives them back to the OS on every `
 top), so large tensors can be paid again in page faults on every pass.  ``GLIBC_TUNABLES`` must be set
 before Python starts; ``mallopt`` does the same for every allocation made after the call, which is what a
 notebook or an already running job can still do.  The price is that the process keeps its peak memory
-instead of returning it to the OS.  How much it helps depends on the process's allocation history (0.79x
-to 1.05x the default in ``benchmarks/bench_allocator.py``; see ``docs/benchmarks.md``), so it is opt-in.
+instead of returning it to the OS.  How much it helps depends on the process's allocation history
+(``benchmarks/bench_allocator.py``, docs/benchmarks.md), so it is opt-in.
 ``mallopt`` has no Python binding, hence this small ctypes wrapper.
 """
 

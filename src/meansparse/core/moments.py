@@ -11,11 +11,15 @@ same numbers.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "CHUNK_ELEMENTS", "GROUP_ROWS"]
+from .._compile import COMPILE_MIN_NUMEL, CompiledKernel, compile_enabled
+from .._utils import is_compiling
+
+__all__ = ["Moments", "CHUNK_ELEMENTS", "GROUP_ROWS", "compiled_kernels"]
 
 #: Scratch budget of the eager fallback of :meth:`Moments.batch_stats_fast` (elements per chunk: 1 MiB fp32).
 CHUNK_ELEMENTS = 1 << 18
@@ -73,27 +77,27 @@ def _update_first(x: Tensor, count: Tensor, mean: Tensor, m2: Tensor) -> tuple[T
     return n, new_mean, new_m2, torch.isfinite(new_mean).all() & torch.isfinite(new_m2).all()
 
 
-_KERNELS: dict[str, object] = {}
+_KERNELS: dict[str, CompiledKernel] = {}
 _KERNEL_FNS = {"first": _moments_first, "last": _moments_last, "update_first": _update_first}
 
 
-def _kernel(name: str):
-    """Compiled (when available, see :mod:`meansparse.fused`) version of ``_moments_first`` / ``_moments_last``
-    / ``_update_first``."""
+def _kernel(name: str) -> CompiledKernel:
+    """Compiled (when available, see :mod:`meansparse._compile`) version of ``_moments_first`` /
+    ``_moments_last`` / ``_update_first``."""
     k = _KERNELS.get(name)
     if k is None:
-        from .fused import CompiledKernel
-
-        k = CompiledKernel(_KERNEL_FNS[name], f"meansparse_moments_{name}")
-        _KERNELS[name] = k
+        k = _KERNELS[name] = CompiledKernel(_KERNEL_FNS[name], f"meansparse_moments_{name}")
     return k
 
 
-def _use_compiled(x: Tensor, small: bool = False) -> bool:
-    from .fused import COMPILE_MIN_NUMEL, _is_compiling, compile_enabled
+def compiled_kernels() -> dict[str, bool]:
+    """Kernel name ("first", "last", "update_first") -> whether it has been compiled in this process."""
+    return {name: k.compiled for name, k in _KERNELS.items()}
 
+
+def _use_compiled(x: Tensor, small: bool = False) -> bool:
     big = x.numel() >= COMPILE_MIN_NUMEL or (small and x.shape[0] > 1 and x.shape[2] > 1)
-    return x.dtype in _FAST_DTYPES and big and compile_enabled() and not _is_compiling()
+    return x.dtype in _FAST_DTYPES and big and compile_enabled() and not is_compiling()
 
 
 def _work(x: Tensor) -> Tensor:
@@ -107,10 +111,17 @@ def _from_mean_m2(count: float, mean: Tensor, m2: Tensor) -> Moments:
     return out
 
 
-def _split(x: Tensor, cd: int) -> tuple[int, int, int]:
-    """(A, C, B): sizes before, at and after the channel dim ``cd`` (``x`` viewed as A x C x B)."""
+class Split(NamedTuple):
+    """``x`` viewed as before x channels x after the channel dim."""
+
+    before: int
+    channels: int
+    after: int
+
+
+def _split(x: Tensor, cd: int) -> Split:
     a, c = math.prod(x.shape[:cd]), x.shape[cd]
-    return a, c, x.numel() // (a * c)
+    return Split(a, c, x.numel() // (a * c))
 
 
 def _fast_moments(x: Tensor, cd: int) -> Moments:
@@ -264,7 +275,7 @@ class Moments:
             v = x.detach().reshape(a, c, b)
             # once compiled (dynamic shapes), the kernel serves small inputs too: one call beats ~20 eager ops
             k = _KERNELS.get("update_first")
-            if _use_compiled(v, small=k is not None and k._compiled is not None):
+            if _use_compiled(v, small=k is not None and k.compiled):
                 if self.count is None:
                     self._allocate(c, x.device)
                 self.count, self.mean_, self.m2, self.finite = _kernel("update_first")(

@@ -1,4 +1,4 @@
-"""Producer fusion (:mod:`meansparse.fused_producer`): a fused site also computes the eval BatchNorm / residual
+"""Producer fusion (:mod:`meansparse.accel.producer`): a fused site also computes the eval BatchNorm / residual
 add feeding it.  Outputs and gradients must stay bit-identical to the eager model, and every case the
 compiled path cannot honour (train-mode BN, hooks, parameters that need gradients, a kernel that disagrees
 with ATen) must fall back to the same values."""
@@ -15,7 +15,7 @@ from test_fused import compiled_or_skip, same, special_values
 from torch import nn
 
 import meansparse as ms
-from meansparse import fused_producer as fp
+from meansparse.accel import producer
 from meansparse.models import create_model
 
 
@@ -53,7 +53,7 @@ def assert_same_runs(eager, fused, inputs):
 
 
 def compiled_producer_used() -> bool:
-    return any(k._compiled is not None for k in fp._KERNELS.values()) and any(fp._VERDICTS.values())
+    return any(producer.compiled_kernels().values()) and any(producer.verdicts().values())
 
 
 class BnAdd(nn.Module):
@@ -162,18 +162,17 @@ def test_parameters_that_need_gradients_get_them():
 def test_a_kernel_that_disagrees_with_aten_is_not_used(monkeypatch, caplog):
     """The first-use probe catches a producer kernel that differs from ATen (here: mul + add, no FMA)."""
     compiled_or_skip()
-    monkeypatch.setattr(fp, "_fma", lambda a, b, c: a * b + c)
-    monkeypatch.setattr(fp, "_KERNELS", {})
-    monkeypatch.setattr(fp, "_VERDICTS", {})
+    monkeypatch.setattr(producer, "_fma", lambda a, b, c: a * b + c)  # inject a kernel that rounds differently
     torch.manual_seed(0)
     x = torch.randn(8, 16, 16, 16) * 3
     eager = prepared(randomize_bn(BnAdd("gelu")), x)
     fused = ms.fuse(copy.deepcopy(eager))
-    with caplog.at_level(logging.WARNING, logger="meansparse.fused_producer"):
+    with producer.separate_cache(), caplog.at_level(logging.WARNING, logger=producer.log.name):
         with torch.no_grad():
             assert torch.equal(eager(x), fused(x))
+        verdicts = producer.verdicts()
     assert "differs from the eager reference" in caplog.text
-    assert fp._VERDICTS and not any(fp._VERDICTS.values())
+    assert verdicts and not any(verdicts.values())
 
 
 def test_inplace_add_into_a_view_is_not_absorbed():
@@ -241,7 +240,7 @@ def test_calibrate_save_load_and_alpha_changes_on_a_producer_fused_model(tmp_pat
     loaded = ms.load(copy.deepcopy(base), tmp_path / "s.safetensors")
     with torch.no_grad():
         assert torch.equal(loaded(x), fused(x))
-    assert fp._VERDICTS and all(fp._VERDICTS.values())
+    assert producer.verdicts() and all(producer.verdicts().values())
 
 
 def test_token_features_absorb_a_residual_add():
@@ -265,5 +264,5 @@ def test_token_features_absorb_a_residual_add():
     fused = ms.fuse(copy.deepcopy(eager))
     assert [o.fused_producer for o in ms.operators(fused)] == ["add"]
     assert_same_runs(eager, fused, (x,))
-    keys = [k for k, v in fp._VERDICTS.items() if v and k[0][4] == ("contiguous", 3, 2)]
+    keys = [k for k, v in producer.verdicts().items() if v and k[0].layout == ("contiguous", 3, 2)]
     assert keys

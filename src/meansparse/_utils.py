@@ -1,0 +1,92 @@
+"""Small helpers every layer may use: the model's device, temporary eval mode, example inputs as positional
+arguments, shallow module copies and tensor identity tokens for caches.  Imports only torch."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
+           "is_compiling"]
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """Device of the model's first parameter (else buffer); None for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``torch.device(name)``, or a ValueError naming the problem (bad name, CUDA requested but absent)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a valid torch device: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    return dev
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode, restoring each module's own flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """``example_inputs`` as a tuple of positional model inputs."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a Tensor or a tuple/list of positional inputs")
+
+
+def shallow_copy(m: nn.Module) -> nn.Module:
+    """A new module object of the same class whose children/parameters/buffers/hooks are the original ones.
+
+    Registries (``_modules``, ``_parameters``, hook dicts ...) are copied, so editing the copy never
+    touches the original, while the shared children keep ``.to()``/``.eval()`` consistent for both.
+    """
+    new = object.__new__(type(m))
+    for k, v in m.__dict__.items():
+        new.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set, list)) else v
+    return new
+
+
+def tensor_versions(*tensors: Tensor) -> tuple | None:
+    """Identity and in-place version of each tensor: changes whenever one is replaced or modified (a cache
+    key for values derived from them).  None for inference tensors, which carry no version counter."""
+    try:
+        return tuple((t, t._version) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def same_versions(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two :func:`tensor_versions` tokens name the same tensors at the same versions."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
+
+
+def is_compiling() -> bool:
+    """True while an outer ``torch.compile`` is tracing."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False

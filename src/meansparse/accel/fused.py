@@ -1,0 +1,156 @@
+"""``fuse``: every operator computes the activation after it (and, in fx graphs, the BatchNorm / residual add
+before it) in one compiled call, with the same outputs and gradients (see :mod:`.kernels`, :mod:`.producer`).
+
+Fusing swaps each fused operator to :class:`FusedMeanSparse` (a subclass: same buffers, statistics, alpha,
+gradient modes, calibration and save/load) and records the previous class (:mod:`meansparse.placement.record`),
+so :func:`unfuse` restores it.  With ``method="fx"`` the graph is re-traced and each operator node whose only
+user is a supported activation becomes one call ``meansparse.k(x, activation=spec)``; with
+``method="modules"`` each :class:`~meansparse.placement.MeanSparseActivation` becomes a
+:class:`FusedMeanSparseActivation`.  Forward *hooks* on a fused operator see the activation's output.
+Activations come from the placement registry, so a class added with ``register_activation`` is fused too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..core import MeanSparse, operators
+from ..placement import MeanSparseActivation, fx_class, get_record
+from ..placement.record import attach, attached, detach, restore_class, swap_class, swapped
+from ..placement.registry import GENERIC_KIND, ActivationSpec, function_spec, method_spec, module_spec
+from .graph import private
+from .kernels import fused_forward
+from .producer import absorb_producer
+
+__all__ = ["fuse", "unfuse", "fused_sites", "FusedMeanSparse", "FusedMeanSparseActivation"]
+
+
+class FusedMeanSparse(MeanSparse):
+    """A MeanSparse operator that also applies the activation passed as ``activation`` (fused kernels)."""
+
+    def forward(self, x: Tensor, activation: ActivationSpec | None = None) -> Tensor:  # type: ignore[override]
+        if activation is None:
+            return super().forward(x)
+        if type(activation) is not ActivationSpec:
+            activation = ActivationSpec(*activation)
+        return fused_forward(self, x, activation)
+
+
+class FusedMeanSparseActivation(MeanSparseActivation):
+    """A fused :class:`~meansparse.placement.MeanSparseActivation`: same children, one fused call."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        spec = attached(self, "spec")
+        if args or kwargs or spec is None:
+            return self.activation(self.meansparse(x), *args, **kwargs)
+        return self.meansparse(x, activation=spec)
+
+
+def _fuse_operator(op: MeanSparse, spec: ActivationSpec, activation: nn.Module | None) -> None:
+    if not isinstance(op, FusedMeanSparse):
+        swap_class(op, FusedMeanSparse)
+    op.fused_activation = spec
+    if spec.kind == GENERIC_KIND:
+        attach(op, "activation_module", activation)
+
+
+# ---------------------------------------------------------------------------------------------- fx graphs
+def _node_spec(act: fx.Node, src: fx.Node, root: nn.Module) -> ActivationSpec | None:
+    """Spec of fx node ``act`` if it applies a supported activation to ``src`` with constant arguments."""
+    args, kwargs = tuple(act.args), dict(act.kwargs)
+    if not args or args[0] is not src or any(isinstance(a, fx.Node) for a in list(args[1:]) + list(kwargs.values())):
+        return None
+    if act.op == "call_module":
+        return module_spec(root.get_submodule(act.target)) if len(args) == 1 and not kwargs else None
+    if act.op == "call_method":
+        return method_spec(act.target) if len(args) == 1 and not kwargs else None
+    if act.op == "call_function":
+        return function_spec(act.target, args, kwargs)
+    return None
+
+
+class _Retracer(fx.Tracer):
+    """The prepared forward is already flat fx code that only calls leaf modules: keep every module call a
+    call_module node, so the new graph is the old one (nothing is traced into)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
+    graph = _Retracer().trace(root)
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        op = root.get_submodule(node.target)
+        if not isinstance(op, MeanSparse) or node.kwargs or len(node.users) != 1:
+            continue
+        act = next(iter(node.users))
+        spec = _node_spec(act, node, root)
+        if spec is None:
+            continue
+        if spec.write_back or op.inplace:  # in place: only when nobody else can see the input tensor
+            if not private(node.args[0], root):
+                continue
+            spec = ActivationSpec(spec.kind, spec.params, False)
+        activation = root.get_submodule(act.target) if act.op == "call_module" else None
+        node.kwargs = {"activation": spec}
+        act.replace_all_uses_with(node)
+        graph.erase_node(act)
+        _fuse_operator(op, spec, activation)
+        fused += 1
+        if producers:
+            absorb_producer(graph, node, root, spec)
+    if not fused:
+        return 0
+    graph.lint()
+    gm = fx.GraphModule(root, graph, type(root).__name__)
+    swap_class(root, fx_class(type(root), type(gm).forward))
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------- public
+def fuse(model: nn.Module, *, producers: bool = True) -> nn.Module:
+    """Fuse every operator with the activation right after it (in place; returns ``model``).
+
+    ``producers``: in fx-prepared models also compute the eval BatchNorm and/or residual add that feeds a
+    site inside its kernel (:mod:`meansparse.accel.producer`; ReLU and split-path activations).
+
+    Sites whose activation is not fused (PReLU, activations with hooks, subclasses of built-in activations,
+    in-place registered classes) or whose in-place activation mutates a tensor other code reads keep the
+    unfused path.  Idempotent.  :func:`fused_sites` lists what was fused.
+    """
+    for child in list(model.modules()):
+        if type(child) is MeanSparseActivation:  # subclasses may change forward: leave them alone
+            spec = module_spec(child.activation)
+            if spec is None:
+                continue
+            swap_class(child, FusedMeanSparseActivation)
+            attach(child, "spec", spec)
+            _fuse_operator(child.meansparse, spec, child.activation)
+    for m in list(model.modules()):
+        rec = get_record(m)
+        if rec is not None and rec.config.get("method") == "fx" and not swapped(m):
+            _fuse_fx(m, producers)
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse` (in place; returns ``model``)."""
+    for m in list(model.modules()):
+        restore_class(m)
+        detach(m, "spec")
+        if isinstance(m, MeanSparse):
+            detach(m, "activation_module")
+            m.__dict__.pop("fused_activation", None)
+            m.__dict__.pop("fused_producer", None)
+    return model
+
+
+def fused_sites(model: nn.Module) -> list[str]:
+    """Names of the sites currently fused with their activation."""
+    return [op.site_name for op in operators(model) if op.fused_activation is not None]

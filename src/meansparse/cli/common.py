@@ -1,0 +1,86 @@
+"""Argument types and options that several ``meansparse`` sub-commands share, defined once so that the same
+option reads and behaves the same in every command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FUSE_HELP",
+    "parse_eps",
+    "parse_options",
+    "comma_list",
+    "add_checkpoint_arg",
+    "add_data_args",
+    "add_device_arg",
+    "add_threads_arg",
+    "set_threads",
+]
+
+#: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
+FUSE_HELP = "fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU"
+
+
+def parse_eps(text: str) -> float:
+    """'8/255', '0.031' or '2e-2' -> float (fractions keep the usual CIFAR notation exact)."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError) as e:
+        raise argparse.ArgumentTypeError(f"bad eps {text!r}: use a number or a fraction such as 8/255") from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"eps must be > 0, got {text}")
+    return value
+
+
+def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """['apgd-ce.steps=20', 'adaptive.lam=10'] -> {'apgd-ce': {'steps': 20}, 'adaptive': {'lam': 10}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        attack, dot, option = key.rpartition(".")
+        if not sep or not dot or not attack or not option:
+            raise ValueError(f"bad --option {item!r}: use ATTACK.NAME=VALUE, e.g. apgd-ce.steps=20")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(attack, {})[option] = value
+    return out
+
+
+def comma_list(text: str) -> list[str]:
+    """'apgd-ce, square,' -> ['apgd-ce', 'square'] (blanks dropped)."""
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (alias ``--model``): a checkpoint written by ``meansparse train``."""
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="model checkpoint written by `meansparse train` (.safetensors + .json)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """``--data`` (default digits) and ``--data-root``, as :func:`meansparse.data.load_dataset` takes them."""
+    p.add_argument("--data", default="digits", help="data set name or path (see meansparse.data.load_dataset)")
+    p.add_argument("--data-root", default=None)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device`` defaulting to CUDA when available (the per-rank device under torchrun)."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (torch CPU threads); None or 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for the run (default: torch's own choice)."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -1,0 +1,26 @@
+"""The core layer: the operator, its band arithmetic, channel layouts and exact streaming moments.
+
+Imports only torch and the package's small base (``_utils``, ``_compile``); every other layer builds on it.
+"""
+
+from .band import StraightThrough, in_band, sparsify
+from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
+from .moments import Moments
+from .operator import CENTERINGS, GRADIENTS, MeanSparse, check_alpha, check_centering, operators
+
+__all__ = [
+    "CENTERINGS",
+    "GRADIENTS",
+    "LAYOUTS",
+    "MeanSparse",
+    "Moments",
+    "StraightThrough",
+    "broadcast_channel",
+    "channel_dim",
+    "check_alpha",
+    "check_centering",
+    "in_band",
+    "infer_layout",
+    "operators",
+    "sparsify",
+]

@@ -1,0 +1,73 @@
+"""The band arithmetic, written once: which elements lie in the band and what the operator makes of them.
+
+``in_band(x, m, t)`` is ``|x - m| < t`` (strict), ``sparsify`` replaces those elements by ``m``.  The eager
+operator, the compiled fused kernels (:mod:`meansparse.accel`) and the adaptive attack all call these, so
+every path computes the same IEEE operations (``x - m``, ``abs``, ``<``) and stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["in_band", "sparsify", "sparsify_lean", "band_from_output", "relu_grad_from_output",
+           "StraightThrough"]
+
+
+def _below(d: Tensor, t: Tensor) -> Tensor:
+    """``|d| < t`` for a difference ``d`` that the caller owns (its buffer is reused for the absolute value)."""
+    return d.abs_() < t
+
+
+def in_band(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
+    """``|x - m| < t``: the positions the operator replaces (``m``, ``t`` broadcastable against ``x``)."""
+    return _below(x - m, t)
+
+
+def sparsify(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
+    """``m`` where ``|x - m| < t`` else ``x``; ``m``/``t`` already broadcastable and of ``x.dtype``."""
+    return torch.where(in_band(x, m, t), m, x)
+
+
+def sparsify_lean(x: Tensor, m: Tensor, t: Tensor, in_place: bool) -> Tensor:
+    """:func:`sparsify` with one full-size temporary (no autograd): the ``x - m`` buffer holds ``abs`` and
+    then the result, or the result is written into ``x`` itself when ``in_place``."""
+    d = x - m
+    inside = _below(d, t)
+    return torch.where(inside, m, x, out=x if in_place else d)
+
+
+def band_from_output(y: Tensor, m: Tensor, t: Tensor) -> Tensor:
+    """The band recovered from the operator's output ``y = sparsify(x, m, t)``: ``y == m`` with ``t > 0``.
+
+    Outside the band ``|x - m| >= t > 0``, so ``x != m``; NaN never compares equal.  Lets a backward pass
+    keep ``y`` instead of ``x``."""
+    return (y == m) & (t > 0)
+
+
+def relu_grad_from_output(g: Tensor, z: Tensor, m: Tensor, t: Tensor, exact: bool) -> Tensor:
+    """Input gradient of ``relu(sparsify(x))`` from its output ``z`` (the next layer saves ``z`` anyway).
+
+    ``z <= 0`` gives ReLU's zero gradient (``threshold_backward``'s own test); in exact mode an element in the
+    band also gets zero: ``z == m`` with ``m > 0`` and ``t > 0`` (in the band with ``m <= 0``, ``z = 0``).
+    Every element is ``g`` or ``+0.0`` by the same rule as eager autograd, so the result is bit-identical."""
+    zero = z <= 0
+    if exact:
+        zero = zero | ((z == m) & (m > 0) & (t > 0))
+    return torch.where(zero, 0.0, g)
+
+
+class StraightThrough(torch.autograd.Function):
+    """Same forward as :func:`sparsify`; backward is the identity (BPDA-style gradient)."""
+
+    @staticmethod
+    def forward(x: Tensor, m: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+        return sparsify(x, m, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # nothing to save: the gradient is the identity
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None, None

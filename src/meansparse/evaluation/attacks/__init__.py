@@ -1,0 +1,25 @@
+"""Every attack behind one interface: ``Attack.run(model, x, y, seed=...) -> x_adv``, one attack per module.
+
+The APGD/FAB/Square family and standard AutoAttack are the reference implementations from
+``pyautoattack`` (imported lazily: it is the ``eval`` extra); only attacks that no torchvision-free library
+offers are written here (PGD-k, the paper's adaptive PGD, the BPDA and transfer wrappers).
+"""
+
+from .adaptive import AdaptivePGD
+from .apgd import APGD, APGDTargeted
+from .autoattack import AutoAttackStandard, keep_tracer
+from .base import KINDS, LIBRARY_LOGGER, NORMS, Attack, SuccessTracker, num_classes, require_pyautoattack
+from .bpda import BPDA
+from .clean import Clean
+from .fab import FABTargeted
+from .pgd import PGD
+from .registry import ATTACK_NAMES, BPDA_ATTACKS, DEFAULT_ATTACKS, build_attack
+from .square import Square
+from .transfer import Transfer, zero_alphas
+
+__all__ = [
+    "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "KINDS", "LIBRARY_LOGGER", "NORMS",
+    "PGD", "APGDTargeted", "AdaptivePGD", "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Square",
+    "SuccessTracker", "Transfer", "build_attack", "keep_tracer", "num_classes", "require_pyautoattack",
+    "zero_alphas"
+]

@@ -1,0 +1,37 @@
+"""Fingerprints that tie an evaluation to its inputs: per-batch seeds, model and data hashes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+__all__ = ["data_hash", "derive_seed", "model_hash"]
+
+
+def derive_seed(seed: int, attack: str, batch: int) -> int:
+    """Seed of one (attack, batch): independent of batch order and of which batches were resumed."""
+    digest = hashlib.sha256(f"{seed}/{attack}/{batch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes): any change to weights, statistics or
+    alphas gives a different hash."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_hash(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 over the examples and labels (dtypes, shapes, bytes), so a resume never mixes data sets."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,74 @@
+"""Running one attack on one batch and judging its candidates on the real model.
+
+A candidate breaks an example only if it lies inside the threat model (norm ball, [0, 1] box, finite) and
+the plain model misclassifies it, so no attack or wrapper can inflate a success rate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .attacks import Attack
+from .hashing import derive_seed
+from .messages import library_messages
+
+__all__ = ["Verdict", "attack_batch", "judge", "rng_devices"]
+
+_LINF_TOL = 1e-6
+_L2_REL_TOL = 1e-5
+_BOX_TOL = 1e-6
+
+
+class Verdict(NamedTuple):
+    """Per example: still robust (not broken by a valid candidate), and whether the candidate was invalid."""
+
+    robust: torch.Tensor
+    invalid: torch.Tensor
+
+
+def judge(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, norm: str,
+          eps: float) -> Verdict:
+    """Which candidates ``x_adv`` break their example: inside the threat model and misclassified by the
+    plain model."""
+    if x_adv.shape != x.shape:
+        raise RuntimeError(f"attack returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+    bound = eps + _LINF_TOL if norm == "Linf" else eps * (1 + _L2_REL_TOL) + _LINF_TOL
+    flat = x_adv.flatten(1)
+    valid = ((size <= bound) & torch.isfinite(flat).all(1) & (flat.amin(1) >= -_BOX_TOL)
+             & (flat.amax(1) <= 1 + _BOX_TOL))
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(1) != y
+    return Verdict(robust=~(valid & wrong), invalid=~valid)
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG state an attack on ``device`` may draw from (to fork and restore)."""
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def attack_batch(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int], b: int,
+                 seed: int, device: torch.device, norm: str, eps: float) -> dict[str, Any]:
+    """Run ``attack`` on examples ``idx`` (batch ``b``, seeded from ``derive_seed``) and judge the result.
+
+    The record is plain JSON (it is what the evaluation state stores): the indices, per-example robustness,
+    the number of invalid candidates, the library messages and the time taken. The caller's RNG is left alone.
+    """
+    t0 = time.perf_counter()
+    batch_messages: dict[str, int] = {}
+    ii = torch.tensor(idx)
+    xb, yb = x[ii].to(device), y[ii].to(device)
+    bseed = derive_seed(int(seed), attack.seed_key, b)
+    with torch.random.fork_rng(devices=rng_devices(device)), library_messages(batch_messages):
+        torch.manual_seed(bseed)
+        x_adv = attack.run(model, xb, yb, seed=bseed)
+    verdict = judge(model, xb, x_adv.to(device), yb, norm, eps)
+    return {"indices": idx, "robust": [int(v) for v in verdict.robust.cpu()], "invalid": int(verdict.invalid.sum()),
+            "messages": batch_messages, "seconds": time.perf_counter() - t0}

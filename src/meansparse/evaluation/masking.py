@@ -1,0 +1,62 @@
+"""Gradient-masking detection: attacks that masked gradients cannot fool (BPDA, transfer, black-box,
+adaptive) compared with the plain white-box ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+
+from .attacks import Attack
+
+__all__ = ["ADAPTIVE_KINDS", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "masking_findings"]
+
+MASKING_MARGIN = 0.01  # 1 point
+WHITE_BOX = "white-box"
+ADAPTIVE_KINDS = ("bpda", "transfer", "black-box", "adaptive")
+
+
+class MaskingFindings(NamedTuple):
+    """The warnings (zero or one), and per masking-proof attack the examples it broke that survived every
+    plain white-box attack."""
+
+    warnings: list[str]
+    extra_breaks: dict[str, int]
+
+
+def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor], n: int,
+                     individual: bool, margin: float = MASKING_MARGIN) -> MaskingFindings:
+    """Warnings naming every masking-proof attack that does better than the plain white-box attacks.
+
+    Two symptoms, either fires: (a) in individual mode, its accuracy is more than ``margin`` below the
+    best plain white-box accuracy; (b) in both modes, it breaks more than ``margin`` of the examples that
+    survived every plain white-box attack that saw them.
+    """
+    white = [a.name for a in attacks if a.kind == WHITE_BOX]
+    extra: dict[str, int] = {}
+    if not white:
+        return MaskingFindings([], extra)
+    w = torch.stack([masks[k] for k in white])  # (W, n) int8
+    survived_white = (w != 0).all(0) & (w == 1).any(0)
+    white_acc = {k: float((masks[k] == 1).sum()) / n for k in white}
+    best_white = min(white_acc.values())
+    offenders = []
+    for a in attacks:
+        if a.kind not in ADAPTIVE_KINDS:
+            continue
+        m = masks[a.name]
+        extra[a.name] = int(((m == 0) & survived_white).sum())
+        acc = float((m == 1).sum()) / n
+        beats = individual and acc < best_white - margin
+        if beats or extra[a.name] / n > margin:
+            shown = f"{100 * acc:.1f} %, " if individual else ""
+            offenders.append(f"{a.name} ({shown}breaks {extra[a.name]} example(s) that survive every plain "
+                             "white-box attack)")
+    if not offenders:
+        return MaskingFindings([], extra)
+    msg = (f"gradient masking suspected: {'; '.join(offenders)}. Plain white-box attacks: "
+           f"{', '.join(f'{k} {100 * v:.1f} %' for k, v in white_acc.items())}. An attack that cannot be fooled "
+           f"by masked gradients does more than {100 * margin:.0f} point better, so plain gradient attacks "
+           "overestimate this model's robustness: quote the worst case")
+    return MaskingFindings([msg], extra)

@@ -1,0 +1,324 @@
+"""``run_evaluation``: per-example worst case over a set of attacks, batched, resumable, deterministic.
+
+Honesty rules this module enforces:
+- an example is robust only if it is classified correctly and *no* attack breaks it;
+- every candidate is judged on the real model (plain forward, see ``judge``), and a candidate outside the
+  threat model (norm ball, [0, 1] box, NaN) never counts as a break;
+- attacks that cannot be fooled by gradient masking (BPDA, transfer, Square, adaptive) are compared with
+  the plain white-box ones, and a gap of more than 1 point is reported as a warning.
+
+Sanity checks are not run here: they evaluate again, so they sit on top (``evaluate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..core import operators
+from ..distributed import all_gather_object, broadcast_object
+from ..distributed import rank as dist_rank
+from ..distributed import world_size as dist_world_size
+from ..version import package_versions
+from .attacks import Attack
+from .hashing import data_hash, model_hash
+from .judge import attack_batch
+from .masking import masking_findings
+from .messages import library_warnings
+from .report import RUN_KEY, Report
+from .state import EvaluationState
+from .validation import build_attacks, check_inputs, check_labels, evaluation_device
+
+__all__ = ["INDIVIDUAL_MAX_N", "AttackOutcome", "BatchResult", "EvaluationPlan", "Outcomes", "breakdown_row",
+           "build_report", "clean_pass", "plan_evaluation", "run_attack", "run_attacks", "run_config", "run_evaluation"]
+
+INDIVIDUAL_MAX_N = 1000  # individual mode by default up to this many examples (every attack sees all)
+
+
+@dataclass
+class EvaluationPlan:
+    """Everything an evaluation runs, validated: the examples (CPU), the threat model, the attacks in order."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    norm: str
+    eps: float
+    device: torch.device
+    n_classes: int
+    attacks: list[Attack]
+    individual: bool
+    batch_size: int
+    seed: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    @property
+    def mode(self) -> str:
+        return "individual" if self.individual else "cascade"
+
+
+class BatchResult(NamedTuple):
+    """One batch's stored record, and whether it was computed now (else read from the state file)."""
+
+    record: dict[str, Any]
+    fresh: bool
+
+
+@dataclass
+class AttackOutcome:
+    """One attack over all its batches: per-example mask (1 robust, 0 broken, -1 not attacked) and tallies."""
+
+    mask: torch.Tensor
+    n_attacked: int
+    seconds: float = 0.0
+    invalid: int = 0
+    messages: dict[str, int] = field(default_factory=dict)
+    resumed: int = 0
+
+
+@dataclass
+class Outcomes:
+    """Every attack's result: per-example worst case so far, masks, report rows and run statistics."""
+
+    robust: torch.Tensor
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
+    attack_seconds: dict[str, float] = field(default_factory=dict)
+    library: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    resumed: int = 0
+
+
+@contextlib.contextmanager
+def _frozen(*models: nn.Module | None) -> Iterator[None]:
+    """Parameters do not need gradients during an attack; FAB calls ``backward`` and would otherwise
+    fill the model's ``.grad`` fields."""
+    saved = [(p, p.requires_grad) for m in models if m is not None for p in m.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _progress(name: str, total: int, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, unit="img", leave=True, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, attacks: Sequence[str | Attack],
+                    base_model: nn.Module | None, batch_size: int, seed: int, device: str | torch.device | None,
+                    individual: bool | None, attack_options: Mapping[str, Mapping[str, Any]] | None
+                    ) -> EvaluationPlan:
+    """Validate every argument (a ValueError before any attack runs) and fix the mode."""
+    data = check_inputs(model, x, y, norm, eps, batch_size, base_model)
+    eps = float(eps)
+    device = evaluation_device(model, device)
+    n_classes = check_labels(model, data.x, data.y, device)
+    if base_model is not None:
+        check_labels(base_model, data.x, data.y, device)
+    built = build_attacks(attacks, norm, eps, base_model, attack_options, n_classes)
+    individual = len(data.x) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
+    plan = EvaluationPlan(data.x, data.y, norm, eps, device, n_classes, built, individual, batch_size, int(seed))
+    if not operators(model) and any(a.kind in ("bpda", "adaptive") or (a.kind == "transfer" and base_model is None)
+                                    for a in built):
+        plan.warnings.append("the model has no MeanSparse operators: bpda-*, transfer (without base_model) "
+                             "and adaptive reduce to their plain versions")
+    return plan
+
+
+def run_config(plan: EvaluationPlan, model: nn.Module, base_model: nn.Module | None) -> dict[str, Any]:
+    """What a stored state must match to be resumed: threat model, data, models and attack settings."""
+    return {
+        "eps": plan.eps, "norm": plan.norm, "n_examples": plan.n, "seed": plan.seed, "batch_size": plan.batch_size,
+        "mode": plan.mode,
+        "attacks": [a.settings() for a in plan.attacks],
+        "model_hash": model_hash(model),
+        "base_model_hash": model_hash(base_model) if base_model is not None else None,
+        "data_hash": data_hash(plan.x, plan.y),
+    }
+
+
+# -------------------------------------------------------------------------------------------- running
+# Under torch.distributed (e.g. torchrun) rank r computes the batches b with b % world == r; results are
+# gathered after every round of `world` batches, so every rank holds every result, the batches and their
+# seeds are those of a single-process run (identical report) and rank 0 alone writes the state file.
+def clean_pass(model: nn.Module, plan: EvaluationPlan, world: int, me: int) -> torch.Tensor:
+    """Per example: classified correctly without attack (bool, CPU)."""
+    n, batch_size = plan.n, plan.batch_size
+    clean_correct = torch.zeros(n, dtype=torch.bool)
+    local: dict[int, list[bool]] = {}
+    with torch.no_grad():
+        for j, s in enumerate(range(0, n, batch_size)):
+            if j % world == me:
+                pred = model(plan.x[s:s + batch_size].to(plan.device)).argmax(1).cpu()
+                local[s] = (pred == plan.y[s:s + batch_size]).tolist()
+    for part in all_gather_object(local):
+        for s, correct in part.items():
+            clean_correct[s:s + len(correct)] = torch.tensor(correct, dtype=torch.bool)
+    return clean_correct
+
+
+def run_attack(attack: Attack, model: nn.Module, plan: EvaluationPlan, pool: list[int], robust: torch.Tensor,
+               state: EvaluationState, *, world: int, me: int, progress: bool,
+               callback: Callable[[str, int], None] | None) -> AttackOutcome:
+    """``attack`` on the examples ``pool``, batch by batch; finished batches come from ``state``, new ones
+    are saved there (then ``callback(attack, batch)``). ``robust`` (the worst case before this attack) only
+    feeds the progress bar."""
+    n, batch_size = plan.n, plan.batch_size
+    out = AttackOutcome(mask=torch.full((n,), -1, dtype=torch.int8), n_attacked=len(pool))
+    chunks = [pool[s:s + batch_size] for s in range(0, len(pool), batch_size)]
+    seen, kept = 0, 0
+    bar = _progress(attack.name, len(pool), progress)
+    try:
+        for first in range(0, len(chunks), world):
+            b = first + me
+            mine: dict[int, BatchResult] = {}
+            if b < len(chunks):
+                record = state.get(attack.name, b, chunks[b])
+                if record is None:
+                    record = attack_batch(attack, model, plan.x, plan.y, chunks[b], b, plan.seed, plan.device,
+                                          plan.norm, plan.eps)
+                    mine[b] = BatchResult(record, True)
+                else:
+                    mine[b] = BatchResult(record, False)
+            round_results = sorted((k, v) for part in all_gather_object(mine) for k, v in part.items())
+            for b, result in round_results:
+                idx, record = chunks[b], result.record
+                if result.fresh:
+                    state.put(attack.name, b, record)
+                    if callback is not None:
+                        callback(attack.name, b)
+                else:
+                    out.resumed += 1
+                out.mask[torch.tensor(idx, dtype=torch.long)] = torch.tensor(record["robust"], dtype=torch.int8)
+                out.seconds += record["seconds"]
+                out.invalid += record["invalid"]
+                for msg, count in record["messages"].items():  # persisted, so a resume keeps them
+                    out.messages[msg] = out.messages.get(msg, 0) + count
+                seen += len(idx)
+                kept += sum(record["robust"])
+                if bar is not None:
+                    bar.update(len(idx))
+                    bar.set_postfix(robust=f"{100 * kept / max(seen, 1):.1f}%",
+                                    worst=f"{100 * float((robust & (out.mask != 0)).sum()) / n:.1f}%")
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def breakdown_row(attack: Attack, out: AttackOutcome, robust: torch.Tensor, plan: EvaluationPlan) -> dict[str, Any]:
+    """The report's row for one attack; ``robust`` is the worst case after it."""
+    n, mask, attacked = plan.n, out.mask, out.n_attacked
+    return {
+        "attack": attack.name, "kind": attack.kind, "n_attacked": attacked,
+        "n_broken": int((mask == 0).sum()),
+        "robust_accuracy": float((mask == 1).sum()) / n if plan.individual else float(robust.sum()) / n,
+        "cumulative_accuracy": float(robust.sum()) / n,
+        "success_rate_on_attacked": float((mask == 0).sum()) / attacked if attacked else 0.0,
+        "invalid_candidates": out.invalid,
+    }
+
+
+def run_attacks(model: nn.Module, base_model: nn.Module | None, plan: EvaluationPlan, clean_correct: torch.Tensor,
+                state: EvaluationState, *, world: int, me: int, progress: bool,
+                callback: Callable[[str, int], None] | None) -> Outcomes:
+    """Every attack in order: on all clean-correct examples (individual) or on those still robust (cascade)."""
+    res = Outcomes(robust=clean_correct.clone())
+    with _frozen(model, base_model):
+        for attack in plan.attacks:
+            pool = (clean_correct if plan.individual else res.robust).nonzero().flatten().tolist()
+            out = run_attack(attack, model, plan, pool, res.robust, state, world=world, me=me, progress=progress,
+                             callback=callback)
+            res.masks[attack.name] = out.mask
+            res.robust &= out.mask != 0
+            res.attack_seconds[attack.name] = out.seconds
+            res.resumed += out.resumed
+            if out.messages:
+                res.library[attack.name] = out.messages
+            if out.invalid:
+                res.warnings.append(f"{attack.name}: {out.invalid} candidate(s) outside the threat model "
+                                    "were rejected (not counted as breaks)")
+            res.breakdown.append(breakdown_row(attack, out, res.robust, plan))
+    return res
+
+
+# -------------------------------------------------------------------------------------------- reporting
+def build_report(model: nn.Module, plan: EvaluationPlan, config: Mapping[str, Any], clean_correct: torch.Tensor,
+                 res: Outcomes) -> Report:
+    """The report (without ``metadata["run"]``): numbers, masks, masking and library warnings, metadata."""
+    n = plan.n
+    findings = masking_findings(plan.attacks, res.masks, n, plan.individual)
+    for row in res.breakdown:
+        if row["attack"] in findings.extra_breaks:
+            row["extra_breaks_vs_white_box"] = findings.extra_breaks[row["attack"]]
+    return Report(
+        clean_accuracy=float(clean_correct.sum()) / n,
+        robust_accuracy={row["attack"]: row["robust_accuracy"] for row in res.breakdown},
+        worst_case_accuracy=float(res.robust.sum()) / n,
+        n_examples=n, norm=plan.norm, eps=plan.eps, attacks=[a.name for a in plan.attacks],
+        mode=plan.mode,
+        clean_correct=[bool(v) for v in clean_correct],
+        robust_masks={k: [int(v) for v in m] for k, m in res.masks.items()},
+        worst_case_robust=[bool(v) for v in res.robust],
+        breakdown=res.breakdown,
+        warnings=plan.warnings + res.warnings + findings.warnings + library_warnings(res.library),
+        metadata={
+            "seed": plan.seed, "eps": plan.eps, "norm": plan.norm, "n_examples": n, "n_classes": plan.n_classes,
+            "batch_size": plan.batch_size, "model_hash": config["model_hash"],
+            "base_model_hash": config["base_model_hash"], "data_hash": config["data_hash"],
+            "attack_settings": {a.name: a.settings() for a in plan.attacks},
+            "meansparse_operators": len(operators(model)),
+            "versions": package_versions(), "device": str(plan.device),
+            "seed_rule": "batch b of attack a uses derive_seed(seed, a, b) (bpda-X shares X's seeds)",
+        },
+    )
+
+
+def run_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                   attacks: Sequence[str | Attack], batch_size: int, seed: int, progress: bool,
+                   device: str | torch.device | None, individual: bool | None,
+                   attack_options: Mapping[str, Mapping[str, Any]] | None, base_model: nn.Module | None = None,
+                   state_path: str | PathLike | None = None,
+                   callback: Callable[[str, int], None] | None = None) -> Report:
+    """``evaluate`` without its sanity checks; the arguments mean the same."""
+    started = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    plan = plan_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
+                           batch_size=batch_size, seed=seed, device=device, individual=individual,
+                           attack_options=attack_options)
+    config = run_config(plan, model, base_model)
+    world, me = dist_world_size(), dist_rank()
+    state = EvaluationState(state_path if me == 0 else None, config)
+    if world > 1:
+        state.batches = broadcast_object(state.batches)
+    clean_correct = clean_pass(model, plan, world, me)
+    res = run_attacks(model, base_model, plan, clean_correct, state, world=world, me=me,
+                      progress=progress and me == 0, callback=callback)
+    report = build_report(model, plan, config, clean_correct, res)
+    report.metadata[RUN_KEY] = {
+        "wall_time_s": time.perf_counter() - started,
+        "attack_seconds": res.attack_seconds,
+        "resumed_batches": res.resumed,
+        "started_at": started_at,
+        "world_size": world,
+    }
+    return report

@@ -1,0 +1,120 @@
+"""Argument checks for ``evaluate``: every mistake becomes a ValueError that says what to change, before
+any attack runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .._utils import model_device
+from .attacks import ATTACK_NAMES, Attack, build_attack
+
+__all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_inputs", "check_labels", "evaluation_device"]
+
+#: attacks whose DLR loss or target classes need at least 4 classes
+NEED_4_CLASSES = ("apgd-t", "apgd-dlr", "fab-t", "aa", "transfer")
+
+
+class Examples(NamedTuple):
+    """Validated examples on the CPU: float NCHW images in [0, 1] and int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def check_inputs(model: nn.Module, x: Any, y: Any, norm: str, eps: float, batch_size: int,
+                 base_model: nn.Module | None) -> Examples:
+    """The examples as CPU tensors, after checking the models' mode, the threat model and the data."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for label, m in (("model", model), ("base_model", base_model)):
+        if m is None:
+            continue
+        training = [name or "<root>" for name, sub in m.named_modules() if sub.training]
+        if training:
+            raise ValueError(f"{label} is in train mode ({', '.join(training[:3])}…): call {label}.eval() "
+                             "first; dropout/batch-norm statistics would change during the attack")
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"unknown norm {norm!r}: use 'Linf' or 'L2'")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    x = torch.as_tensor(x).detach().cpu()  # kept on the CPU; batches move to the device one at a time
+    y = torch.as_tensor(y).detach().cpu()
+    if x.ndim != 4:
+        raise ValueError(f"x must be a 4-D NCHW image batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point in [0, 1], got dtype {x.dtype}")
+    if len(x) == 0:
+        raise ValueError("x is empty")
+    if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y must be a 1-D integer tensor of labels, got shape {tuple(y.shape)}, dtype {y.dtype}")
+    if len(x) != len(y):
+        raise ValueError(f"x and y differ in length: {len(x)} images, {len(y)} labels")
+    if torch.isnan(x).any():
+        raise ValueError("x contains NaN")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"x must lie in [0, 1] (normalisation belongs inside the model); got [{lo:.4g}, {hi:.4g}]")
+    return Examples(x, y.long())
+
+
+def evaluation_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``, defaulting to the model's (CPU for a model without tensors); the model must be there."""
+    here = model_device(model) or torch.device("cpu")
+    device = torch.device(here if device is None else device)
+    if here.type != device.type or (device.index is not None and here.index not in (None, device.index)):
+        raise ValueError(f"model is on {here} but device={device}: move the model first")
+    return device
+
+
+def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
+    """Number of classes of ``model``, after checking that it returns logits and that every label fits."""
+    with torch.no_grad():
+        out = model(x[:1].to(device))
+    if out.ndim != 2:
+        raise ValueError(f"model must return (N, classes) logits, got shape {tuple(out.shape)}")
+    n_classes = int(out.shape[1])
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(f"labels must be in [0, {n_classes - 1}] (the model has {n_classes} outputs); "
+                         f"got labels in [{lo}, {hi}]")
+    return n_classes
+
+
+def build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_model: nn.Module | None,
+                  attack_options: Mapping[str, Mapping[str, Any]] | None, n_classes: int) -> list[Attack]:
+    """The attacks to run, in order: names are built with their options (``bpda-X`` falls back to X's),
+    instances are checked against the threat model; names must be unique."""
+    if isinstance(attacks, str):
+        attacks = (attacks,)
+    if len(attacks) == 0:
+        raise ValueError(f"no attacks given; valid attacks: {', '.join(ATTACK_NAMES)}")
+    options = dict(attack_options or {})
+    unknown_opts = [k for k in options if k not in ATTACK_NAMES]
+    if unknown_opts:
+        raise ValueError(f"attack_options for unknown attacks {unknown_opts}; valid: {', '.join(ATTACK_NAMES)}")
+    built: list[Attack] = []
+    for a in attacks:
+        if isinstance(a, Attack):
+            if a.norm != norm or abs(a.eps - eps) > 1e-12:
+                raise ValueError(f"attack {a.name!r} is set up for {a.norm}, eps={a.eps}, not {norm}, eps={eps}")
+            built.append(a)
+            continue
+        if not isinstance(a, str) or a not in ATTACK_NAMES:
+            raise ValueError(f"unknown attack {a!r}; valid attacks: {', '.join(ATTACK_NAMES)}")
+        opts = dict(options.get(a, options.get(a[5:], {})) if a.startswith("bpda-") else options.get(a, {}))
+        built.append(build_attack(a, norm=norm, eps=eps, base_model=base_model, **opts))
+    names = [a.name for a in built]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"attack names must be unique, repeated: {dupes}")
+    needs_dlr = [a.name for a in built if a.name.removeprefix("bpda-") in NEED_4_CLASSES]
+    if needs_dlr and n_classes < 4:
+        raise ValueError(f"{needs_dlr} need at least 4 classes (DLR loss / targets); the model has {n_classes}")
+    return built

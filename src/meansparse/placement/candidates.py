@@ -1,0 +1,90 @@
+"""Insertion candidates, shared by the fx and the modules strategies: what a site would be, how the user's
+``include`` / ``exclude`` / ``after_residual_add`` / ``indices`` select among them, and the operator made for
+each selected one."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import MeanSparse
+
+__all__ = ["Candidate", "SelectionError", "select", "unique_names", "make_operator", "matches"]
+
+
+@dataclass
+class Candidate:
+    name: str
+    activation: str
+    kind: str
+    module_path: str
+    after_residual_add: bool
+    layout_hint: str | None
+    inplace: bool
+    node: Any = None  # fx node (fx strategy)
+    module: nn.Module | None = None  # activation module (modules strategy)
+    order: float = 0.0
+    wrapper: nn.Module | None = None  # modules strategy: the MeanSparseActivation put in the model
+    op: MeanSparse | None = None  # modules strategy: the operator made for it
+    calls: int = 0  # modules strategy: calls seen by the probe forward
+    extra: dict = field(default_factory=dict)
+
+
+class SelectionError(IndexError):
+    """Bad ``indices``: a user error, never a reason to fall back from fx to modules."""
+
+
+def matches(patterns: Sequence[re.Pattern], name: str) -> bool:
+    return any(p.search(name) for p in patterns)
+
+
+def select(
+    cands: list[Candidate],
+    include: list[str],
+    exclude: list[str],
+    after_residual_add: bool | None,
+    indices: int | Sequence[int] | None,
+) -> list[Candidate]:
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    out = [c for c in cands if (not inc or matches(inc, c.name)) and not matches(exc, c.name)]
+    if after_residual_add is not None:
+        out = [c for c in out if c.after_residual_add == after_residual_add]
+    if indices is not None:
+        idx = [indices] if isinstance(indices, int) else list(indices)
+        for i in idx:
+            if not -len(out) <= i < len(out):
+                raise SelectionError(f"site index {i} out of range: {len(out)} sites after include/exclude")
+        chosen = sorted({i % len(out) for i in idx})
+        out = [out[i] for i in chosen]
+    return out
+
+
+def unique_names(cands: list[Candidate]) -> None:
+    """First use of a name keeps it; later call sites of the same name get ``:1``, ``:2`` ..."""
+    seen: dict[str, int] = {}
+    for c in cands:
+        k = seen.get(c.name, 0)
+        seen[c.name] = k + 1
+        if k:
+            c.name = f"{c.name}:{k}"
+
+
+def make_operator(c: Candidate, index: int, centering: str, device: torch.device | None = None) -> MeanSparse:
+    op = MeanSparse(
+        centering=centering,
+        layout_hint=c.layout_hint,
+        inplace=c.inplace,
+        site_name=c.name,
+        site_index=index,
+        activation=c.activation,
+        after_residual_add=c.after_residual_add,
+        module_path=c.module_path,
+        kind=c.kind,
+    )
+    return op if device is None else op.to(device)

@@ -1,0 +1,384 @@
+"""The modules strategy, for models that do not trace: each activation module is replaced in its parent by a
+:class:`~meansparse.placement.wrappers.MeanSparseActivation`, and a module whose output gets an operator is
+wrapped in a :class:`~meansparse.placement.wrappers.MeanSparseOutput`.
+
+Functional activations cannot be covered this way; with ``example_inputs`` one probe forward records the call
+order, the residual adds a module's forward returns, and the functional activations left uncovered (warned).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .._utils import as_args, eval_mode, model_device, shallow_copy
+from ..core import MeanSparse
+from .candidates import Candidate, make_operator, matches
+from .registry import (
+    ADD_METHOD_NAMES,
+    activation_classes,
+    function_activation,
+    is_activation_module,
+    method_activation,
+    producer_hint,
+)
+from .wrappers import MeanSparseActivation, MeanSparseOutput
+
+__all__ = ["Registration", "registrations", "prepare_modules"]
+
+
+class Registration(NamedTuple):
+    """One place a child module is registered: ``parent._modules[attr] is child``."""
+
+    parent: nn.Module
+    attr: str
+    qname: str
+    child: nn.Module
+
+
+def registrations(model: nn.Module) -> list[Registration]:
+    """Every registration of a child module, duplicates included, in pre-order."""
+    out = []
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None:
+                out.append(Registration(parent, attr, f"{pname}.{attr}" if pname else attr, child))
+    return out
+
+
+def _sibling_hint(parent: nn.Module, attr: str) -> str | None:
+    """Layout from the module registered just before ``attr`` (a Sequential's previous layer)."""
+    prev = None
+    for a, child in parent._modules.items():
+        if a == attr:
+            break
+        prev = child
+    return producer_hint(prev) if prev is not None else None
+
+
+class _Produced(NamedTuple):
+    func: Any
+    tensor_add: bool
+    scope: str
+
+
+class _ProbeMode(TorchFunctionMode):
+    """Records the producer of every tensor, functional activations called outside activation modules and
+    tensor + tensor adds per calling module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer: dict[int, _Produced] = {}  # id(tensor) -> what made it
+        self.keep: list[Tensor] = []  # keeps ids unique during the probe
+        self.scope: list[str] = [""]
+        self.in_activation = 0
+        self.uncovered: dict[tuple[str, str], int] = {}
+        self.adds: dict[str, int] = {}  # scope -> tensor adds executed directly in that module's forward
+
+    def produced(self, t: Any) -> _Produced:
+        return self.producer.get(id(t), _Produced(None, False, ""))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.in_activation == 0:
+            entry = function_activation(func) or method_activation(func)
+            if entry is not None:
+                key = (self.scope[-1], entry.name)
+                self.uncovered[key] = self.uncovered.get(key, 0) + 1
+        if isinstance(out, Tensor):
+            tensor_add = getattr(func, "__name__", "") in ADD_METHOD_NAMES and (
+                sum(isinstance(a, Tensor) for a in args) >= 2
+            )
+            if tensor_add and self.in_activation == 0:
+                self.adds[self.scope[-1]] = self.adds.get(self.scope[-1], 0) + 1
+            self.producer[id(out)] = _Produced(func, tensor_add, self.scope[-1])
+            self.keep.append(out)
+        return out
+
+
+@dataclass
+class _SiteCall:
+    """What the probe learnt of one site: calls, first-call order, and (operators) the input's origin."""
+
+    calls: int = 0
+    order: int | None = None
+    after_residual_add: bool = False
+    hint: str | None = None
+
+
+@dataclass
+class _Probe:
+    ops: dict[int, _SiteCall]  # id(operator) -> its calls
+    after: dict[tuple[str, str], _SiteCall]  # (module, "output" | "add") -> operator to put on its output
+    uncovered: dict[tuple[str, str], int]  # (scope, function) -> uncovered functional activation calls
+    uncovered_adds: dict[str, int] = field(default_factory=dict)  # scope -> adds no module returns
+
+
+def _probe(
+    model: nn.Module,
+    ops: list[MeanSparse],
+    args: tuple,
+    names: set[str] | None,
+    outputs: Sequence[re.Pattern] = (),
+    residual_adds: bool = False,
+) -> _Probe:
+    """One forward to learn call order, residual adds, producers and uncovered functional activations."""
+    mode = _ProbeMode()
+    info = {id(op): _SiteCall() for op in ops}
+    after: dict[tuple[str, str], _SiteCall] = {}
+    covered_adds: dict[str, int] = {}
+    counter = [0]
+    handles = []
+    skip = {id(op) for op in ops}
+    for m in model.modules():
+        if isinstance(m, MeanSparseActivation):
+            skip.update((id(m.activation), id(m.meansparse)))
+
+    def first_call(rec: _SiteCall) -> bool:
+        rec.calls += 1
+        if rec.order is None:
+            rec.order = counter[0]
+            counter[0] += 1
+            return True
+        return False
+
+    def op_pre(op, inputs):
+        rec = info[id(op)]
+        if first_call(rec):
+            made = mode.produced(inputs[0] if inputs else None)
+            rec.after_residual_add = made.tensor_add
+            hint = producer_hint(made.func) if made.func is not None else None
+            if hint is not None:
+                op.layout_hint = hint
+
+    def enter(name: str, is_act: bool):
+        def pre(mod, inputs):
+            mode.scope.append(name)
+            if is_act:
+                mode.in_activation += 1
+
+        return pre
+
+    def leave(name: str, is_act: bool, watch: bool):
+        def post(mod, inputs, output):
+            mode.scope.pop()
+            if is_act:
+                mode.in_activation -= 1
+            if not watch or not isinstance(output, Tensor):
+                return
+            made = mode.produced(output)
+            kinds = []
+            if residual_adds and made.tensor_add and made.scope == name:  # this forward returns the add
+                covered_adds[name] = covered_adds.get(name, 0) + 1
+                kinds.append("add")
+            if outputs and matches(outputs, name):
+                kinds.append("output")
+            for kind in kinds:
+                rec = after.setdefault((name, kind), _SiteCall())
+                if first_call(rec):
+                    rec.hint = producer_hint(made.func) if made.func is not None else None
+
+        return post
+
+    for op in ops:
+        handles.append(op.register_forward_pre_hook(op_pre))
+    for qname, m in model.named_modules():
+        is_act = (
+            isinstance(m, MeanSparseActivation) or is_activation_module(m, names) or isinstance(m, activation_classes())
+        )
+        watch = bool(qname) and id(m) not in skip and not isinstance(m, (MeanSparse, MeanSparseOutput))
+        handles.append(m.register_forward_pre_hook(enter(qname, is_act)))
+        handles.append(m.register_forward_hook(leave(qname, is_act, watch)))
+    try:
+        with eval_mode(model), torch.no_grad(), mode:
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    uncovered_adds = {k: n - covered_adds.get(k, 0) for k, n in mode.adds.items() if n > covered_adds.get(k, 0)}
+    return _Probe(info, after, mode.uncovered, uncovered_adds)
+
+
+def _subtree_ends(locations: list[Registration]) -> dict[str, int]:
+    """Registration index of the last module inside each qualified name's subtree (pre-order listing)."""
+    ends: dict[str, int] = {}
+    for i, reg in enumerate(locations):
+        parts = reg.qname.split(".")
+        for j in range(1, len(parts) + 1):
+            ends[".".join(parts[:j])] = i
+    return ends
+
+
+def _warn_coverage(probe: _Probe, residual_adds: bool, reused: list[str]) -> None:
+    if probe.uncovered:
+        listing = ", ".join(f"{fn} in '{scope or '<root>'}' x{n}" for (scope, fn), n in sorted(probe.uncovered.items()))
+        warnings.warn(
+            "meansparse.prepare(method='modules') cannot insert operators before functional activations; "
+            f"not covered: {listing}. Use a traceable model (method='fx') or nn.Module activations.",
+            stacklevel=4,
+        )
+    if residual_adds and probe.uncovered_adds:
+        listing = ", ".join(f"'{scope or '<root>'}' x{n}" for scope, n in sorted(probe.uncovered_adds.items()))
+        warnings.warn(
+            "meansparse.prepare(method='modules', residual_adds=True) can only put an operator after an add "
+            f"that a module's forward returns; not covered: adds inside {listing}. Use method='fx'.",
+            stacklevel=4,
+        )
+    if reused:
+        warnings.warn(
+            "meansparse.prepare(method='modules'): modules called more than once share one "
+            f"operator and pooled statistics: {', '.join(reused)}. method='fx' gives one per call site.",
+            stacklevel=4,
+        )
+
+
+def prepare_modules(
+    model: nn.Module,
+    names: set[str] | None,
+    select: Callable[[list[Candidate]], list[Candidate]],
+    centering: str,
+    example_inputs: Any,
+    inplace: bool,
+    needs_probe: bool,
+    outputs: Sequence[re.Pattern] = (),
+    residual_adds: bool = False,
+) -> tuple[nn.Module, list[MeanSparse]]:
+    """Wrap the selected activation modules (and module outputs) of ``model`` (or of a shallow copy)."""
+    target = model if inplace else shallow_copy(model)
+    copies: dict[int, nn.Module] = {id(model): target}
+    owned = {id(target)}
+    device = model_device(model)
+
+    def parent_at(qname: str) -> nn.Module:
+        """The module at ``qname`` in ``target``, shallow-copying each container on the way."""
+        cur = target
+        for part in qname.split(".")[:-1]:
+            child = cur._modules[part]
+            if not inplace and id(child) not in owned:
+                if id(child) not in copies:
+                    copies[id(child)] = shallow_copy(child)
+                    owned.add(id(copies[id(child)]))
+                child = copies[id(child)]
+                cur._modules[part] = child
+            cur = child
+        return cur
+
+    locations = registrations(model)
+    wrappers: dict[int, MeanSparseActivation] = {}
+    cands: list[Candidate] = []
+    for reg_order, (parent, attr, qname, child) in enumerate(locations):
+        if not is_activation_module(child, names) or isinstance(parent, MeanSparseActivation):
+            continue
+        if id(child) in wrappers:
+            parent_at(qname)._modules[attr] = wrappers[id(child)]  # registered twice: one operator
+            continue
+        c = Candidate(
+            name=qname,
+            activation=type(child).__name__,
+            kind="module",
+            module_path=qname,
+            after_residual_add=False,
+            layout_hint=_sibling_hint(parent, attr),
+            inplace=getattr(child, "inplace", False) is True,
+            module=child,
+            order=reg_order,
+        )
+        w = MeanSparseActivation(child, make_operator(c, -1, centering, device))
+        wrappers[id(child)] = w
+        parent_at(qname)._modules[attr] = w
+        c.wrapper, c.op = w, w.meansparse
+        cands.append(c)
+
+    def after_candidate(qname: str, kind: str, order: float, hint: str | None) -> Candidate:
+        mod = model.get_submodule(qname)
+        return Candidate(
+            name=f"{qname}.{'add' if kind == 'add' else 'output'}",
+            activation="add" if kind == "add" else type(mod).__name__,
+            kind=kind,
+            module_path=qname,
+            after_residual_add=kind == "add",
+            layout_hint=hint,
+            inplace=False,
+            module=mod,
+            order=order,
+        )
+
+    if example_inputs is not None:
+        probe = _probe(target, [c.op for c in cands], as_args(example_inputs), names, outputs, residual_adds)
+        reused = []
+        for c in cands:
+            rec = probe.ops[id(c.op)]
+            if rec.order is not None:
+                c.order = rec.order
+                c.after_residual_add = rec.after_residual_add
+                c.layout_hint = c.op.layout_hint or c.layout_hint
+            else:
+                c.order = 1e9 + c.order  # never called in the probe: after every called site
+            if rec.calls > 1:
+                reused.append(f"{c.name} ({rec.calls} calls)")
+        for (qname, kind), rec in probe.after.items():
+            c = after_candidate(qname, kind, rec.order, rec.hint or producer_hint(model.get_submodule(qname)))
+            cands.append(c)
+            if rec.calls > 1:
+                reused.append(f"{c.name} ({rec.calls} calls)")
+        _warn_coverage(probe, residual_adds, reused)
+    elif needs_probe or residual_adds:
+        what = "residual_adds=True" if residual_adds else "selecting by after_residual_add"
+        raise ValueError(
+            f"{what} with method='modules' needs example_inputs (one probe forward finds the adds), "
+            "e.g. example_inputs=torch.zeros(1, 3, 32, 32)"
+        )
+    else:
+        if cands:
+            warnings.warn(
+                "meansparse.prepare(method='modules') without example_inputs cannot see functional activations "
+                "(F.relu, x.relu(), ...) or residual adds; pass example_inputs to check coverage.",
+                stacklevel=3,
+            )
+        if outputs:  # no probe: an output comes after everything inside its module
+            ends = _subtree_ends(locations)
+            for qname, m in model.named_modules():
+                if qname and matches(outputs, qname) and not isinstance(m, (MeanSparse, MeanSparseOutput)):
+                    order = ends.get(qname, -1) + 0.9 - 0.01 * qname.count(".")  # inner modules end first
+                    cands.append(after_candidate(qname, "output", order, producer_hint(m)))
+    cands.sort(key=lambda c: c.order)
+
+    chosen = select(cands)
+    chosen_ids = {id(c) for c in chosen}
+    for c in cands:  # unselected activations go back in place, untouched
+        if id(c) not in chosen_ids and c.wrapper is not None:
+            for reg in registrations(target):
+                if reg.child is c.wrapper:
+                    reg.parent._modules[reg.attr] = c.module
+    # operators on module outputs: wrap every registration of the module, inner modules first (an outer
+    # wrapper would hide the path to the inner ones)
+    for c in sorted(chosen, key=lambda c: -c.module_path.count(".")):
+        if c.wrapper is not None:
+            continue
+        c.op = make_operator(c, -1, centering, device)
+        output_wrapper: MeanSparseOutput | None = None
+        for reg in locations:
+            if reg.child is c.module:
+                parent = parent_at(reg.qname)
+                if output_wrapper is None:
+                    output_wrapper = MeanSparseOutput(parent._modules[reg.attr], c.op)
+                parent._modules[reg.attr] = output_wrapper
+    ops = []
+    for k, c in enumerate(chosen):
+        op = c.op
+        op.site_index = k
+        op.site_name = c.name
+        op.after_residual_add = c.after_residual_add
+        ops.append(op)
+    if example_inputs is not None and any(op.channels is None for op in ops):
+        with eval_mode(target), torch.no_grad():  # operators added after the probe see data now too
+            target(*as_args(example_inputs))
+    return target, ops

@@ -1,0 +1,301 @@
+"""``prepare``: insert a MeanSparse operator before each selected activation; ``remove`` undoes it.
+
+Two strategies, because real models differ:
+
+* ``method="fx"`` (:mod:`~meansparse.placement.fx_strategy`) traces the model with ``torch.fx`` and inserts an
+  operator node right before every activation *call site*, module or functional (``F.relu``, ``torch.relu``,
+  ``x.relu()`` ...).  The prepared model stays an instance of the user's class with the traced forward, sharing
+  the original parameters; operators live in its ``meansparse`` ModuleList.
+* ``method="modules"`` (:mod:`~meansparse.placement.module_strategy`) works on models that do not trace: each
+  activation module is wrapped (operator first, original activation kept as child).
+
+``method="auto"`` tries fx and falls back to modules with a warning saying why tracing failed.  The prepared
+model keeps a :class:`~meansparse.placement.record.PreparedRecord` so :func:`remove` gives the original back.
+
+Besides "before an activation", operators go on the *output* of a module (``outputs=`` regexes of module
+names, site kind ``"output"``) and on the output of every tensor + tensor addition (``residual_adds=True``,
+site kind ``"add"``).  ``preset=`` picks these arguments for known architecture families
+(:mod:`meansparse.placement.presets`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .._utils import as_args, eval_mode
+from ..core import check_centering, operators
+from .candidates import Candidate, SelectionError, select
+from .fx_strategy import prepare_fx
+from .module_strategy import prepare_modules, registrations
+from .presets import register_family_activations, resolve_preset
+from .record import PreparedRecord, clear_record, get_record, set_record
+from .registry import activation_names
+from .wrappers import WRAPPERS, MeanSparseActivation, MeanSparseOutput
+
+__all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class"]
+
+
+class FxPrepared:
+    """Mixin of the classes ``prepare(method="fx")`` creates: ``OriginalClass`` with the traced forward.
+
+    The prepared model stays an instance of the user's class (methods, attributes, containers and
+    state_dict keys unchanged, plus ``meansparse.<i>.*``).  The forward is per instance, so pickling
+    re-applies ``prepare`` to the pickled original instead of pickling generated code.
+    """
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        rec = get_record(self)  # type: ignore[arg-type]
+        if rec is None or rec.original is None:
+            raise TypeError(
+                "a model prepared in place with method='fx' cannot be pickled; save its "
+                "state with meansparse.save or prepare with inplace=False"
+            )
+        states = [
+            {"state": op.state_dict(), "layout": op.layout, "gradient": op.gradient}
+            for op in operators(self)  # type: ignore[arg-type]
+        ]
+        return (rebuild_fx, (rec.original, rec.config, states))
+
+
+def rebuild_fx(original: nn.Module, config: dict, states: list[dict]) -> nn.Module:
+    """Unpickle an fx-prepared model: prepare the original again and load each operator's state."""
+    model = prepare_from_config(original, config)
+    for op, st in zip(operators(model), states, strict=True):
+        op.layout = st["layout"]
+        op.gradient = st["gradient"]
+        op.load_state_dict(st["state"])
+    return model
+
+
+def fx_class(cls: type, forward: Callable) -> type:
+    """``cls`` with ``forward`` (a traced graph's): the class of an fx-prepared (or fused) model."""
+    base = next(c for c in cls.__mro__ if not issubclass(c, FxPrepared) and c is not object
+                and issubclass(c, nn.Module))
+    return type(
+        base.__name__,
+        (FxPrepared, base),
+        {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__},
+    )
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    fa = [t for t in tree_flatten(a)[0] if isinstance(t, Tensor)]
+    fb = [t for t in tree_flatten(b)[0] if isinstance(t, Tensor)]
+    if len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb, strict=True):
+        if x.shape != y.shape:
+            return False
+        if x.device.type == "cpu":
+            if not torch.equal(x, y):
+                return False
+        elif not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
+            return False  # accelerators may pick different kernels between two calls
+    return True
+
+
+def _as_list(v: str | Sequence[str] | None) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    return list(v)
+
+
+def prepare(
+    model: nn.Module,
+    exclude: str | Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    indices: int | Sequence[int] | None = None,
+    centering: str = "channel",
+    activations: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    method: str = "auto",
+    inplace: bool = False,
+    *,
+    after_residual_add: bool | None = None,
+    outputs: str | Sequence[str] | None = None,
+    residual_adds: bool = False,
+    preset: str | None = None,
+) -> nn.Module:
+    """Insert a MeanSparse operator immediately before each selected activation (alpha = 0: no change).
+
+    ``include``/``exclude`` are regexes searched in site names; ``after_residual_add`` keeps only sites
+    after (True) or not after (False) a residual add; ``indices`` then picks sites by position.  With
+    ``example_inputs`` one probe forward (eval mode, no grad) fixes layouts and channel counts now, and for
+    ``method="fx"`` checks the traced model reproduces the original outputs.  The returned model shares
+    parameters with ``model``; ``method="modules", inplace=True`` edits ``model`` itself.
+
+    More sites: ``outputs`` (regexes searched in module names) adds an operator on each matching module's
+    output (site ``"<module>.output"``); ``residual_adds=True`` one on the result of every tensor + tensor
+    add (site ``"<module>.add"``, ``after_residual_add=True``); pass ``activations=()`` for no activation
+    sites.  ``preset`` applies the placement of an architecture family: ``"dm_wrn"``, ``"rawrn"``,
+    ``"swin"``, ``"convnext"``, ``"generic"`` or ``"auto"`` (detected; see :mod:`meansparse.placement.presets`);
+    its exclusions and outputs are added to the ones given here.
+    """
+    if method not in ("auto", "fx", "modules"):
+        raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {method!r}")
+    check_centering(centering)
+    if any(isinstance(m, WRAPPERS) for m in model.modules()):
+        raise ValueError("model is already prepared (it contains MeanSparse operators); call meansparse.remove first")
+    names = activation_names(activations)
+    inc, exc, outs = _as_list(include), _as_list(exclude), _as_list(outputs)
+    preset_name = None
+    if preset is not None:
+        preset_name, spec = resolve_preset(preset, model)
+        exc = list(spec.get("exclude", ())) + exc
+        outs = list(spec.get("outputs", ())) + outs
+        residual_adds = bool(residual_adds or spec.get("residual_adds", False))
+        if method == "auto":
+            method = spec.get("method", "auto")
+    for p in inc + exc + outs:
+        re.compile(p)  # fail early on a bad pattern
+    out_patterns = [re.compile(p) for p in outs]
+
+    def chosen(cands: list[Candidate]) -> list[Candidate]:
+        return select(cands, inc, exc, after_residual_add, indices)
+
+    config = {
+        "include": inc,
+        "exclude": exc,
+        "indices": [indices] if isinstance(indices, int) else (None if indices is None else list(indices)),
+        "after_residual_add": after_residual_add,
+        "centering": centering,
+        "activations": None if names is None else sorted(names),
+        "method": method,
+        "probed": example_inputs is not None,
+        "outputs": outs,
+        "residual_adds": bool(residual_adds),
+        "preset": preset_name,  # informative: its arguments are already in the entries above
+    }
+    args = None if example_inputs is None else as_args(example_inputs)
+    if args is not None and len(args) == 1 and isinstance(args[0], Tensor) and args[0].ndim >= 1:
+        config["input_shape"] = list(args[0].shape[1:])
+
+    before = {id(m): m.training for m in model.modules()}
+    if method in ("auto", "fx"):
+        try:
+            fx = prepare_fx(model, names, chosen, centering, out_patterns, residual_adds)
+            prepared = fx.prepared
+            prepared.__class__ = fx_class(type(model), fx.forward)
+            if args is not None:
+                with eval_mode(model), torch.no_grad():
+                    ref = model(*args)
+                with eval_mode(prepared), torch.no_grad():
+                    got = prepared(*args)  # also fixes layouts and channel counts
+                if not _same_outputs(ref, got):
+                    raise RuntimeError("the traced model does not reproduce the original outputs")
+        except SelectionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
+            if method == "fx":
+                raise RuntimeError(f"torch.fx could not prepare {type(model).__name__}: {e}") from e
+            warnings.warn(
+                f"meansparse.prepare: torch.fx tracing of {type(model).__name__} failed "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); falling back to "
+                "method='modules' (activation modules only).",
+                stacklevel=2,
+            )
+        else:
+            config["method"] = "fx"
+            if inplace:  # validated on the shallow copy: now convert the model object itself
+                for k, v in prepared.__dict__.items():
+                    model.__dict__.setdefault(k, v)  # tracing constants
+                model._modules[fx.attr] = prepared._modules[fx.attr]
+                cls = type(model)
+                model.__class__ = type(prepared)
+                set_record(model, PreparedRecord(original=None, config=config, original_class=cls, attr=fx.attr,
+                                                 code=fx.code))
+                return _match_mode(model, before)
+            set_record(prepared, PreparedRecord(original=model, config=config, attr=fx.attr, code=fx.code))
+            return _match_mode(prepared, before)
+
+    target, _ = prepare_modules(
+        model,
+        names,
+        chosen,
+        centering,
+        example_inputs,
+        inplace,
+        needs_probe=after_residual_add is not None,
+        outputs=out_patterns,
+        residual_adds=residual_adds,
+    )
+    config["method"] = "modules"
+    set_record(target, PreparedRecord(original=None if inplace else model, config=config))
+    return _match_mode(target, before)
+
+
+def _match_mode(prepared: nn.Module, before: dict[int, bool]) -> nn.Module:
+    """Modules that prepare created (operators, wrappers, containers) take the mode of the model they joined:
+    a new nn.Module starts in train mode, which would make an eval-mode model report train mode."""
+    training = prepared.training
+    for m in prepared.modules():
+        if id(m) not in before:
+            m.training = training
+    return prepared
+
+
+def prepare_from_config(model: nn.Module, config: Mapping[str, Any], example_inputs: Any = None) -> nn.Module:
+    """Re-apply ``prepare`` with the arguments recorded in a prepared model's config (save/load, pickle)."""
+    if config.get("preset"):  # a preset's arguments are recorded expanded; only its activation classes are not
+        register_family_activations(config["preset"], model)
+    return prepare(
+        model,
+        include=config.get("include") or None,
+        exclude=config.get("exclude") or None,
+        indices=config.get("indices"),
+        centering=config.get("centering", "channel"),
+        activations=config.get("activations"),
+        method=config["method"],
+        example_inputs=example_inputs,
+        after_residual_add=config.get("after_residual_add"),
+        outputs=config.get("outputs") or None,
+        residual_adds=bool(config.get("residual_adds", False)),
+    )
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`prepare`: return the original model (no MeanSparse left)."""
+    rec = get_record(model)
+    if rec is not None and rec.original is not None:
+        return rec.original
+    for reg in registrations(model):
+        rc = get_record(reg.child)
+        if rc is not None and rc.original is not None:
+            reg.parent._modules[reg.attr] = rc.original
+    for m in list(model.modules()):
+        rc = get_record(m)
+        if rc is not None:
+            if rc.original_class is not None:  # fx, in place
+                m._modules.pop(rc.attr, None)
+                m.__class__ = rc.original_class
+            clear_record(m)
+    for reg in registrations(model):
+        if isinstance(reg.child, MeanSparseActivation):
+            reg.parent._modules[reg.attr] = reg.child.activation
+    while True:  # output wrappers may be nested: unwrap until none is left
+        wrapped = [r for r in registrations(model) if isinstance(r.child, MeanSparseOutput)]
+        if not wrapped:
+            break
+        for reg in wrapped:
+            if reg.parent._modules.get(reg.attr) is reg.child:
+                reg.parent._modules[reg.attr] = reg.child.module
+    if operators(model):
+        raise RuntimeError("could not remove every MeanSparse operator from this model")
+    return model

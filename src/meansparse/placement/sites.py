@@ -1,0 +1,92 @@
+"""The sites of a prepared model, and the settings that apply to all of them: alpha and the gradient mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..core import MeanSparse, check_alpha, operators
+from .prepare import prepare
+
+__all__ = ["Site", "sites", "set_alpha", "straight_through"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One insertion site: where an operator sits and what it sees."""
+
+    index: int
+    name: str  # qualified name, used by include/exclude regexes and set_alpha
+    activation: str  # "ReLU", "F.gelu", "Tensor.relu", ...; kind "output": the module class; kind "add": "add"
+    layout: str | None  # NCHW / NC / NLC / NHWC (NCL for channel-first 3-D); None until data is seen
+    channels: int | None
+    after_residual_add: bool  # the operator's input is the result of a tensor + tensor add
+    module_path: str = ""  # the activation module, or the module whose forward calls the function / the add
+    # "module", "function", "method": before an activation called that way; "output": on a module's output;
+    # "add": on the output of a tensor + tensor add (a residual connection)
+    kind: str = "module"
+
+    @classmethod
+    def of(cls, op: MeanSparse) -> Site:
+        return cls(
+            index=op.site_index,
+            name=op.site_name,
+            activation=op.activation,
+            layout=op.layout,
+            channels=op.channels,
+            after_residual_add=op.after_residual_add,
+            module_path=op.module_path,
+            kind=op.kind,
+        )
+
+
+def sites(model: nn.Module) -> list[Site]:
+    """Insertion sites of a prepared model; for an unprepared one, the sites ``prepare`` would create."""
+    ops = operators(model)
+    if not ops:
+        ops = operators(prepare(model))
+    return [Site.of(o) for o in ops]
+
+
+def set_alpha(model: nn.Module, alpha: float | Mapping[str | int, float]) -> nn.Module:
+    """Set alpha everywhere (a number) or per site (a dict keyed by site name or index)."""
+    ops = operators(model)
+    if not ops:
+        raise ValueError("model has no MeanSparse operators; call meansparse.prepare(model) first")
+    if isinstance(alpha, Mapping):
+        by_name = {o.site_name: o for o in ops}
+        plan = []
+        for key, value in alpha.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise TypeError(f"set_alpha keys must be site names or indices, got {key!r}")
+            if isinstance(key, int):
+                if not -len(ops) <= key < len(ops):
+                    raise IndexError(f"site index {key} out of range: the model has {len(ops)} sites")
+                plan.append((ops[key], value))
+            elif key in by_name:
+                plan.append((by_name[key], value))
+            else:
+                raise KeyError(f"no site named {key!r}; known sites: {list(by_name)[:8]}...")
+    else:
+        plan = [(o, alpha) for o in ops]
+    checked = [(o, check_alpha(v, o.name)) for o, v in plan]  # validate everything before changing anything
+    for o, v in checked:
+        o.set_alpha(v)
+    return model
+
+
+@contextmanager
+def straight_through(model: nn.Module) -> Iterator[nn.Module]:
+    """Use the straight-through (identity) backward in every operator inside the block (BPDA attacks)."""
+    ops = operators(model)
+    previous = [o.gradient for o in ops]
+    try:
+        for o in ops:
+            o.gradient = "straight_through"
+        yield model
+    finally:
+        for o, g in zip(ops, previous, strict=True):
+            o.gradient = g

@@ -1,0 +1,134 @@
+"""The package's architecture, checked on its source: every import (module level or inside a function) is
+parsed, and the import graph must be acyclic, respect the layers of docs/architecture.md, never go through
+the top-level ``meansparse/__init__`` and never take another module's private names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import meansparse
+
+ROOT = Path(meansparse.__file__).parent
+FILES = sorted(ROOT.rglob("*.py"))
+
+#: Layer -> the layers it may import (besides itself).  The first component of a module's name under
+#: ``meansparse`` is its layer; ``meansparse/__init__`` (the public API) may import everything.
+ALLOWED: dict[str, set[str]] = {
+    "_utils": set(),
+    "_compile": set(),
+    "version": set(),
+    "distributed": set(),
+    "pgd": set(),
+    "core": {"_utils", "_compile"},
+    "placement": {"core", "_utils"},
+    "accel": {"core", "placement", "_utils", "_compile"},
+    "calibration": {"core", "placement", "_utils"},
+    "serialization": {"core", "placement", "_utils", "version"},
+    "data": set(),
+    "models": set(),
+    "zoo": {"placement", "models"},
+    "evaluation": {"core", "placement", "_utils", "version", "distributed", "pgd"},
+    "search": {"core", "placement", "evaluation", "_utils"},
+    "training": {"data", "models", "pgd", "version"},
+    "plots": {"core", "_utils"},
+    "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
+                 "models", "training", "plots", "_utils"},
+    "cli": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
+            "models", "training", "pipeline", "distributed", "zoo", "_utils", "_compile", "version"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("meansparse", *parts))
+
+
+MODULES = {module_name(p): p for p in FILES}
+
+
+def imports(path: Path, name: str | None = None) -> list[tuple[str, str]]:
+    """(imported module, imported name or "") for every import statement in ``path`` (module ``name``);
+    ``from pkg import x`` resolves to the module ``pkg.x`` when there is one."""
+    name = name or module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, "") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                out.append((sub, "") if sub in MODULES else (target, alias.name))
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    for source, path in MODULES.items():
+        for target, _ in imports(path):
+            if target in MODULES and target != source:
+                edges[source].add(target)
+    return edges
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def test_the_source_tree_is_found():
+    assert len(MODULES) > 40 and "meansparse.core.operator" in MODULES
+
+
+def test_the_import_graph_is_acyclic():
+    edges, state, cycles = graph(), {}, []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for t in sorted(edges[m]):
+            if state.get(t) == "open":
+                cycles.append(stack[stack.index(t):] + [t] if t in stack else [m, t])
+            elif t not in state:
+                visit(t, stack + [t])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_module_imports_the_top_level_package():
+    offenders = [(s, t) for s, ts in graph().items() if s != "meansparse" for t in ts if t == "meansparse"]
+    assert not offenders
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = [(module_name(p), t, n) for p in FILES for t, n in imports(p)
+                 if t.startswith("meansparse") and n.startswith("_") and n != "__version__"]
+    assert not offenders
+
+
+@pytest.mark.parametrize("source", sorted(m for m in MODULES if m != "meansparse"))
+def test_each_module_imports_only_lower_layers(source):
+    own = layer(source)
+    assert own in ALLOWED, f"{source}: layer {own!r} is not in the architecture table"
+    bad = sorted(t for t in graph()[source] if layer(t) != own and layer(t) not in ALLOWED[own])
+    assert not bad, f"{source} ({own}) imports {bad}; allowed layers: {sorted(ALLOWED[own])}"
+
+
+def test_a_violation_would_be_caught(tmp_path):
+    """The parser sees function-level imports, relative ones and private names (the checks above can fail)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from ..operator import _hidden\n    from ... import prepare\n")
+    found = imports(bad, "meansparse.core.band.bad")
+    assert ("meansparse.core.operator", "_hidden") in found and ("meansparse", "prepare") in found
