@@ -35,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"data", "models", "pgd", "version"},
     "plots": {"core", "_utils"},
     "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
-                 "models", "training", "plots", "_utils"},
+                 "models", "training", "plots", "zoo", "_utils"},
     "cli": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
             "models", "training", "pipeline", "distributed", "zoo", "_utils", "_compile", "version"},
 }

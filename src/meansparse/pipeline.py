@@ -29,6 +29,7 @@ from .plots import plot_alpha_curve, plot_feature_histogram
 from .search import DEFAULT_ALPHAS, DEFAULT_SEARCH_ATTACKS, AlphaSearchResult, search_alpha
 from .serialization import save
 from .training import TrainConfig, train
+from .zoo.spec import load_model_spec
 
 HONEST_ATTACKS = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
 DIGITS_EPS = 0.1  # Linf budget used for the 8x8 digits default (pixels in [0, 1], 17 grey levels)
@@ -40,7 +41,12 @@ class PipelineConfig:
 
     data: str = "digits"
     data_root: str | None = None
-    model: str | None = None          # checkpoint path; None = train the small digits model
+    model: str | None = None          # model spec (meansparse.zoo.spec); None = train the small digits model
+    dataset: str = "cifar10"          # RobustBench data set and threat model of a robustbench: model
+    threat_model: str = "Linf"
+    weights: str | None = None        # weights of a python: model
+    pretrained: bool = True           # False: random weights (robustbench:/timm:/python:), nothing downloaded
+    preset: str | None = "auto"       # prepare's placement (None: before every activation)
     eps: float | None = None          # default: 8/255 (CIFAR) or DIGITS_EPS (digits)
     norm: str = "Linf"
     alphas: Sequence[float] = DEFAULT_ALPHAS
@@ -95,13 +101,14 @@ def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, I
     say = _say(cfg)
     say(f"data: {cfg.data} — {len(fit)} calibration / {len(hold)} held-out / {len(test)} test images")
     if cfg.model:
-        base = load_checkpoint(cfg.model)
+        base = load_model_spec(cfg.model, dataset=cfg.dataset, threat_model=cfg.threat_model, weights=cfg.weights,
+                               pretrained=cfg.pretrained, device=device)
     elif cfg.data == "digits":
         base = _train_digits_model(out / "model", cfg, cfg.progress)
     else:
         raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
     base = base.to(device).eval()
-    model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),))
+    model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),), preset=cfg.preset)
     say(f"prepared: {len(sites(model))} MeanSparse sites")
     calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches, progress=cfg.progress)
     if cfg.fuse:

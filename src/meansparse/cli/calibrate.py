@@ -22,10 +22,18 @@ from ..calibration import calibrate
 from ..core import operators
 from ..data import Batches, holdout_split, load_dataset
 from ..distributed import all_gather_object, is_main, launch, shard, world_size
-from ..models import load
 from ..placement import prepare, set_alpha
 from ..serialization import save
-from .common import add_checkpoint_arg, add_data_args, add_device_arg, add_threads_arg, set_threads
+from .common import (
+    add_checkpoint_arg,
+    add_data_args,
+    add_device_arg,
+    add_preset_arg,
+    add_threads_arg,
+    load_model_arg,
+    preset_of,
+    set_threads,
+)
 
 __all__ = ["add_calibrate_parser", "run_calibrate", "calibrate_checkpoint"]
 
@@ -36,6 +44,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "calibrate", help="prepare a checkpoint and calibrate MeanSparse statistics (torchrun: data-parallel)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arg(p)
+    add_preset_arg(p)
     add_data_args(p)
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--holdout", type=int, default=0,
@@ -69,7 +78,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Load, prepare, calibrate (this rank's shard) and, on rank 0, save; returns a summary."""
-    model = load(args.checkpoint, device=device)
+    model = load_model_arg(args, args.checkpoint, device)
     data = load_dataset(args.data, args.split, root=args.data_root)
     if args.holdout:
         data, _ = holdout_split(data, args.holdout, seed=args.seed)
@@ -77,7 +86,7 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     mine = shard(data)
     example = data.subset(slice(0, 1)).float().to(device)
     model = prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
-                    method=args.method, example_inputs=(example,))
+                    method=args.method, example_inputs=(example,), preset=preset_of(args))
     start = time.perf_counter()
     calibrate(model, Batches(mine, args.batch_size), device=device, max_batches=args.max_batches,
               progress=not args.no_progress and is_main())

@@ -10,12 +10,19 @@ from typing import Any
 
 import torch
 
+from ..zoo.spec import SPEC_HELP, load_model_spec
+
 __all__ = [
     "FUSE_HELP",
     "parse_eps",
     "parse_options",
     "comma_list",
     "add_checkpoint_arg",
+    "add_model_spec_args",
+    "add_preset_arg",
+    "preset_of",
+    "load_model_arg",
+    "parse_bool",
     "add_data_args",
     "add_device_arg",
     "add_threads_arg",
@@ -59,9 +66,56 @@ def comma_list(text: str) -> list[str]:
 
 
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` (alias ``--model``): a checkpoint written by ``meansparse train``."""
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                   help="model checkpoint written by `meansparse train` (.safetensors + .json)")
+    """``--checkpoint`` (alias ``--model``): a model spec (:mod:`meansparse.zoo.spec`), and its options."""
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, help=f"the model: {SPEC_HELP}")
+    add_model_spec_args(p)
+
+
+def parse_bool(text: str) -> bool:
+    """'true'/'false' (also yes/no, 1/0) for options such as ``--pretrained false``."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+PRESET_CHOICES = ("auto", "dm_wrn", "rawrn", "swin", "convnext", "generic", "none")
+
+
+def add_model_spec_args(p: argparse.ArgumentParser) -> None:
+    """What a model spec may need: the RobustBench data set and threat model, weights of a ``python:`` model,
+    random weights for offline runs."""
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet"],
+                   help="RobustBench data set of a robustbench: model (default cifar10)")
+    p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2", "corruptions"],
+                   help="RobustBench threat model of a robustbench: model (default Linf)")
+    p.add_argument("--weights", default=None,
+                   help="weights of a python: model: safetensors, or a torch file read with weights_only=True "
+                        "(a state_dict / model_state_dict entry is understood)")
+    p.add_argument("--pretrained", type=parse_bool, default=True,
+                   help="false: random weights for robustbench:/timm:/python: models, nothing downloaded "
+                        "(default true)")
+
+
+def add_preset_arg(p: argparse.ArgumentParser) -> None:
+    """``--preset``: the placement ``prepare`` uses (see meansparse.placement.presets)."""
+    p.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                   help="MeanSparse placement: auto (detected from robustbench / timm classes, else before every "
+                        "activation), a family, or none (before every activation) (default auto)")
+
+
+def preset_of(args: argparse.Namespace) -> str | None:
+    """The ``preset=`` argument of ``prepare`` for ``--preset`` (None for "none")."""
+    preset = getattr(args, "preset", "none")
+    return None if preset == "none" else preset
+
+
+def load_model_arg(args: argparse.Namespace, spec: str, device: str | torch.device) -> Any:
+    """The model ``spec`` names, with the spec options in ``args`` (see :func:`add_model_spec_args`)."""
+    return load_model_spec(spec, dataset=args.dataset, threat_model=args.threat_model, weights=args.weights,
+                           pretrained=args.pretrained, device=device)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ from ..core import operators
 from ..data import load_dataset
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate
-from ..models import load as load_checkpoint
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
@@ -25,6 +24,7 @@ from .common import (
     add_data_args,
     add_device_arg,
     comma_list,
+    load_model_arg,
     parse_eps,
     parse_options,
 )
@@ -69,7 +69,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def _load_model(args: argparse.Namespace, device: str) -> Any:
-    model = load_checkpoint(args.checkpoint, device=device)
+    model = load_model_arg(args, args.checkpoint, device)
     if args.meansparse:
         model = load_state(model, args.meansparse)
     if args.alpha is not None:

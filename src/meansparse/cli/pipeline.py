@@ -5,7 +5,18 @@ from __future__ import annotations
 import argparse
 
 from ..pipeline import PipelineConfig, run, run_sweep
-from .common import FUSE_HELP, add_threads_arg, comma_list, parse_eps, parse_options, set_threads
+from ..zoo.spec import SPEC_HELP
+from .common import (
+    FUSE_HELP,
+    add_model_spec_args,
+    add_preset_arg,
+    add_threads_arg,
+    comma_list,
+    parse_eps,
+    parse_options,
+    preset_of,
+    set_threads,
+)
 
 __all__ = ["add_pipeline_args", "add_demo_parser", "add_sweep_parser", "pipeline_config", "run_demo",
            "run_sweep_command"]
@@ -15,7 +26,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """The options ``demo`` and ``sweep`` share (they run the same first half of the pipeline)."""
     p.add_argument("--data", default="digits", help="digits (embedded default) | cifar10-jpg | cifar10 | path")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--model", default=None, help="checkpoint (safetensors + json); default: train on digits")
+    p.add_argument("--model", default=None, help=f"the model: {SPEC_HELP}; default: train a small CNN on digits")
+    add_model_spec_args(p)
+    add_preset_arg(p)
     p.add_argument("--eps", type=parse_eps, default=None, help="e.g. 8/255; default 8/255 (CIFAR), 0.1 (digits)")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
     p.add_argument("--alphas", default=None, help="comma-separated α grid, default 0,0.05,...,0.4")
@@ -67,7 +80,9 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                          attack_options=parse_options(args.option) or None,
                          calibration_batches=args.calibration_batches,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                         train_epochs=args.train_epochs, device=args.device, fuse=args.fuse)
+                         train_epochs=args.train_epochs, device=args.device, fuse=args.fuse,
+                         dataset=args.dataset, threat_model=args.threat_model, weights=args.weights,
+                         pretrained=args.pretrained, preset=preset_of(args))
     if args.alphas:
         cfg.alphas = tuple(float(a) for a in args.alphas.split(","))
     if args.attacks:

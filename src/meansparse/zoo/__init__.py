@@ -9,6 +9,9 @@
   :class:`meansparse.models.Normalized` with the model's own ``pretrained_cfg`` mean / std;
 * a checkpoint written by :func:`meansparse.models.save_checkpoint` (a path).
 
+:func:`load_model_spec` loads the model a command-line spec names (``robustbench:<id>``, ``timm:<name>``,
+``python:<file>:<callable>`` with weights, or a checkpoint path; :mod:`meansparse.zoo.spec`).
+
 The reference code's placements for these families (``meansparse.prepare(model, preset=...)``:
 ``dm_wrn``, ``rawrn``, ``swin``, ``convnext``, ``generic``, ``auto``) are defined and documented in
 :mod:`meansparse.placement.presets`; :data:`PRESETS`, :func:`detect_preset`, :func:`resolve_preset` and
@@ -24,6 +27,7 @@ from __future__ import annotations
 from ..placement.presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .imports import import_robustbench, import_timm
 from .loading import load
+from .spec import ModelSpec, load_model_spec, parse_model_spec, read_weights
 
 __all__ = [
     "load",
@@ -33,4 +37,8 @@ __all__ = [
     "register_family_activations",
     "import_timm",
     "import_robustbench",
+    "ModelSpec",
+    "parse_model_spec",
+    "load_model_spec",
+    "read_weights",
 ]
