@@ -16,6 +16,7 @@ from ..core import operators
 from ..data import load_dataset
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate
+from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
@@ -60,6 +61,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     add_device_arg(p)
     p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
+    p.add_argument("--save-adversarial", action="store_true",
+                   help="write OUT/adversarial.pt (the per-example worst-case adversarial images, clean where "
+                        "unbroken: RobustBench's external-evaluation format) and OUT/adversarial.json (split "
+                        "indices, the attack that broke each example)")
     p.add_argument("--state", default=None, help="resume file (default OUT/state.json)")
     p.add_argument("--no-resume", action="store_true", help="do not read or write a resume file")
     p.add_argument("--no-progress", action="store_true")
@@ -78,9 +83,12 @@ def _load_model(args: argparse.Namespace, device: str) -> Any:
     return fuse(model) if args.fuse and operators(model) else model
 
 
-def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
-    data = load_dataset(args.data, args.split, root=args.data_root).sample(args.n_examples, seed=args.seed)
-    return data.float(), data.labels
+def _load_data(args: argparse.Namespace) -> tuple[Any, Any, list[int]]:
+    """Images, labels and their indices in the split."""
+    split = load_dataset(args.data, args.split, root=args.data_root)
+    indices = split.sample_indices(args.n_examples, seed=args.seed)
+    data = split.subset(indices)
+    return data.float(), data.labels, indices.tolist()
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -98,15 +106,20 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
         out.mkdir(parents=True, exist_ok=True)
     attacks = comma_list(args.attacks)
     model = _load_model(args, device)
-    x, y = _load_data(args)
+    x, y, indices = _load_data(args)
     state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
     report = evaluate(model, x, y, norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size,
                       seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
-                      individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity)
+                      individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity,
+                      adversarial_dir=out if args.save_adversarial else None)
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
                                   "alpha": args.alpha, "data": args.data, "split": args.split}
     if not main:
         return 0
+    if args.save_adversarial:  # name the examples by their index in the split, as RobustBench does
+        record = json.loads((out / ADVERSARIAL_INDEX).read_text())
+        record.update(data=args.data, split=args.split, split_indices=indices)
+        (out / ADVERSARIAL_INDEX).write_text(json.dumps(record) + "\n")
     (out / "report.json").write_text(report.to_json() + "\n")
     (out / "report.md").write_text(report.to_markdown() + "\n")
     print(json.dumps({"clean_accuracy": report.clean_accuracy, "worst_case_accuracy": report.worst_case_accuracy,

@@ -46,9 +46,13 @@ class ImageSet:
         subset use `sample`, or a split whose order is already random (`holdout_split`'s held-out part)."""
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
 
+    def sample_indices(self, n: int | None, seed: int = 0) -> torch.Tensor:
+        """The indices :meth:`sample` takes, in its order."""
+        n = len(self) if n is None else min(n, len(self))
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+
     def sample(self, n: int | None, seed: int = 0) -> ImageSet:
         """n examples drawn uniformly without replacement (seeded), in random order, so any prefix of the
         result is an unbiased subset too; all examples (shuffled) if n is None or >= len."""
-        n = len(self) if n is None else min(n, len(self))
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.subset(perm, f"{self.name}-sample{n}")
+        perm = self.sample_indices(n, seed)
+        return self.subset(perm, f"{self.name}-sample{len(perm)}")

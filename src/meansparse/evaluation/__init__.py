@@ -4,6 +4,7 @@ adaptive attacks, with integrity checks (gradient-masking warning, sanity checks
 ``pyautoattack`` (the ``eval`` extra) is imported only when an APGD/FAB/Square/AutoAttack attack runs.
 """
 
+from .adversarial import AdversarialSet, load_adversarial, rejudge
 from .attacks import (
     APGD,
     ATTACK_NAMES,
@@ -29,6 +30,7 @@ from .report import Report
 from .sanity import SanityFinding, sanity_checks
 
 __all__ = [
+    "AdversarialSet", "load_adversarial", "rejudge",
     "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "PGD", "APGDTargeted", "AdaptivePGD",
     "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Report", "SanityFinding", "Square", "Transfer",
     "build_attack", "derive_seed", "evaluate", "masking_findings", "model_hash", "sanity_checks", "zero_alphas"

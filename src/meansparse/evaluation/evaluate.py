@@ -65,6 +65,7 @@ def evaluate(
     attack_options: Mapping[str, Mapping[str, Any]] | None = None,
     sanity: bool | Sequence[str] = False,
     callback: Callable[[str, int], None] | None = None,
+    adversarial_dir: str | PathLike | None = None,
 ) -> Report:
     """Per-example worst-case robust accuracy of ``model`` on (x, y) over ``attacks``.
 
@@ -80,11 +81,15 @@ def evaluate(
     ``sanity``: also run ``sanity_checks`` (True: APGD-CE, plus BPDA-APGD-CE on a MeanSparse model; or a
     list of attack names); failures become warnings.
     ``callback(attack, batch)`` runs after every newly computed batch has been saved.
+    ``adversarial_dir``: write the per-example worst-case adversarial images there (``adversarial.pt`` in
+    RobustBench's external-evaluation format, ``adversarial.json``; :mod:`meansparse.evaluation.adversarial`);
+    with ``state_path`` the breaking candidates are kept per batch under it, so a resumed run has them too.
     """
     started = time.perf_counter()
     report = run_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
                             batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
-                            device=device, individual=individual, attack_options=attack_options, callback=callback)
+                            device=device, individual=individual, attack_options=attack_options, callback=callback,
+                            adversarial_dir=adversarial_dir)
     if sanity:
         data = check_inputs(model, x, y, norm, eps, batch_size, base_model)  # the CPU tensors that were evaluated
         add_sanity_findings(report, model, data.x, data.y, sanity_attacks(model, sanity), batch_size=batch_size,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["data_hash", "derive_seed", "model_hash"]
+__all__ = ["config_hash", "data_hash", "derive_seed", "model_hash"]
 
 
 def derive_seed(seed: int, attack: str, batch: int) -> int:
@@ -35,3 +38,8 @@ def data_hash(x: torch.Tensor, y: torch.Tensor) -> str:
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Short sha256 of an evaluation's JSON config: names what belongs to one evaluation on disk."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -16,7 +16,7 @@ from .attacks import Attack
 from .hashing import derive_seed
 from .messages import library_messages
 
-__all__ = ["Verdict", "attack_batch", "judge", "rng_devices"]
+__all__ = ["Verdict", "BatchRun", "attack_batch", "judge", "rng_devices"]
 
 _LINF_TOL = 1e-6
 _L2_REL_TOL = 1e-5
@@ -47,6 +47,14 @@ def judge(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tenso
     return Verdict(robust=~(valid & wrong), invalid=~valid)
 
 
+class BatchRun(NamedTuple):
+    """One attacked batch: its JSON record (what the state stores) and the candidates that broke an example
+    (CPU, in the record's order of broken examples)."""
+
+    record: dict[str, Any]
+    breaking: torch.Tensor
+
+
 def rng_devices(device: torch.device) -> list[int]:
     """The CUDA devices whose RNG state an attack on ``device`` may draw from (to fork and restore)."""
     if device.type == "cuda":
@@ -55,7 +63,7 @@ def rng_devices(device: torch.device) -> list[int]:
 
 
 def attack_batch(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int], b: int,
-                 seed: int, device: torch.device, norm: str, eps: float) -> dict[str, Any]:
+                 seed: int, device: torch.device, norm: str, eps: float) -> BatchRun:
     """Run ``attack`` on examples ``idx`` (batch ``b``, seeded from ``derive_seed``) and judge the result.
 
     The record is plain JSON (it is what the evaluation state stores): the indices, per-example robustness,
@@ -69,6 +77,8 @@ def attack_batch(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Ten
     with torch.random.fork_rng(devices=rng_devices(device)), library_messages(batch_messages):
         torch.manual_seed(bseed)
         x_adv = attack.run(model, xb, yb, seed=bseed)
-    verdict = judge(model, xb, x_adv.to(device), yb, norm, eps)
-    return {"indices": idx, "robust": [int(v) for v in verdict.robust.cpu()], "invalid": int(verdict.invalid.sum()),
-            "messages": batch_messages, "seconds": time.perf_counter() - t0}
+    x_adv = x_adv.to(device)
+    verdict = judge(model, xb, x_adv, yb, norm, eps)
+    record = {"indices": idx, "robust": [int(v) for v in verdict.robust.cpu()], "invalid": int(verdict.invalid.sum()),
+              "messages": batch_messages, "seconds": time.perf_counter() - t0}
+    return BatchRun(record, x_adv[~verdict.robust].detach().cpu())

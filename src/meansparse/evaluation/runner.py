@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -28,8 +29,9 @@ from ..distributed import all_gather_object, broadcast_object
 from ..distributed import rank as dist_rank
 from ..distributed import world_size as dist_world_size
 from ..version import package_versions
+from .adversarial import AdversarialStore, worst_case_images, write_adversarial
 from .attacks import Attack
-from .hashing import data_hash, model_hash
+from .hashing import config_hash, data_hash, model_hash
 from .judge import attack_batch
 from .masking import masking_findings
 from .messages import library_warnings
@@ -69,10 +71,12 @@ class EvaluationPlan:
 
 
 class BatchResult(NamedTuple):
-    """One batch's stored record, and whether it was computed now (else read from the state file)."""
+    """One batch's stored record, whether it was computed now (else read from the state file), and the
+    candidates that broke an example when adversarial examples are kept."""
 
     record: dict[str, Any]
     fresh: bool
+    breaking: torch.Tensor | None = None
 
 
 @dataclass
@@ -178,10 +182,10 @@ def clean_pass(model: nn.Module, plan: EvaluationPlan, world: int, me: int) -> t
 
 def run_attack(attack: Attack, model: nn.Module, plan: EvaluationPlan, pool: list[int], robust: torch.Tensor,
                state: EvaluationState, *, world: int, me: int, progress: bool,
-               callback: Callable[[str, int], None] | None) -> AttackOutcome:
+               callback: Callable[[str, int], None] | None, store: AdversarialStore | None = None) -> AttackOutcome:
     """``attack`` on the examples ``pool``, batch by batch; finished batches come from ``state``, new ones
-    are saved there (then ``callback(attack, batch)``). ``robust`` (the worst case before this attack) only
-    feeds the progress bar."""
+    are saved there (then ``callback(attack, batch)``), their breaking candidates in ``store``. ``robust``
+    (the worst case before this attack) only feeds the progress bar."""
     n, batch_size = plan.n, plan.batch_size
     out = AttackOutcome(mask=torch.full((n,), -1, dtype=torch.int8), n_attacked=len(pool))
     chunks = [pool[s:s + batch_size] for s in range(0, len(pool), batch_size)]
@@ -193,16 +197,22 @@ def run_attack(attack: Attack, model: nn.Module, plan: EvaluationPlan, pool: lis
             mine: dict[int, BatchResult] = {}
             if b < len(chunks):
                 record = state.get(attack.name, b, chunks[b])
+                if (record is not None and store is not None and not all(record["robust"])
+                        and not store.has(attack.name, b)):
+                    record = None  # its breaking images were not kept: attack the batch again (same seed)
                 if record is None:
-                    record = attack_batch(attack, model, plan.x, plan.y, chunks[b], b, plan.seed, plan.device,
-                                          plan.norm, plan.eps)
-                    mine[b] = BatchResult(record, True)
+                    run = attack_batch(attack, model, plan.x, plan.y, chunks[b], b, plan.seed, plan.device,
+                                       plan.norm, plan.eps)
+                    mine[b] = BatchResult(run.record, True, run.breaking if store is not None else None)
                 else:
                     mine[b] = BatchResult(record, False)
             round_results = sorted((k, v) for part in all_gather_object(mine) for k, v in part.items())
             for b, result in round_results:
                 idx, record = chunks[b], result.record
                 if result.fresh:
+                    if store is not None and me == 0:  # before the record: a resumed record has its images
+                        store.put(attack.name, b, [i for i, r in zip(idx, record["robust"]) if not r],
+                                  result.breaking)
                     state.put(attack.name, b, record)
                     if callback is not None:
                         callback(attack.name, b)
@@ -240,14 +250,14 @@ def breakdown_row(attack: Attack, out: AttackOutcome, robust: torch.Tensor, plan
 
 def run_attacks(model: nn.Module, base_model: nn.Module | None, plan: EvaluationPlan, clean_correct: torch.Tensor,
                 state: EvaluationState, *, world: int, me: int, progress: bool,
-                callback: Callable[[str, int], None] | None) -> Outcomes:
+                callback: Callable[[str, int], None] | None, store: AdversarialStore | None = None) -> Outcomes:
     """Every attack in order: on all clean-correct examples (individual) or on those still robust (cascade)."""
     res = Outcomes(robust=clean_correct.clone())
     with _frozen(model, base_model):
         for attack in plan.attacks:
             pool = (clean_correct if plan.individual else res.robust).nonzero().flatten().tolist()
             out = run_attack(attack, model, plan, pool, res.robust, state, world=world, me=me, progress=progress,
-                             callback=callback)
+                             callback=callback, store=store)
             res.masks[attack.name] = out.mask
             res.robust &= out.mask != 0
             res.attack_seconds[attack.name] = out.seconds
@@ -298,7 +308,8 @@ def run_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                    device: str | torch.device | None, individual: bool | None,
                    attack_options: Mapping[str, Mapping[str, Any]] | None, base_model: nn.Module | None = None,
                    state_path: str | PathLike | None = None,
-                   callback: Callable[[str, int], None] | None = None) -> Report:
+                   callback: Callable[[str, int], None] | None = None,
+                   adversarial_dir: str | PathLike | None = None) -> Report:
     """``evaluate`` without its sanity checks; the arguments mean the same."""
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -311,9 +322,19 @@ def run_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     if world > 1:
         state.batches = broadcast_object(state.batches)
     clean_correct = clean_pass(model, plan, world, me)
+    store = None
+    if adversarial_dir is not None:  # resumable next to the state: one folder per evaluation config
+        keyed = Path(adversarial_dir) / "batches" / config_hash(config) if state_path is not None else None
+        store = AdversarialStore(keyed)
     res = run_attacks(model, base_model, plan, clean_correct, state, world=world, me=me,
-                      progress=progress and me == 0, callback=callback)
+                      progress=progress and me == 0, callback=callback, store=store)
     report = build_report(model, plan, config, clean_correct, res)
+    if store is not None and me == 0:
+        broken = worst_case_images(store, [a.name for a in plan.attacks], res.masks)
+        write_adversarial(adversarial_dir, plan.x, broken, list(range(plan.n)), report.clean_correct,
+                          report.worst_case_robust, {"norm": plan.norm, "eps": plan.eps,
+                                                     "model_hash": config["model_hash"],
+                                                     "data_hash": config["data_hash"]})
     report.metadata[RUN_KEY] = {
         "wall_time_s": time.perf_counter() - started,
         "attack_seconds": res.attack_seconds,
