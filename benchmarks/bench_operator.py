@@ -1,4 +1,8 @@
-"""Cost of the MeanSparse operator in a ResNet-18: base model vs eager operator vs fused operator+activation.
+"""Cost of the MeanSparse operator: base model vs eager operator vs fused operator (+ activation / producer).
+
+Architectures (``--arch``): a ResNet-18 (ReLU / GELU), robustbench's DMWideResNet (the WRN-70-16 family: SiLU
+and residual-add sites, preset dm_wrn), and small timm Swin / ConvNeXt models at 32x32 (token layouts, their
+presets).
 
 For each width and activation: eval forward (no grad) and forward+backward w.r.t. the input (the attack
 step: parameters frozen, gradient of a logsumexp loss), the latter in both gradient modes.  All variants run
@@ -7,6 +11,7 @@ child processes without and with GLIBC_TUNABLES (see _common.GLIBC_TUNABLES).
 
     python benchmarks/bench_operator.py --threads 1 --quick
     python benchmarks/bench_operator.py --threads 16 --widths 16 64 --batch 256
+    python benchmarks/bench_operator.py --threads 2 --arch dm_wrn --depth 16 --widths 4 --batch 256
     python benchmarks/bench_operator.py --device cuda --glibc default --widths 16 64 --batch 256 1024
 """
 
@@ -35,14 +40,41 @@ import meansparse as ms
 from meansparse._compile import compile_disabled_reason, compile_enabled
 from meansparse.models import create_model
 
+ARCH_ACTIVATION = {"dm_wrn": "silu", "swin": "gelu", "convnext": "gelu"}
 
-def build(width: int, activation: str, batch: int, alpha: float, device: str = "cpu"):
+
+def architecture(arch: str, width: int, activation: str, depth: int) -> tuple[torch.nn.Module, str | None]:
+    """(base model, preset): the paper's families at CIFAR scale, random weights."""
+    if arch == "resnet18":
+        return create_model("resnet18", width=width, activation=activation), None
+    if arch == "dm_wrn":  # the WRN-70-16 family: pre-activation blocks, SiLU, residual-add sites
+        ms.zoo.import_robustbench()
+        from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet
+
+        return DMWideResNet(num_classes=10, depth=depth, width=width, activation_fn=torch.nn.SiLU), "dm_wrn"
+    timm = ms.zoo.import_timm()
+    if arch == "swin":  # NLC tokens: GELU in the MLP, fc2 outputs and both block adds
+        from timm.models.swin_transformer import SwinTransformer
+
+        net = SwinTransformer(img_size=32, patch_size=2, embed_dim=width, depths=(2, 2), num_heads=(2, 4),
+                              window_size=4, num_classes=10, drop_path_rate=0.0)
+        return net, "swin"
+    from timm.models.convnext import ConvNeXt  # NHWC GELU sites and NCHW drop_path outputs
+
+    net = ConvNeXt(depths=(2, 2), dims=(width, 2 * width), patch_size=2, num_classes=10)
+    del timm
+    return net, "convnext"
+
+
+def build(width: int, activation: str, batch: int, alpha: float, device: str = "cpu", arch: str = "resnet18",
+          depth: int = 16):
     torch.manual_seed(0)
-    base = create_model("resnet18", width=width, activation=activation).eval().to(device)
+    net, preset = architecture(arch, width, activation, depth)
+    base = net.eval().to(device)
     for p in base.parameters():
         p.requires_grad_(False)
     x = torch.rand(batch, 3, 32, 32).to(device)
-    eager = ms.prepare(base, example_inputs=(x[:2],))
+    eager = ms.prepare(base, example_inputs=(x[:2],), preset=preset)
     ms.calibrate(eager, [x[: min(batch, 64)]], progress=False)
     ms.set_alpha(eager, alpha)
     fused = ms.fuse(copy.deepcopy(eager))
@@ -93,8 +125,9 @@ def child(args) -> dict:
     setup(args.threads)
     set_clock(args.clock, args.threads, args.device)
     results = {"environment": environment(args.threads), "compile": compile_enabled(), "cases": []}
-    for width, batch, act in ((w, b, a) for w in args.widths for b in args.batch for a in args.activations):
-        base, eager, fused, x = build(width, act, batch, args.alpha, args.device)
+    acts = args.activations if args.arch == "resnet18" else [ARCH_ACTIVATION[args.arch]]
+    for width, batch, act in ((w, b, a) for w in args.widths for b in args.batch for a in acts):
+        base, eager, fused, x = build(width, act, batch, args.alpha, args.device, args.arch, args.depth)
         fwd = interleaved({"base": forward(base, x), "eager": forward(eager, x), "fused": forward(fused, x)},
                           args.repeats, warmup=2)
         step = interleaved({
@@ -105,6 +138,7 @@ def child(args) -> dict:
             "fused straight_through": attack_step(fused, x, "straight_through"),
         }, args.repeats, warmup=2)
         results["cases"].append({
+            "arch": args.arch, "depth": args.depth if args.arch == "dm_wrn" else None,
             "width": width, "activation": act, "batch": batch,
             "forward": {k: v["median"] for k, v in fwd.items()}, "forward_ratio": ratios(fwd, "base"),
             "forward_ratio_min": ratios(fwd, "base", "min"),
@@ -121,13 +155,14 @@ def report(variants: list[tuple[str, dict]]) -> str:
     for name, res in variants:
         for c in res["cases"]:
             fr, sr = c["forward_ratio"], c["attack_step_ratio"]
-            rows.append([name, c["width"], c["activation"], c["batch"], f"{1e3 * c['forward']['base']:.0f}",
+            arch = c.get("arch", "resnet18") + (f"-{c['depth']}" if c.get("depth") else "")
+            rows.append([name, arch, c["width"], c["activation"], c["batch"], f"{1e3 * c['forward']['base']:.0f}",
                          f"{fr['eager']:.3f}", f"{fr['fused']:.3f}", f"{1e3 * c['attack_step']['base']:.0f}",
                          f"{sr['eager exact']:.3f}", f"{sr['fused exact']:.3f}",
                          f"{sr['eager straight_through']:.3f}", f"{sr['fused straight_through']:.3f}",
                          "yes" if all(v for k, v in c["identical"].items() if k.endswith("equal")) else
                          f"no (max rel {max(c['identical'][k] for k in c['identical'] if 'rel' in k):.1e})"])
-    header = ["malloc", "width", "act", "batch", "fwd base ms", "fwd eager", "fwd fused", "step base ms",
+    header = ["malloc", "arch", "width", "act", "batch", "fwd base ms", "fwd eager", "fwd fused", "step base ms",
               "step eager exact", "step fused exact", "step eager ST", "step fused ST", "bit-identical"]
     env = variants[0][1]["environment"]
     return (f"{describe(env)}, compile={variants[0][1]['compile']}\n"
@@ -137,14 +172,20 @@ def report(variants: list[tuple[str, dict]]) -> str:
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--widths", type=int, nargs="+", default=None)
+    p.add_argument("--arch", choices=["resnet18", "dm_wrn", "swin", "convnext"], default="resnet18",
+                   help="resnet18 (--activations), dm_wrn (robustbench DMWideResNet, SiLU, --depth), or a small timm "
+                        "swin / convnext at 32x32 (token layouts), each with its preset placement")
+    p.add_argument("--depth", type=int, default=16, help="dm_wrn depth (16, 22, 28, ...)")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="resnet18 base width; dm_wrn width factor; swin / convnext embedding width")
     p.add_argument("--activations", nargs="+", default=["relu", "gelu"])
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--alpha", type=float, default=0.25)
     p.add_argument("--glibc", choices=["both", "default", "tuned"], default="both")
     p.add_argument("--child", action="store_true", help=hidden())
     args = p.parse_args()
-    args.widths = args.widths or ([16] if args.quick else [16, 64])
+    default_widths = {"resnet18": [16, 64], "dm_wrn": [4, 10], "swin": [32], "convnext": [32]}[args.arch]
+    args.widths = args.widths or (default_widths[:1] if args.quick else default_widths)
     args.batch = args.batch or [64 if args.quick else 256]
     args.repeats = args.repeats or (5 if args.quick else 10)
     if args.child:

@@ -16,7 +16,7 @@ from torch import nn
 
 import meansparse as ms
 from meansparse._compile import ENV_VAR, compile_disabled_reason, compile_enabled
-from meansparse.accel import FusedMeanSparse, FusedMeanSparseActivation, kernels
+from meansparse.accel import FusedMeanSparse, FusedMeanSparseActivation, FusedMeanSparseOutput, kernels
 from meansparse.placement.registry import ActivationSpec
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -263,3 +263,50 @@ def test_fused_activation_in_extra_repr(build_model, images, eager_only):
     model = ms.fuse(ms.prepare(build_model("se"), example_inputs=images))
     assert "fused=silu" in repr(ms.operators(model)[0])
     assert F.silu(images).shape == images.shape
+
+
+# ---------------------------------------------------------------------------------- sites with no activation
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("preact_wrn", {"residual_adds": True}),                            # the dm_wrn placement: adds after blocks
+    ("vit", {"residual_adds": True, "outputs": r"\.mlp\.fc2$"}),         # the swin placement: NLC tokens
+    ("convnext", {"outputs": r"\.pwconv2$"}),                            # an output site on NHWC features
+])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_add_and_output_sites_are_fused_bit_identically(name, kw, compiled, build_model, monkeypatch):
+    if not compiled:
+        monkeypatch.setenv(ENV_VAR, "0")
+    else:
+        compiled_or_skip()
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)  # large enough for the compiled kernels at most sites
+    model = calibrated(ms.prepare(build_model(name), example_inputs=x[:2], **kw), x, alpha=0.3)
+    kinds = {o.kind for o in ms.operators(model)}
+    assert kinds & {"add", "output"}
+    ref = copy.deepcopy(model)
+    ms.fuse(model)
+    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]  # every site of the placement
+    for o in ms.operators(model):
+        if o.kind in ("add", "output"):
+            assert o.fused_activation == ("identity", (), False)
+    if name == "preact_wrn":
+        assert [o.fused_producer for o in ms.operators(model) if o.kind == "add"] == ["add"] * 3
+    for mode in ("exact", "straight_through"):
+        for a, b in zip(outputs_and_grads(model, x, mode), outputs_and_grads(ref, x, mode), strict=True):
+            assert same(a, b)
+    ms.unfuse(model)
+    assert not ms.fused_sites(model)
+
+
+def test_modules_method_fuses_output_wrappers(build_model, images, quiet, eager_only):
+    model = calibrated(ms.prepare(build_model("preact_wrn"), method="modules", residual_adds=True,
+                                  example_inputs=images), images)
+    ref = copy.deepcopy(model)
+    ms.fuse(model)
+    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]
+    assert isinstance(model.blocks[0], FusedMeanSparseOutput)
+    for a, b in zip(outputs_and_grads(model, images, "exact"), outputs_and_grads(ref, images, "exact"), strict=True):
+        assert torch.equal(a, b)
+    ms.unfuse(model)
+    assert type(model.blocks[0]) is ms.placement.MeanSparseOutput

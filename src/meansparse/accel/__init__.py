@@ -3,6 +3,7 @@ setting.  Depends on :mod:`meansparse.core` and :mod:`meansparse.placement`; not
 model that is never fused never touches it."""
 
 from .allocator import tune_cpu_allocator
-from .fused import FusedMeanSparse, FusedMeanSparseActivation, fuse, fused_sites, unfuse
+from .fused import FusedMeanSparse, FusedMeanSparseActivation, FusedMeanSparseOutput, fuse, fused_sites, unfuse
 
-__all__ = ["FusedMeanSparse", "FusedMeanSparseActivation", "fuse", "fused_sites", "tune_cpu_allocator", "unfuse"]
+__all__ = ["FusedMeanSparse", "FusedMeanSparseActivation", "FusedMeanSparseOutput", "fuse", "fused_sites",
+           "tune_cpu_allocator", "unfuse"]

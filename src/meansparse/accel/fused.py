@@ -18,14 +18,15 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..core import MeanSparse, operators
-from ..placement import MeanSparseActivation, fx_class, get_record
+from ..placement import MeanSparseActivation, MeanSparseOutput, fx_class, get_record
 from ..placement.record import attach, attached, detach, restore_class, swap_class, swapped
-from ..placement.registry import GENERIC_KIND, ActivationSpec, function_spec, method_spec, module_spec
+from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec, function_spec, method_spec, module_spec
 from .graph import private
 from .kernels import fused_forward
 from .producer import absorb_producer
 
-__all__ = ["fuse", "unfuse", "fused_sites", "FusedMeanSparse", "FusedMeanSparseActivation"]
+__all__ = ["fuse", "unfuse", "fused_sites", "FusedMeanSparse", "FusedMeanSparseActivation", "FusedMeanSparseOutput",
+           "IDENTITY_SPEC"]
 
 
 class FusedMeanSparse(MeanSparse):
@@ -47,6 +48,17 @@ class FusedMeanSparseActivation(MeanSparseActivation):
         if args or kwargs or spec is None:
             return self.activation(self.meansparse(x), *args, **kwargs)
         return self.meansparse(x, activation=spec)
+
+
+#: The spec of a fused site with no activation after it.
+IDENTITY_SPEC = ActivationSpec(IDENTITY, (), False)
+
+
+class FusedMeanSparseOutput(MeanSparseOutput):
+    """A fused :class:`~meansparse.placement.MeanSparseOutput`: the operator on the module's output, compiled."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.meansparse(self.module(*args, **kwargs), activation=IDENTITY_SPEC)
 
 
 def _fuse_operator(op: MeanSparse, spec: ActivationSpec, activation: nn.Module | None) -> None:
@@ -87,7 +99,18 @@ def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
         if node.op != "call_module":
             continue
         op = root.get_submodule(node.target)
-        if not isinstance(op, MeanSparse) or node.kwargs or len(node.users) != 1:
+        if not isinstance(op, MeanSparse) or node.kwargs or not node.users:
+            continue
+        if op.kind in ("add", "output"):  # nothing to fuse after it: the operator alone, compiled
+            if op.inplace and not private(node.args[0], root):
+                continue
+            _fuse_operator(op, IDENTITY_SPEC, None)
+            node.kwargs = {"activation": IDENTITY_SPEC}
+            fused += 1
+            if producers:
+                absorb_producer(graph, node, root, IDENTITY_SPEC)
+            continue
+        if len(node.users) != 1:
             continue
         act = next(iter(node.users))
         spec = _node_spec(act, node, root)
@@ -132,6 +155,9 @@ def fuse(model: nn.Module, *, producers: bool = True) -> nn.Module:
             swap_class(child, FusedMeanSparseActivation)
             attach(child, "spec", spec)
             _fuse_operator(child.meansparse, spec, child.activation)
+        elif type(child) is MeanSparseOutput:
+            swap_class(child, FusedMeanSparseOutput)
+            _fuse_operator(child.meansparse, IDENTITY_SPEC, None)
     for m in list(model.modules()):
         rec = get_record(m)
         if rec is not None and rec.config.get("method") == "fx" and not swapped(m):

@@ -40,7 +40,7 @@ from .._utils import is_compiling
 from ..core import MeanSparse
 from ..core.band import band_from_output, in_band, relu_grad_from_output, sparsify
 from ..placement.record import attached
-from ..placement.registry import GENERIC_KIND, ActivationSpec
+from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec
 
 __all__ = ["ACTIVATIONS", "IN_KERNEL", "KernelLayout", "KernelInfo", "kernel", "compiled_layout", "like",
            "act_eager", "fused_forward", "compiled_kernels", "separate_cache", "save_and_activate", "backward_inputs"]
@@ -106,6 +106,8 @@ ACTIVATIONS: dict[str, ActivationMath] = {
         lambda x, p, inplace: F.hardswish(x, inplace=inplace),
         lambda g, y, p: torch.ops.aten.hardswish_backward(g, y),
     ),
+    # sites with no activation after them (residual adds, module outputs): the operator alone, compiled
+    IDENTITY: ActivationMath(lambda x, p, inplace: x, lambda g, y, p: g),
 }
 #: Activations computed inside the compiled kernels (compiled code reproduces ATen's CPU kernels bit for bit).
 IN_KERNEL = ("relu", "leaky_relu", "softplus")

@@ -42,7 +42,7 @@ from .._utils import is_compiling, same_versions, tensor_versions
 from ..core import MeanSparse, StraightThrough, broadcast_channel, in_band, sparsify
 from ..core.band import band_from_output, relu_grad_from_output
 from ..placement.record import attach, attached
-from ..placement.registry import ActivationSpec, is_add, is_inplace_add
+from ..placement.registry import IDENTITY, ActivationSpec, is_add, is_inplace_add
 from .graph import private
 from .kernels import ACTIVATIONS, KernelLayout, act_eager, backward_inputs, compiled_layout, save_and_activate
 
@@ -52,8 +52,8 @@ __all__ = ["fused_site", "absorb_producer", "describe", "verdicts", "compiled_ke
 log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: Activations whose fused site can take a producer: ReLU (one kernel) and the split path.
-SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish")
+#: Activations whose fused site can take a producer: ReLU (one kernel), the split path, and no activation.
+SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", IDENTITY)
 
 #: A producer expression: ("x", i) input i; ("bn", j, ("x", i)) BatchNorm j of input i; ("add", a, b).
 Struct = tuple

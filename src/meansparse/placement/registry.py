@@ -41,10 +41,13 @@ __all__ = [
     "consumer_hint",
     "is_transparent",
     "GENERIC_KIND",
+    "IDENTITY",
 ]
 
 #: Fusion kind of a registered activation class: its own forward runs after the compiled sparsify kernel.
 GENERIC_KIND = "module"
+#: Fusion kind of a site with no activation after it (a residual add, a module output): the operator alone.
+IDENTITY = "identity"
 
 
 @dataclass(frozen=True)
