@@ -34,10 +34,11 @@ ALLOWED: dict[str, set[str]] = {
     "search": {"core", "placement", "evaluation", "_utils"},
     "training": {"data", "models", "pgd", "version"},
     "plots": {"core", "_utils"},
+    "fastpath": {"core", "accel", "evaluation", "_utils"},
     "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
-                 "models", "training", "plots", "zoo", "_utils"},
+                 "models", "training", "plots", "zoo", "fastpath", "_utils"},
     "cli": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
-            "models", "training", "pipeline", "distributed", "zoo", "_utils", "_compile", "version"},
+            "models", "training", "pipeline", "distributed", "zoo", "fastpath", "_utils", "_compile", "version"},
 }
 
 

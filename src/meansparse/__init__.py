@@ -21,7 +21,8 @@ from . import data, models, zoo
 from .accel import fuse, fused_sites, tune_cpu_allocator, unfuse
 from .calibration import calibrate
 from .core import MeanSparse, Moments, operators
-from .evaluation import Report, evaluate
+from .evaluation import Report
+from .fastpath import evaluate
 from .placement import (
     MeanSparseActivation,
     Site,

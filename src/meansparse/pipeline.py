@@ -23,6 +23,8 @@ from .calibration import calibrate
 from .core import operators
 from .data import Batches, ImageSet, holdout_split, load_dataset
 from .evaluation import Report, evaluate
+from .evaluation.budget import estimated_passes
+from .fastpath import attack_objects, plan_fusion
 from .models import load as load_checkpoint
 from .placement import prepare, set_alpha, sites
 from .plots import plot_alpha_curve, plot_feature_histogram
@@ -47,6 +49,7 @@ class PipelineConfig:
     weights: str | None = None        # weights of a python: model
     pretrained: bool = True           # False: random weights (robustbench:/timm:/python:), nothing downloaded
     preset: str | None = "auto"       # prepare's placement (None: before every activation)
+    fuse_decision: dict | None = None  # set by the run: fused or eager, and why
     eps: float | None = None          # default: 8/255 (CIFAR) or DIGITS_EPS (digits)
     norm: str = "Linf"
     alphas: Sequence[float] = DEFAULT_ALPHAS
@@ -63,7 +66,7 @@ class PipelineConfig:
     progress: bool = True
     train_epochs: int = 30            # epochs of the embedded digits model
     device: str = "cpu"               # where the models run ("cuda", "cuda:1", ...); data stays on the CPU
-    fuse: bool = False                # fuse the MeanSparse model: bit-identical on CPU, faster there
+    fuse: bool | None = None          # fused kernels: None = when that pays off (meansparse.accel.auto)
 
 
 def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Module:
@@ -92,8 +95,17 @@ def _table(before: Report, after: Report) -> str:
     return "\n".join(lines)
 
 
-def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, ImageSet, ImageSet, ImageSet]:
-    """Data splits, the base model, and a MeanSparse copy calibrated once on the fitting split."""
+def _job_passes(cfg: PipelineConfig, n_hold: int, n_test: int, final: bool) -> float:
+    """Forward + backward passes over single examples the sweep (and the final evaluation) will cost."""
+    sweep = estimated_passes(attack_objects(cfg.sweep_attacks, cfg.attack_options), min(cfg.n_sweep_robust, n_hold))
+    passes = len(cfg.alphas) * (sweep + n_hold / 3)
+    return passes + (estimated_passes(attack_objects(cfg.attacks, cfg.attack_options), n_test) if final else 0)
+
+
+def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
+                ) -> tuple[nn.Module, nn.Module, ImageSet, ImageSet, ImageSet]:
+    """Data splits, the base model, and a MeanSparse copy calibrated once on the fitting split (fused when
+    that pays off for the job: the sweep, plus the test evaluation when ``final``)."""
     if cfg.eps is None:
         cfg.eps = DIGITS_EPS if cfg.data == "digits" else 8 / 255
     device = resolve_device(cfg.device)  # fail before loading data or training anything
@@ -111,9 +123,14 @@ def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, I
     model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),), preset=cfg.preset)
     say(f"prepared: {len(sites(model))} MeanSparse sites")
     calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches, progress=cfg.progress)
-    if cfg.fuse:
+    decision = plan_fusion(model, hold.float()[:cfg.batch_size].to(device),
+                           _job_passes(cfg, len(hold), len(test), final), "auto" if cfg.fuse is None else cfg.fuse)
+    cfg.fuse_decision = decision.as_dict()
+    if decision.fuse:
         fuse(model)
-        say(f"fused: {len(fused_sites(model))} of {len(operators(model))} sites")
+        say(f"fused: {len(fused_sites(model))} of {len(operators(model))} sites ({decision.reason})")
+    else:
+        say(f"eager operator: {decision.reason}")
     return base, model, fit, hold, test
 
 
@@ -158,7 +175,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = _say(cfg)
-    base, model, fit, hold, test = _calibrated(cfg, out)
+    base, model, fit, hold, test = _calibrated(cfg, out, final=True)
     sweep = _sweep(cfg, model, hold, out)
     alpha = sweep.chosen_alpha
     shown = alpha
@@ -195,6 +212,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
         "after": {"clean": after.clean_accuracy, "worst_case": after.worst_case_accuracy,
                   "robust": after.robust_accuracy},
         "warnings": after.warnings, "seconds": time.time() - t0, "plots": plots, "device": cfg.device,
+        "fuse": cfg.fuse_decision,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     md = [f"# MeanSparse report — {cfg.data}", "",
@@ -205,6 +223,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
           f"{100 * cfg.clean_budget:.2f}-point clean budget); a plain white-box selection would have picked "
           f"α = {sweep.naive['alpha']}",
           f"- test images: {len(test)}; attacks after: {', '.join(cfg.attacks)}",
+          f"- operator: {'fused' if cfg.fuse_decision['fuse'] else 'eager'} ({cfg.fuse_decision['reason']})",
           (f"- **MeanSparse does not improve the worst case of this model within the budget (α = 0 chosen)**; "
            f"the table shows the best α > 0, α = {shown:g}, for reference" if shown != alpha else ""), "",
           "## Before / after (test split)", "", _table(before, after), ""]

@@ -14,6 +14,7 @@ from ..zoo.spec import SPEC_HELP, load_model_spec
 
 __all__ = [
     "FUSE_HELP",
+    "add_fuse_args",
     "parse_eps",
     "parse_options",
     "comma_list",
@@ -31,6 +32,14 @@ __all__ = [
 
 #: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
 FUSE_HELP = "fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU"
+
+
+def add_fuse_args(p: argparse.ArgumentParser) -> None:
+    """``--fuse`` / ``--no-fuse``; neither: fused when that pays off (meansparse.accel.auto)."""
+    p.add_argument("--fuse", dest="fuse", action="store_true", default=None,
+                   help=FUSE_HELP + " (default: when torch.compile works and the job is long enough to pay for "
+                                    "compiling; the report says which ran and why)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="always run the eager operator")
 
 
 def parse_eps(text: str) -> float:

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from ..accel import fuse
-from ..core import operators
 from ..data import load_dataset
 from ..distributed import is_main, launch
-from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate
+from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
+from ..fastpath import evaluate
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
-    FUSE_HELP,
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
+    add_fuse_args,
     comma_list,
     load_model_arg,
     parse_eps,
@@ -59,7 +59,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p)
-    p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
+    add_fuse_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
     p.add_argument("--save-adversarial", action="store_true",
                    help="write OUT/adversarial.pt (the per-example worst-case adversarial images, clean where "
@@ -80,7 +80,7 @@ def _load_model(args: argparse.Namespace, device: str) -> Any:
     if args.alpha is not None:
         set_alpha(model, args.alpha)
     model = model.to(device).eval()
-    return fuse(model) if args.fuse and operators(model) else model
+    return model
 
 
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any, list[int]]:
@@ -108,10 +108,13 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     model = _load_model(args, device)
     x, y, indices = _load_data(args)
     state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
-    report = evaluate(model, x, y, norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size,
+    report = evaluate(model, x, y, fuse="auto" if args.fuse is None else args.fuse, norm=args.norm, eps=args.eps,
+                      attacks=attacks, batch_size=args.batch_size,
                       seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
                       individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity,
-                      adversarial_dir=out if args.save_adversarial else None)
+                      adversarial_dir=out if args.save_adversarial else None,
+                      announce=lambda d: main and print(f"meansparse evaluate: {'fused' if d.fuse else 'eager'} "
+                                                        f"operator: {d.reason}", file=sys.stderr))
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
                                   "alpha": args.alpha, "data": args.data, "split": args.split}
     if not main:

@@ -7,7 +7,7 @@ import argparse
 from ..pipeline import PipelineConfig, run, run_sweep
 from ..zoo.spec import SPEC_HELP
 from .common import (
-    FUSE_HELP,
+    add_fuse_args,
     add_model_spec_args,
     add_preset_arg,
     add_threads_arg,
@@ -50,7 +50,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_threads_arg(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the models run")
-    p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
+    add_fuse_args(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="report directory")
 

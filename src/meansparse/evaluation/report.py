@@ -82,6 +82,8 @@ class Report:
         run = meta.get(RUN_KEY, {})
         if "wall_time_s" in run:
             lines.append(f"- wall time: {run['wall_time_s']:.1f} s")
+        if "fuse" in run:
+            lines.append(f"- operator: {'fused' if run['fuse']['fuse'] else 'eager'} ({run['fuse']['reason']})")
         lines += ["", "| attack | kind | attacked | broken | robust accuracy | worst case after it |",
                   "|---|---|---:|---:|---:|---:|"]
         column_note = "on its own" if self.mode == "individual" else "cumulative"
