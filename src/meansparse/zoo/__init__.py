@@ -9,6 +9,10 @@
   :class:`meansparse.models.Normalized` with the model's own ``pretrained_cfg`` mean / std;
 * a checkpoint written by :func:`meansparse.models.save_checkpoint` (a path).
 
+The authors' own MeanSparse models in RobustBench (``Amini2024MeanSparse_*``) come back as the base
+architecture prepared by meansparse with the authors' statistics and thresholds: :func:`import_reference`
+(:mod:`meansparse.zoo.reference`).
+
 The reference code's placements for these families (``meansparse.prepare(model, preset=...)``:
 ``dm_wrn``, ``rawrn``, ``swin``, ``convnext``, ``generic``, ``auto``) are defined and documented in
 :mod:`meansparse.placement.presets`; :data:`PRESETS`, :func:`detect_preset`, :func:`resolve_preset` and
@@ -24,9 +28,13 @@ from __future__ import annotations
 from ..placement.presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .imports import import_robustbench, import_timm
 from .loading import load
+from .reference import import_reference, reference_family, reference_sites
 
 __all__ = [
     "load",
+    "import_reference",
+    "reference_family",
+    "reference_sites",
     "PRESETS",
     "detect_preset",
     "resolve_preset",
