@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "serialization": {"core", "placement", "_utils", "version"},
     "data": set(),
     "models": set(),
-    "zoo": {"placement", "models"},
+    "zoo": {"core", "placement", "models"},  # core: import_reference installs statistics in the operators
     "evaluation": {"core", "placement", "_utils", "version", "distributed", "pgd"},
     "search": {"core", "placement", "evaluation", "_utils"},
     "training": {"data", "models", "pgd", "version"},

@@ -12,6 +12,10 @@
 :func:`load_model_spec` loads the model a command-line spec names (``robustbench:<id>``, ``timm:<name>``,
 ``python:<file>:<callable>`` with weights, or a checkpoint path; :mod:`meansparse.zoo.spec`).
 
+The authors' own MeanSparse models in RobustBench (``Amini2024MeanSparse_*``) come back as the base
+architecture prepared by meansparse with the authors' statistics and thresholds: :func:`import_reference`
+(:mod:`meansparse.zoo.reference`).
+
 The reference code's placements for these families (``meansparse.prepare(model, preset=...)``:
 ``dm_wrn``, ``rawrn``, ``swin``, ``convnext``, ``generic``, ``auto``) are defined and documented in
 :mod:`meansparse.placement.presets`; :data:`PRESETS`, :func:`detect_preset`, :func:`resolve_preset` and
@@ -27,10 +31,14 @@ from __future__ import annotations
 from ..placement.presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .imports import import_robustbench, import_timm
 from .loading import load
+from .reference import import_reference, reference_family, reference_sites
 from .spec import ModelSpec, load_model_spec, parse_model_spec, read_weights
 
 __all__ = [
     "load",
+    "import_reference",
+    "reference_family",
+    "reference_sites",
     "PRESETS",
     "detect_preset",
     "resolve_preset",

@@ -12,6 +12,7 @@ from torch import nn
 from ..models import Normalized, checkpoint_paths
 from ..models import load as load_checkpoint
 from .imports import import_robustbench, import_timm
+from .reference import import_reference, reference_family
 
 __all__ = ["load"]
 
@@ -53,11 +54,14 @@ def _load_robustbench(
 ) -> nn.Module:
     entry = _robustbench_entry(name, dataset, threat_model)
     if not pretrained:  # the architecture only (random weights), as robustbench builds it before loading
-        return entry["model"]().eval()
-    from robustbench.utils import load_model
+        model = entry["model"]().eval()
+    else:
+        from robustbench.utils import load_model
 
-    directory = Path(model_dir) if model_dir is not None else _default_model_dir()
-    return load_model(model_name=name, model_dir=str(directory), dataset=dataset, threat_model=threat_model).eval()
+        directory = Path(model_dir) if model_dir is not None else _default_model_dir()
+        model = load_model(model_name=name, model_dir=str(directory), dataset=dataset, threat_model=threat_model)
+    # the authors' own MeanSparse models (Amini2024MeanSparse_*): their operators become ours
+    return import_reference(model.eval()) if reference_family(model) is not None else model.eval()
 
 
 def _load_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
@@ -89,6 +93,8 @@ def load(
     wrapped with the model's input normalization), ``"checkpoint"`` (a :func:`meansparse.models.load`
     path), or ``"auto"``: a checkpoint if the path exists, a timm model if timm knows the name, else
     RobustBench.  ``pretrained=False`` builds the architecture with random weights and downloads nothing.
+    The authors' own MeanSparse models (``Amini2024MeanSparse_*``) come back as the base architecture prepared
+    with their statistics and thresholds (:func:`meansparse.zoo.import_reference`).
     """
     if source not in ("auto", "robustbench", "timm", "checkpoint"):
         raise ValueError(f"source must be 'auto', 'robustbench', 'timm' or 'checkpoint', got {source!r}")
