@@ -10,6 +10,7 @@ Variants (interleaved in one process for time; each also in its own child proces
 
     python benchmarks/bench_calibration.py --threads 1 --quick
     python benchmarks/bench_calibration.py --threads 16 --widths 16 64 --batch 256 --batches 8
+    python benchmarks/bench_calibration.py --threads 2 --arch dm_wrn --depth 16 --widths 4 --batch 256
     python benchmarks/bench_calibration.py --device cuda --widths 16 64 --batch 1024 --batches 16
 
 On a CUDA device the batches already sit on the GPU (for every variant alike) and memory is the allocator's
@@ -37,17 +38,19 @@ from _common import (
     setup,
     write_json,
 )
+from bench_operator import architecture
 
 import meansparse as ms
 from meansparse import Moments
-from meansparse.models import create_model
 
 
-def build(width: int, activation: str, batch: int, batches: int, device: str = "cpu"):
+def build(width: int, activation: str, batch: int, batches: int, device: str = "cpu", arch: str = "resnet18",
+          depth: int = 16):
     torch.manual_seed(0)
-    base = create_model("resnet18", width=width, activation=activation).eval().to(device)
+    net, preset = architecture(arch, width, activation, depth)
+    base = net.eval().to(device)
     data = [torch.rand(batch, 3, 32, 32).to(device) for _ in range(batches)]
-    model = ms.prepare(base, example_inputs=(data[0][:2],))
+    model = ms.prepare(base, example_inputs=(data[0][:2],), preset=preset)
     return base, model, data
 
 
@@ -100,7 +103,8 @@ def memory_child(args) -> None:
     """Peak RSS of one pass of one variant in a fresh process: one warm-up pass (first-call compilation,
     allocator growth), then the peak mark is reset and the measured pass runs."""
     setup(args.threads)
-    base, model, data = build(args.width_one, args.activation, args.batch, args.batches, args.device)
+    base, model, data = build(args.width_one, args.activation, args.batch, args.batches, args.device, args.arch,
+                              args.depth)
     fns = variant_fns(base, model, data)
     fns[args.memory]()
     if args.device.startswith("cuda"):
@@ -123,14 +127,18 @@ def memory_child(args) -> None:
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=["resnet18", "dm_wrn", "swin", "convnext"], default="resnet18",
+                   help="as bench_operator.py --arch (each with its preset placement)")
+    p.add_argument("--depth", type=int, default=16, help="dm_wrn depth")
     p.add_argument("--widths", type=int, nargs="+", default=None)
-    p.add_argument("--activation", default="relu")
+    p.add_argument("--activation", default="relu", help="resnet18's activation")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--batches", type=int, default=None)
     p.add_argument("--memory", default=None, help=hidden())
     p.add_argument("--width-one", type=int, default=None, help=hidden())
     args = p.parse_args()
-    args.widths = args.widths or ([16] if args.quick else [16, 64])
+    default_widths = {"resnet18": [16, 64], "dm_wrn": [4, 10], "swin": [32], "convnext": [32]}[args.arch]
+    args.widths = args.widths or (default_widths[:1] if args.quick else default_widths)
     args.batch = args.batch or (128 if args.quick else 256)
     args.batches = args.batches or (2 if args.quick else 8)
     args.repeats = args.repeats or (5 if args.quick else 7)
@@ -141,7 +149,8 @@ def main() -> None:
     set_clock(args.clock, args.threads, args.device)
     rows, out = [], {"environment": environment(args.threads), "cases": []}
     for width in args.widths:
-        base, model, data = build(width, args.activation, args.batch, args.batches, args.device)
+        base, model, data = build(width, args.activation, args.batch, args.batches, args.device, args.arch,
+                                  args.depth)
         fns = variant_fns(base, model, data)
         res = interleaved(fns, args.repeats)
         r = ratios(res, "eval")
@@ -149,7 +158,7 @@ def main() -> None:
         for v in (v for v in fns if v != "eval_prepared"):
             cmd = ["--memory", v, "--width-one", str(width), "--threads",
                    str(args.threads), "--activation", args.activation, "--batch", str(args.batch), "--batches",
-                   str(args.batches), "--device", args.device]
+                   str(args.batches), "--device", args.device, "--arch", args.arch, "--depth", str(args.depth)]
             mem[v] = run_child(cmd, f"memory {v}")
         images = args.batch * args.batches
         rows.append([width, args.batch, args.batches, f"{1e3 * res['eval']['median']:.0f}",
@@ -160,7 +169,9 @@ def main() -> None:
         out["cases"].append({"width": width, "batch": args.batch, "batches": args.batches,
                              "median_s": {k: v["median"] for k, v in res.items()}, "ratio": r, "memory": mem})
     env = out["environment"]
-    print(f"{describe(env)}, ResNet-18 ({args.activation}), 32x32 inputs\n"
+    arch = f"ResNet-18 ({args.activation})" if args.arch == "resnet18" else (
+        f"DMWideResNet-{args.depth} (SiLU)" if args.arch == "dm_wrn" else args.arch)
+    print(f"{describe(env)}, {arch}, 32x32 inputs\n"
           "ratios: median time / median time of the plain eval pass over the same batches, interleaved\n")
     print("memory: RSS (on a GPU: allocated device memory) at the start of a pass + the pass's peak growth\n"
           "above it (MiB), measured in a fresh "
