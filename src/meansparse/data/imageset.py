@@ -44,11 +44,19 @@ class ImageSet:
     def head(self, n: int | None) -> ImageSet:
         """The first n examples (all if n is None). Data sets are stored class by class: for an evaluation
         subset use `sample`, or a split whose order is already random (`holdout_split`'s held-out part)."""
+        _check_count(n)
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
 
     def sample(self, n: int | None, seed: int = 0) -> ImageSet:
         """n examples drawn uniformly without replacement (seeded), in random order, so any prefix of the
         result is an unbiased subset too; all examples (shuffled) if n is None or >= len."""
+        _check_count(n)
         n = len(self) if n is None else min(n, len(self))
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return self.subset(perm, f"{self.name}-sample{n}")
+
+
+def _check_count(n: int | None) -> None:
+    """A number of examples is None (all) or a positive integer: a negative one never means "all but n"."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"the number of examples must be a positive integer (or None for all), got {n!r}")
