@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     line saying how to resume and exit code 130. ``MEANSPARSE_DEBUG=1`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
 
-    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
         text = _one_line(message) if isinstance(message, Exception) else str(message)
         print(f"meansparse {args.command}: warning: {text}", file=sys.stderr if file is None else file)
 

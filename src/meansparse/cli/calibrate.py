@@ -23,7 +23,7 @@ from ..calibration import calibrate
 from ..core import operators
 from ..data import Batches, holdout_split, load_dataset
 from ..distributed import all_gather_object, is_main, launch, shard, world_size
-from ..models import load, read_config
+from ..models import load
 from ..placement import prepare, set_alpha
 from ..serialization import save
 from .common import (
@@ -35,6 +35,7 @@ from .common import (
     check_data_fits,
     check_device,
     check_regexes,
+    checkpoint_config,
     clamp_count,
     notice,
     positive_int,
@@ -113,7 +114,7 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     """Load, prepare, calibrate (this rank's shard) and, on rank 0, save; returns a summary."""
     _check_args(args)
     model = load(args.checkpoint, device=device)
-    config = read_config(args.checkpoint)
+    config = checkpoint_config(args.checkpoint)
     name = data_name(args, config)
     data = load_dataset(name, args.split, root=args.data_root)
     check_data_fits(model, data, name, config, args.checkpoint)

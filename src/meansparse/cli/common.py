@@ -20,7 +20,7 @@ from .._utils import resolve_device
 from .._utils import writable_dir as _writable_dir
 from ..data import ImageSet
 from ..evaluation import check_attack_names
-from ..models import check_input_shape
+from ..models import check_input_shape, checkpoint_paths, read_config
 
 __all__ = [
     "FUSE_HELP",
@@ -42,6 +42,7 @@ __all__ = [
     "writable_file",
     "clamp_count",
     "check_data_fits",
+    "checkpoint_config",
     "notice",
 ]
 
@@ -170,6 +171,11 @@ def clamp_count(n: int | None, available: int, flag: str, what: str, command: st
             notice(command, f"{flag} {n} is more than the {available} images in {what}; using all {available}")
         return available
     return n
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a checkpoint (its data set, input shape ...), or {} for a model that has none."""
+    return read_config(path) if checkpoint_paths(path)[1].exists() else {}
 
 
 def check_data_fits(model: torch.nn.Module, data: ImageSet, data_name: str, config: Mapping[str, Any] | None,

@@ -18,7 +18,6 @@ from ..data import ImageSet, load_dataset
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate
 from ..models import load as load_checkpoint
-from ..models import read_config
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
@@ -30,6 +29,7 @@ from .common import (
     check_attacks,
     check_data_fits,
     check_device,
+    checkpoint_config,
     clamp_count,
     comma_list,
     notice,
@@ -145,7 +145,7 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     state = _check_args(args, main)
     attacks = comma_list(args.attacks)
     base, model = _load_model(args, device)
-    config = read_config(args.checkpoint)
+    config = checkpoint_config(args.checkpoint)
     name = data_name(args, config)
     data, available = _load_data(args, name)
     check_data_fits(base, data, name, config, args.checkpoint)
