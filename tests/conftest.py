@@ -271,8 +271,9 @@ def build_model():
 
 @pytest.fixture
 def images():
+    """Images as the package takes them: float NCHW in [0, 1] (calibrate checks this)."""
     torch.manual_seed(1)
-    return torch.randn(4, 3, 16, 16)
+    return torch.rand(4, 3, 16, 16)
 
 
 @pytest.fixture

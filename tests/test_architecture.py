@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "calibration": {"core", "placement", "_utils"},
     "serialization": {"core", "placement", "_utils", "version"},
     "data": set(),
-    "models": set(),
+    "models": {"_utils"},  # the tensor hash checkpoints record (tensors_sha256)
     "zoo": {"core", "placement", "models"},  # core: import_reference installs statistics in the operators
     "evaluation": {"core", "placement", "_utils", "version", "distributed", "pgd"},
     "search": {"core", "placement", "evaluation", "_utils"},

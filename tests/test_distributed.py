@@ -137,5 +137,5 @@ def test_calibrate_merges_ranks_through_moments(monkeypatch, build_model):
 
     monkeypatch.setattr(ms.Moments, "all_reduce", spy)
     model = ms.prepare(build_model("se"))
-    ms.calibrate(model, [torch.randn(2, 3, 16, 16)], progress=False)
+    ms.calibrate(model, [torch.rand(2, 3, 16, 16)], progress=False)
     assert len(called) == len(ms.operators(model))

@@ -4,15 +4,19 @@ arguments, shallow module copies and tensor identity tokens for caches.  Imports
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
-           "is_compiling"]
+           "is_compiling", "tensors_sha256", "writable_dir"]
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -90,3 +94,33 @@ def is_compiling() -> bool:
         return bool(torch.compiler.is_compiling())
     except AttributeError:  # pragma: no cover - torch < 2.3
         return False
+
+
+def tensors_sha256(items: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given: the fingerprint that
+    checkpoints and MeanSparse state files record and verify on load."""
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create the folder ``path`` and prove it writable with a probe write, so a long job fails now rather
+    than at its final write; a ValueError naming the folder otherwise."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {what} {out} ({e.strerror or e})") from None
+    try:
+        probe = out / f".meansparse-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what} {out} is not writable ({e.strerror or e})") from None
+    return out

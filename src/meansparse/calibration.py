@@ -36,6 +36,44 @@ def _inputs(batch: Any) -> Any:
     return batch
 
 
+def _total(loader: Any, max_batches: int | None) -> int | None:
+    """Images the pass will see, for the progress bar's total and ETA: the loader's data set size (a
+    DataLoader or :class:`~meansparse.data.Batches`), capped at ``max_batches`` full batches; None if unknown."""
+    try:
+        total = len(loader.dataset)
+    except (AttributeError, TypeError):
+        total = None
+    batch_size = getattr(loader, "batch_size", None)
+    if total is None and isinstance(batch_size, int):
+        try:
+            total = len(loader) * batch_size
+        except TypeError:
+            return None
+    if max_batches is not None:
+        if not isinstance(batch_size, int):
+            return None
+        total = None if total is None else min(total, max_batches * batch_size)
+    return total
+
+
+def _check_batch(x: Tensor, batch: int) -> None:
+    """Calibration inputs are what ``evaluate`` takes: float images in [0, 1] (normalisation belongs inside
+    the model). uint8, 0-255 or normalised inputs would give statistics of other features than the ones
+    the model sees at evaluation."""
+    if not x.is_floating_point():
+        raise ValueError(f"calibration batch {batch}: inputs must be floating point in [0, 1], got dtype {x.dtype}"
+                         + (" (divide uint8 images by 255)" if x.dtype == torch.uint8 else "")
+                         + "; check_inputs=False skips this check for a model that takes other inputs")
+    if x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (lo >= 0 and hi <= 1):  # also catches NaN
+        raise ValueError(f"calibration batch {batch}: inputs must lie in [0, 1] as evaluate requires "
+                         f"(normalisation belongs inside the model); got [{lo:.4g}, {hi:.4g}]"
+                         + (" (0-255 pixels? divide by 255)" if hi > 1.5 and lo >= 0 else "")
+                         + "; check_inputs=False skips this check for a model that takes other inputs")
+
+
 def _progress(progress: bool, total: int | None):
     try:
         from tqdm.auto import tqdm
@@ -81,11 +119,15 @@ def calibrate(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    *,
+    check_inputs: bool = True,
 ) -> nn.Module:
     """Measure exact per-channel mean/var (ddof=0) of every operator input in one pass over ``loader``.
 
     ``device``: if given the model is moved there; inputs always go to the model's device.  The model's
-    train/eval flags and the operators' modes are restored afterwards, also on error.
+    train/eval flags and the operators' modes are restored afterwards, also on error.  ``check_inputs``:
+    tensor inputs must be float images in [0, 1], as :func:`meansparse.evaluate` requires (False for a model
+    that takes other inputs, e.g. already normalised ones, and is evaluated on the same kind).
     """
     ops: list[MeanSparse] = operators(model)
     if not ops:
@@ -98,13 +140,7 @@ def calibrate(
 
     modes = [(m, m.training) for m in model.modules()]
     previous = [op.observer for op in ops]
-    total = None
-    if max_batches is None:
-        try:
-            total = len(loader.dataset)  # type: ignore[attr-defined]
-        except (AttributeError, TypeError):
-            total = None
-    bar = _progress(progress, total)
+    bar = _progress(progress, _total(loader, max_batches))
     batches = images = 0
     input_shape = None
     try:
@@ -116,6 +152,8 @@ def calibrate(
             for i, batch in enumerate(loader):
                 x = _inputs(batch)
                 if isinstance(x, Tensor):
+                    if check_inputs:
+                        _check_batch(x, i)
                     if dev is not None:
                         x = x.to(dev, non_blocking=True)
                     n = int(x.shape[0]) if x.ndim else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,14 +18,15 @@ from typing import Any
 
 from torch import nn
 
-from ._utils import resolve_device
+from ._utils import resolve_device, writable_dir
 from .accel import fuse, fused_sites
 from .calibration import calibrate
 from .core import operators
 from .data import Batches, ImageSet, holdout_split, load_dataset
-from .evaluation import Report, evaluate
+from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
 from .fastpath import attack_objects, plan_fusion
+from .models import check_input_shape, checkpoint_paths, read_config
 from .models import load as load_checkpoint
 from .placement import prepare, set_alpha, sites
 from .plots import plot_alpha_curve, plot_feature_histogram
@@ -69,6 +71,41 @@ class PipelineConfig:
     fuse: bool | None = None          # fused kernels: None = when that pays off (meansparse.accel.auto)
 
 
+def _count(cfg: PipelineConfig, name: str, optional: bool = False) -> None:
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def check_config(cfg: PipelineConfig, out: str | Path, *, test_evaluation: bool = True) -> Path:
+    """Everything the job can check before its first expensive step (training, calibration, the sweep):
+    the device, counts, budget, α grid, threat model, every attack and option, the data/model pairing and the
+    output folder (created, and proven writable with a probe write). Returns the output folder."""
+    resolve_device(cfg.device)
+    for name in ("n_holdout", "n_sweep_robust", "batch_size", "train_epochs"):
+        _count(cfg, name)
+    for name in ("n_test", "calibration_batches"):
+        _count(cfg, name, optional=True)
+    if not 0 <= cfg.clean_budget <= 1:
+        raise ValueError(f"clean_budget is a fraction in [0, 1] (0.005 = half a point), got {cfg.clean_budget}")
+    if cfg.norm not in ("Linf", "L2"):
+        raise ValueError(f"unknown norm {cfg.norm!r}: use 'Linf' or 'L2'")
+    if cfg.eps is not None and not (math.isfinite(cfg.eps) and cfg.eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {cfg.eps}")
+    if not cfg.alphas or any(not (math.isfinite(a) and a >= 0) for a in cfg.alphas):
+        raise ValueError(f"alphas must be finite numbers >= 0, got {list(cfg.alphas)}")
+    eps = cfg.eps if cfg.eps is not None else (DIGITS_EPS if cfg.data == "digits" else 8 / 255)
+    check_attack_names(cfg.sweep_attacks, cfg.attack_options, norm=cfg.norm, eps=eps,
+                       what="the sweep attacks (--sweep-attacks)")
+    if test_evaluation:
+        check_attack_names(cfg.attacks, cfg.attack_options, norm=cfg.norm, eps=eps, what="the attacks (--attacks)")
+    if not cfg.model and cfg.data != "digits":
+        raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
+    return writable_dir(out, "output folder")
+
+
 def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Module:
     tc = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 32}, dataset="digits",
                      method="pgd", eps=cfg.eps, steps=5, step_size=cfg.eps / 4, epochs=cfg.train_epochs, batch_size=64,
@@ -102,6 +139,19 @@ def _job_passes(cfg: PipelineConfig, n_hold: int, n_test: int, final: bool) -> f
     return passes + (estimated_passes(attack_objects(cfg.attacks, cfg.attack_options), n_test) if final else 0)
 
 
+def same_attacks(before: Report, after: Report) -> dict[str, str]:
+    """The attacks both reports ran, with their budgets in words; a RuntimeError if the two rows of a
+    comparison were not attacked alike (names, order, budgets; transfer's source model may differ)."""
+    a, b = before.metadata["attack_settings"], after.metadata["attack_settings"]
+
+    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if k != "base"}
+
+    if list(a) != list(b) or any(comparable(a[k]) != comparable(b[k]) for k in a) or before.mode != after.mode:
+        raise RuntimeError(f"the two rows of the comparison were attacked differently: {a} vs {b}")
+    return {k: attack_budget(v) for k, v in b.items()}
+
+
 def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
                 ) -> tuple[nn.Module, nn.Module, ImageSet, ImageSet, ImageSet]:
     """Data splits, the base model, and a MeanSparse copy calibrated once on the fitting split (fused when
@@ -115,10 +165,10 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     if cfg.model:
         base = load_model_spec(cfg.model, dataset=cfg.dataset, threat_model=cfg.threat_model, weights=cfg.weights,
                                pretrained=cfg.pretrained, device=device)
-    elif cfg.data == "digits":
-        base = _train_digits_model(out / "model", cfg, cfg.progress)
+        config = read_config(cfg.model) if checkpoint_paths(cfg.model)[1].exists() else {}
+        check_input_shape(base, config, tuple(hold.images.shape[1:]), f"--data {cfg.data}", str(cfg.model))
     else:
-        raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
+        base = _train_digits_model(out / "model", cfg, cfg.progress)
     base = base.to(device).eval()
     model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),), preset=cfg.preset)
     say(f"prepared: {len(sites(model))} MeanSparse sites")
@@ -138,6 +188,13 @@ def _say(cfg: PipelineConfig):
     return print if cfg.progress else (lambda *a, **k: None)
 
 
+def calibration_images(cfg: PipelineConfig, fit: ImageSet) -> int:
+    """Images the calibration pass actually saw: the fitting split, or ``calibration_batches`` batches of it."""
+    if cfg.calibration_batches is None:
+        return len(fit)
+    return min(len(fit), cfg.calibration_batches * cfg.batch_size)
+
+
 def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path) -> AlphaSearchResult:
     """Global α sweep on the held-out split; writes sweep.json / sweep.md / alpha_curve.png."""
     sweep = search_alpha(model, hold.float(), hold.labels, cfg.alphas, clean_budget=cfg.clean_budget,
@@ -149,8 +206,9 @@ def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path) -> 
     _say(cfg)(sweep.to_markdown())
     try:
         plot_alpha_curve(sweep.rows, out / "alpha_curve.png", chosen=float(sweep.chosen["alpha"]),
-                         naive=float(sweep.naive["alpha"]),
-                         title=f"{cfg.data}: α sweep on {len(hold)} held-out images ({cfg.norm} ε={cfg.eps:.4g})")
+                         naive=float(sweep.naive["alpha"]), n_clean=sweep.n_clean, n_robust=sweep.n_robust,
+                         title=f"{cfg.data}: α sweep ({cfg.norm} ε={cfg.eps:.4g})\nrobust on {sweep.n_robust} / "
+                               f"clean on {sweep.n_clean} held-out images")
     except ImportError as e:
         _say(cfg)(f"(plot skipped: {e})")
     return sweep
@@ -158,8 +216,7 @@ def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path) -> 
 
 def run_sweep(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     """`meansparse sweep`: calibrate once, sweep α on held-out data, save the state with the chosen α."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_config(cfg, out, test_evaluation=False)
     _, model, _, hold, _ = _calibrated(cfg, out)
     sweep = _sweep(cfg, model, hold, out)
     set_alpha(model, sweep.chosen_alpha)
@@ -172,8 +229,7 @@ def run_sweep(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
 def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     """Run the whole job, writing everything under `out`; returns the summary also saved as summary.json."""
     t0 = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_config(cfg, out)
     say = _say(cfg)
     base, model, fit, hold, test = _calibrated(cfg, out, final=True)
     sweep = _sweep(cfg, model, hold, out)
@@ -189,11 +245,14 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     x, y = test.float(), test.labels
     common = dict(norm=cfg.norm, eps=cfg.eps, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
                   attack_options=cfg.attack_options)
-    before = evaluate(base, x, y, attacks=[a for a in cfg.attacks if not a.startswith(("bpda-", "transfer"))],
-                      state_path=out / "state" / "before.json", **common)
+    # Both rows get exactly the same attacks and budgets: on the base model (no operators) bpda-X is X and
+    # transfer crafts on the model itself, so nothing is dropped and the two worst cases compare like for like.
+    before = evaluate(base, x, y, attacks=cfg.attacks, state_path=out / "state" / "before.json", **common)
     set_alpha(model, shown)
     after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
                      state_path=out / "state" / "after.json", **common)
+    budgets = same_attacks(before, after)
+    n_cal = calibration_images(cfg, fit)
     (out / "before.json").write_text(before.to_json())
     (out / "after.json").write_text(after.to_json())
 
@@ -207,28 +266,38 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     summary = {
         "data": cfg.data, "model": cfg.model or "small_cnn trained by the demo", "eps": cfg.eps, "norm": cfg.norm,
         "alpha": alpha, "alpha_evaluated": shown, "plain_attack_choice": sweep.naive["alpha"], "n_test": len(test),
+        "attacks": list(cfg.attacks), "attack_budgets": budgets, "same_attacks_both_rows": True,
+        "calibration_images": n_cal, "n_holdout": len(hold), "n_sweep_robust": sweep.n_robust,
         "before": {"clean": before.clean_accuracy, "worst_case": before.worst_case_accuracy,
                    "robust": before.robust_accuracy},
         "after": {"clean": after.clean_accuracy, "worst_case": after.worst_case_accuracy,
                   "robust": after.robust_accuracy},
-        "warnings": after.warnings, "seconds": time.time() - t0, "plots": plots, "device": cfg.device,
-        "fuse": cfg.fuse_decision,
+        "warnings": after.warnings, "base_warnings": before.warnings, "seconds": time.time() - t0, "plots": plots,
+        "device": cfg.device, "fuse": cfg.fuse_decision,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     md = [f"# MeanSparse report — {cfg.data}", "",
           f"- model: {summary['model']}", f"- threat model: {cfg.norm}, ε = {cfg.eps:.4g}",
-          f"- sites: {len(sites(model))}; calibration on {len(fit)} training images; α chosen on "
-          f"{len(hold)} held-out training images (never the test split)",
+          f"- data: {cfg.data}; sites: {len(sites(model))}; calibration on {n_cal} of {len(fit)} training images"
+          + (f" ({cfg.calibration_batches} batches of {cfg.batch_size})" if n_cal < len(fit) else "")
+          + f"; α chosen on {len(hold)} held-out training images (clean accuracy on all {sweep.n_clean}, robust "
+          f"accuracy on the first {sweep.n_robust}; never the test split)",
           f"- chosen α = {alpha if isinstance(alpha, float) else 'per-layer'} (worst case within a "
           f"{100 * cfg.clean_budget:.2f}-point clean budget); a plain white-box selection would have picked "
           f"α = {sweep.naive['alpha']}",
-          f"- test images: {len(test)}; attacks after: {', '.join(cfg.attacks)}",
+          f"- test split: {len(test)} images (every number in the table below is on these {len(test)} images)",
           f"- operator: {'fused' if cfg.fuse_decision['fuse'] else 'eager'} ({cfg.fuse_decision['reason']})",
           (f"- **MeanSparse does not improve the worst case of this model within the budget (α = 0 chosen)**; "
            f"the table shows the best α > 0, α = {shown:g}, for reference" if shown != alpha else ""), "",
-          "## Before / after (test split)", "", _table(before, after), ""]
+          "## Before / after (test split)", "", _table(before, after), "",
+          f"Both rows were attacked with the same attacks and budgets ({', '.join(cfg.attacks)}; "
+          f"{before.mode} mode, seed {cfg.seed}). On the base model, which has no MeanSparse operators, bpda-X is X "
+          "and transfer crafts on the model itself.", "",
+          "| attack | budget (both rows) |", "|---|---|", *[f"| {k} | {v} |" for k, v in budgets.items()], ""]
     if after.warnings:
-        md += ["## Warnings", ""] + [f"- {w}" for w in after.warnings] + [""]
+        md += ["## Warnings (+ MeanSparse)", ""] + [f"- {w}" for w in after.warnings] + [""]
+    if before.warnings:
+        md += ["## Warnings (base model)", ""] + [f"- {w}" for w in before.warnings] + [""]
     md += ["## α sweep (held-out split)", "", sweep.to_markdown(), ""]
     md += [f"![{k}]({v})" for k, v in plots.items()]
     md += ["", "## Per-attack breakdown after MeanSparse", "", after.to_markdown()]
@@ -236,6 +305,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     set_alpha(model, alpha)
     save(model, out / "meansparse.safetensors")  # the recommended setting
     say("\n" + _table(before, after).replace("+ MeanSparse", f"+ MeanSparse α={shown:g}"))
+    say(f"(both rows: the same attacks and budgets, on the same {len(test)} test images)")
     if shown != alpha:
         say(f"recommended α = 0: no α > 0 raises the worst case within the budget (shown: α = {shown:g})")
     for w in after.warnings:

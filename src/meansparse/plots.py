@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 from ._utils import model_device
 from .core import MeanSparse
 
-__all__ = ["pyplot", "plot_alpha_curve", "capture_site", "plot_feature_histogram"]
+__all__ = ["pyplot", "binomial_se", "plot_alpha_curve", "capture_site", "plot_feature_histogram"]
 
 
 def pyplot():
@@ -37,23 +38,48 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def binomial_se(p: float, n: int | None) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` examples, sqrt(p(1-p)/n); 0 if n is unknown."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else 0.0
+
+
 def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | None = None,
-                     naive: float | None = None, title: str = "") -> Path:
-    """Clean, plain-robust and worst-case robust accuracy against α (rows: dicts with those keys)."""
+                     naive: float | None = None, title: str = "", *, n_clean: int | None = None,
+                     n_robust: int | None = None) -> Path:
+    """Clean, plain-robust and worst-case robust accuracy against α (rows: dicts with those keys).
+
+    With ``n_clean`` / ``n_robust`` (the examples behind the clean and the robust numbers) every point gets a
+    binomial ±1 standard-error bar; rows with ``feasible`` False (outside the clean-accuracy budget) are
+    drawn hollow and greyed."""
     plt = pyplot()
     alphas = [r["alpha"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(alphas, [100 * r["clean"] for r in rows], "o-", label="clean")
+    series = [("clean", "o-", "clean", n_clean)]
     if any(r.get("plain") is not None for r in rows):
-        ax.plot(alphas, [100 * r["plain"] for r in rows], "s--", label="robust, plain white-box attack")
-    ax.plot(alphas, [100 * r["worst_case"] for r in rows], "^-", label="robust, worst case (honest)")
+        series.append(("plain", "s--", "robust, plain white-box attack", n_robust))
+    series.append(("worst_case", "^-", "robust, worst case (honest)", n_robust))
+    for key, style, label, n in series:
+        values = [r[key] for r in rows]
+        errs = [100 * binomial_se(v, n) for v in values] if n else None
+        line = ax.errorbar(alphas, [100 * v for v in values], yerr=errs, fmt=style, capsize=2,
+                           label=label + (f" (n={n}, ±1 s.e.)" if n else ""))
+        out = [i for i, r in enumerate(rows) if r.get("feasible") is False]
+        if out:
+            ax.plot([alphas[i] for i in out], [100 * values[i] for i in out], style[0], mfc="white",
+                    mec=line[0].get_color(), ms=8, zorder=3)
+    infeasible = [a for a, r in zip(alphas, rows) if r.get("feasible") is False]
+    if infeasible:
+        step = min((b - a for a, b in zip(alphas, alphas[1:]) if b > a), default=0.05) / 2
+        for i, a in enumerate(infeasible):
+            ax.axvspan(a - step, a + step, color="0.9", zorder=0,
+                       label="outside the clean budget (hollow)" if i == 0 else None)
     if chosen is not None:
         ax.axvline(chosen, color="k", lw=1, label=f"chosen α = {chosen:g}")
     if naive is not None and naive != chosen:
         ax.axvline(naive, color="r", lw=1, ls=":", label=f"plain-attack choice α = {naive:g}")
     ax.set_xlabel("α (threshold in channel standard deviations)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "MeanSparse α sweep (held-out split)")
+    ax.set_title(title or "MeanSparse α sweep (held-out split)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

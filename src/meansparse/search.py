@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ._utils import model_device
 from .core import check_alpha, operators
-from .evaluation import evaluate
+from .evaluation import attack_budget, evaluate
 from .placement import set_alpha
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
@@ -60,6 +60,10 @@ class AlphaSearchResult:
                  f"{100 * self.clean_budget:.2f} points vs α = 0.", "",
                  "| α | clean % | plain (" + self.plain_attack + ") % | worst case % | within budget |",
                  "|---|---:|---:|---:|:---:|"]
+        budgets = self.settings.get("attack_budgets") or {}
+        if budgets:  # every α, 0 included, is attacked alike
+            lines[1:1] = ["", "Every α, 0 included, gets the same attacks and budgets: "
+                          + "; ".join(f"{k}: {v}" for k, v in budgets.items()) + "."]
         for r in self.rows:
             mark = " **chosen**" if r is self.chosen or r == self.chosen else ""
             mark += " (plain pick)" if r is self.naive or r == self.naive else ""
@@ -108,6 +112,9 @@ class AlphaObjective:
         self.state_dir = Path(state_dir) if state_dir else None
         self.progress = progress
         self.n_sites = len(operators(model))
+        #: called as (attack, batch) after every newly attacked batch (progress inside one α step)
+        self.on_batch: Callable[[str, int], None] | None = None
+        self.attack_settings: dict[str, Any] = {}
 
     @torch.no_grad()
     def clean(self) -> float:
@@ -122,7 +129,9 @@ class AlphaObjective:
         set_alpha(self.model, alpha)
         state = self.state_dir / f"{tag}.json" if self.state_dir else None
         report = evaluate(self.model, self.x[:self.n_robust], self.y[:self.n_robust], attacks=self.attacks,
-                          individual=False, state_path=state, progress=self.progress, **self.kw)
+                          individual=False, state_path=state, progress=self.progress, callback=self.on_batch,
+                          **self.kw)
+        self.attack_settings = report.metadata["attack_settings"]  # the same for every α
         plain = report.robust_accuracy[self.attacks[0]]  # the first attack of a cascade saw every example
         return {"clean": self.clean(), "plain": plain, "worst_case": report.worst_case_accuracy,
                 "robust": dict(report.robust_accuracy), "warnings": list(report.warnings)}
@@ -134,9 +143,24 @@ def _pick(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def _finish(rows, objective: AlphaObjective, clean_budget: float, settings: dict) -> AlphaSearchResult:
+    settings = {**settings, "attack_budgets": {k: attack_budget(v) for k, v in objective.attack_settings.items()}}
     return AlphaSearchResult(rows=rows, chosen=_pick(rows, "worst_case"), naive=_pick(rows, "plain"),
                              clean_budget=clean_budget, attacks=objective.attacks, plain_attack=objective.attacks[0],
                              n_clean=len(objective.x), n_robust=objective.n_robust, settings=settings)
+
+
+def _follow(bar: Any, objective: AlphaObjective, step: str) -> None:
+    """Show progress inside one step on ``bar``: which attack and batch of the step's evaluation finished
+    (cascade: a later attack has at most as many batches as the first)."""
+    if bar.disable:
+        return
+    n = -(-objective.n_robust // objective.kw["batch_size"])
+    bar.set_postfix_str(f"{step}: attacking with {', '.join(objective.attacks)}")
+
+    def done(attack: str, batch: int) -> None:
+        bar.set_postfix_str(f"{step}: {attack} batch {batch + 1} (of at most {n}) done")
+
+    objective.on_batch = done
 
 
 def _run_grid(objective: AlphaObjective, specs: list[tuple[Any, AlphaSpec, str]], clean_budget: float,
@@ -144,6 +168,7 @@ def _run_grid(objective: AlphaObjective, specs: list[tuple[Any, AlphaSpec, str]]
     rows: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="alpha sweep", disable=not progress, dynamic_ncols=True)
     for label, spec, tag in bar:
+        _follow(bar, objective, f"α={_fmt(label)}")
         row = _row(label, spec, objective(spec, tag))
         if base_clean is None:
             base_clean = row["clean"]  # the first setting is α = 0
@@ -221,6 +246,7 @@ def search_per_site(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: f
                 if c == current[k]:
                     continue
                 trial = {**current, k: float(c)}
+                _follow(bar, objective, f"site {k} -> {c:g}")
                 row = _row(f"site {k} -> {c:g}", trial, objective(trial, f"site-{rnd}-{k}-{c:g}"))
                 row["feasible"] = row["clean"] >= base_clean - clean_budget - 1e-12
                 rows.append(row)

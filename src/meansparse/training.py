@@ -151,6 +151,23 @@ def _save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: 
     (out / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
+def _check_resumable(out: Path, config: dict[str, Any]) -> None:
+    """The run folder holds a run of this very configuration (architecture included), else a ValueError
+    naming what differs."""
+    try:
+        stored = json.loads((out / "state.json").read_text()).get("config", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{out / 'state.json'}: unreadable training state ({e}); use another --out or "
+                         "--no-resume") from None
+    stored = json.loads(json.dumps(stored))
+    config = json.loads(json.dumps(config))
+    diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {config.get(k)!r} now" for k in diff[:3])
+        raise ValueError(f"{out} holds a run with a different configuration ({shown}); use another --out or "
+                         "--no-resume")
+
+
 def _load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     tensors = load_file(str(out / "last.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -181,9 +198,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, prog
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     state: dict[str, Any] = {"epoch": 0, "best": None, "history": [], "config": dataclasses.asdict(cfg)}
     if resume and (out / "state.json").exists() and (out / "last.safetensors").exists():
+        _check_resumable(out, dataclasses.asdict(cfg))  # before any tensor is loaded into this architecture
         state = _load_state(out, model, opt)
-        if state["config"] != dataclasses.asdict(cfg):
-            raise ValueError(f"{out}: holds a run with a different configuration; use another --out or --no-resume")
         if progress:
             print(f"resuming {out} after epoch {state['epoch']}", file=sys.stderr)
     steps_per_epoch = math.ceil(len(fit) / cfg.batch_size)
@@ -219,16 +235,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, prog
         key = "holdout_clean" if cfg.method == "standard" else "holdout_pgd"
         if state["best"] is None or metrics[key] >= state["best"][key]:
             state["best"] = record
-            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record))
+            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record, list(full.images.shape[1:])))
         _save_state(out, model, opt, state)
     return out / "best.safetensors"
 
 
-def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any]) -> dict[str, Any]:
+def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any],
+                       input_shape: list[int] | None = None) -> dict[str, Any]:
     return {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "dataset": cfg.dataset,
+        "input_shape": input_shape,  # (C, H, W) of the training images: what the model takes
         "training": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "model_kwargs")},
         "command": command,
         "best_epoch": record,

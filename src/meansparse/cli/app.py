@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from ..models import list_models
 from .calibrate import add_calibrate_parser
@@ -33,14 +34,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit code of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention)
+INTERRUPTED = 130
+#: what a rerun of each command does after an interruption
+_RESUMES = {"evaluate": "interrupted; rerun the same command to resume",
+            "demo": "interrupted; rerun the same command to resume",
+            "sweep": "interrupted; rerun the same command to resume",
+            "train": "interrupted; rerun the same command to resume after the last finished epoch",
+            "calibrate": "interrupted; nothing was written, rerun to calibrate again"}
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception as one line (several lines joined; an OSError with its file)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e)
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input (ValueError, missing files) ends with a one-line message and exit code 2
-    (``MEANSPARSE_DEBUG=1`` re-raises it with the traceback)."""
+    """Run one command. A user error (bad value, missing or unreadable file, unavailable device, missing
+    extra) ends with one line ``meansparse <command>: error: ...`` on stderr and exit code 2; Ctrl-C with one
+    line saying how to resume and exit code 130. ``MEANSPARSE_DEBUG=1`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        text = _one_line(message) if isinstance(message, Exception) else str(message)
+        print(f"meansparse {args.command}: warning: {text}", file=sys.stderr if file is None else file)
+
+    shown = warnings.showwarning
+    warnings.showwarning = one_line_warning  # a warning is one line too, not the source line that raised it
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
         if os.environ.get("MEANSPARSE_DEBUG"):
             raise
-        print(f"meansparse {args.command}: error: {e}", file=sys.stderr)  # a sub-command is required
+        print(f"\nmeansparse {args.command}: {_RESUMES.get(args.command, 'interrupted')}", file=sys.stderr)
+        return INTERRUPTED
+    except (ValueError, OSError, ImportError) as e:
+        if os.environ.get("MEANSPARSE_DEBUG"):
+            raise
+        print(f"meansparse {args.command}: error: {_one_line(e)}", file=sys.stderr)  # a sub-command is required
         return 2
+    finally:
+        warnings.showwarning = shown

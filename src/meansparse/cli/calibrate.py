@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,42 +26,67 @@ from ..distributed import all_gather_object, is_main, launch, shard, world_size
 from ..placement import prepare, set_alpha
 from ..serialization import save
 from .common import (
+    HelpFormatter,
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
     add_preset_arg,
     add_threads_arg,
+    check_data_fits,
+    check_device,
+    check_regexes,
+    checkpoint_config,
+    clamp_count,
     load_model_arg,
+    notice,
+    positive_int,
     preset_of,
     set_threads,
+    writable_file,
 )
+from .evaluate import data_name
 
 __all__ = ["add_calibrate_parser", "run_calibrate", "calibrate_checkpoint"]
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
 
 
 def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``calibrate`` sub-command."""
     p = subparsers.add_parser(
         "calibrate", help="prepare a checkpoint and calibrate MeanSparse statistics (torchrun: data-parallel)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_arg(p)
     add_preset_arg(p)
     add_data_args(p)
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--holdout", type=int, default=0,
-                   help="leave out this many held-out images (holdout_split with --seed, as the α search uses)")
-    p.add_argument("--n-examples", type=int, default=None, help="calibrate on N randomly drawn remaining images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (per rank)")
-    p.add_argument("--include", action="append", default=None, help="site regex to keep (repeatable)")
-    p.add_argument("--exclude", action="append", default=None, help="site regex to drop (repeatable)")
-    p.add_argument("--centering", default="channel", choices=["channel", "zero", "global"])
-    p.add_argument("--method", default="auto", choices=["auto", "fx", "modules"])
+    p.add_argument("--split", default="train", choices=["train", "test"], help="split to calibrate on")
+    p.add_argument("--holdout", type=_non_negative_int, default=0,
+                   help="leave out this many held-out images (holdout_split with --seed, as the α search uses; "
+                        "default 0: none)")
+    p.add_argument("--n-examples", type=positive_int, default=None,
+                   help="calibrate on N randomly drawn remaining images (default: all of them)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per calibration batch")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="stop after this many batches (per rank; default: the whole data)")
+    p.add_argument("--include", action="append", default=None,
+                   help="site regex to keep (repeatable; default: every site)")
+    p.add_argument("--exclude", action="append", default=None, help="site regex to drop (repeatable; default: none)")
+    p.add_argument("--centering", default="channel", choices=["channel", "zero", "global"],
+                   help="what values inside the band are replaced by")
+    p.add_argument("--method", default="auto", choices=["auto", "fx", "modules"], help="insertion strategy")
     p.add_argument("--alpha", type=float, default=None, help="alpha stored in the file (default 0: unchanged)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the sample")
     add_device_arg(p)
     add_threads_arg(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="state file to write (.safetensors)")
     p.set_defaults(func=run_calibrate)
     return p
@@ -69,6 +95,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def run_calibrate(args: argparse.Namespace) -> int:
     """Run the calibration described by ``args``; rank 0 writes ``args.out`` and prints a JSON summary."""
     set_threads(args.threads)
+    check_device(args.device)
     with launch(args.device) as device:
         summary = calibrate_checkpoint(args, device)
         if is_main():
@@ -76,13 +103,31 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """What can be checked before loading anything: regexes, α, the output file (a probe write)."""
+    check_regexes(args.include, "--include")
+    check_regexes(args.exclude, "--exclude")
+    if args.alpha is not None and not (args.alpha >= 0 and args.alpha != float("inf")):
+        raise ValueError(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    if is_main():
+        writable_file(args.out)
+
+
 def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Load, prepare, calibrate (this rank's shard) and, on rank 0, save; returns a summary."""
+    _check_args(args)
     model = load_model_arg(args, args.checkpoint, device)
-    data = load_dataset(args.data, args.split, root=args.data_root)
+    config = checkpoint_config(args.checkpoint)
+    name = data_name(args, config)
+    data = load_dataset(name, args.split, root=args.data_root)
+    check_data_fits(model, data, name, config, args.checkpoint)
+    if args.data is None and is_main():
+        notice("calibrate", f"--data {name} (the data set recorded in {args.checkpoint})")
     if args.holdout:
         data, _ = holdout_split(data, args.holdout, seed=args.seed)
-    data = data.sample(args.n_examples, seed=0)
+    what = f"the {name} {args.split} split" + (" after the held-out part" if args.holdout else "")
+    data = data.sample(clamp_count(args.n_examples, len(data), "--n-examples", what, "calibrate", say=is_main()),
+                       seed=0)
     mine = shard(data)
     example = data.subset(slice(0, 1)).float().to(device)
     model = prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
@@ -97,10 +142,13 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     if is_main():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save(model, out)
+        tmp = out.with_name(out.name + ".tmp")
+        save(model, tmp)
+        os.replace(tmp, out)  # a kill mid-write never leaves a half-written state file
     return {"state": str(args.out), "sites": len(operators(model)), "images": images,
             "ranks": world_size(), "seconds": round(seconds, 3),
-            "images_per_s": round(images / seconds, 1) if seconds > 0 else None}
+            "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+            "data": {"name": name, "split": args.split, "holdout": args.holdout}}
 
 
 def _seen(n: int, batch_size: int, max_batches: int | None) -> int:

@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._utils import resolve_device
+from .._utils import writable_dir as _writable_dir
+from ..data import ImageSet
+from ..evaluation import check_attack_names
+from ..models import check_input_shape, checkpoint_paths, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
 
 __all__ = [
     "FUSE_HELP",
+    "HelpFormatter",
     "add_fuse_args",
     "parse_eps",
     "parse_options",
+    "positive_int",
     "comma_list",
+    "parse_alphas",
     "add_checkpoint_arg",
     "add_model_spec_args",
     "add_preset_arg",
@@ -28,6 +42,15 @@ __all__ = [
     "add_device_arg",
     "add_threads_arg",
     "set_threads",
+    "check_attacks",
+    "check_device",
+    "check_regexes",
+    "writable_dir",
+    "writable_file",
+    "clamp_count",
+    "check_data_fits",
+    "checkpoint_config",
+    "notice",
 ]
 
 #: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
@@ -53,6 +76,31 @@ def parse_eps(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default (unless the help already says
+    what the default is, or the option is a flag or required)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or any(action.default is v for v in (None, False))
+                or action.default == argparse.SUPPRESS
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (counts, sizes, steps); '-5' or '0' is an error, never 'all but 5'."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """['apgd-ce.steps=20', 'adaptive.lam=10'] -> {'apgd-ce': {'steps': 20}, 'adaptive': {'lam': 10}}."""
     out: dict[str, dict[str, Any]] = {}
@@ -67,6 +115,88 @@ def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
             value = raw
         out.setdefault(attack, {})[option] = value
     return out
+
+
+def parse_alphas(text: str) -> list[float]:
+    """'0,0.1, 0.2' -> [0.0, 0.1, 0.2]; every α must be a finite number >= 0."""
+    values = []
+    for item in comma_list(text):
+        try:
+            a = float(item)
+        except ValueError:
+            raise ValueError(f"bad --alphas entry {item!r}: use comma-separated numbers >= 0, "
+                             "e.g. 0,0.1,0.2") from None
+        if not math.isfinite(a) or a < 0:
+            raise ValueError(f"bad --alphas entry {item!r}: every α must be a finite number >= 0")
+        values.append(a)
+    if not values:
+        raise ValueError(f"--alphas {text!r} holds no value: use comma-separated numbers >= 0, e.g. 0,0.1,0.2")
+    return values
+
+
+def check_attacks(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None, *, norm: str = "Linf",
+                  eps: float = 8 / 255, flag: str = "--attacks") -> None:
+    """Every attack name and ``--option`` checked now (nothing runs; see
+    :func:`meansparse.evaluation.check_attack_names`), before any data is loaded or any model trained."""
+    check_attack_names(names, options, norm=norm, eps=eps, what=flag)
+
+
+def check_device(name: str | None) -> str | None:
+    """``--device`` checked now (a bad name, or CUDA on a machine without it, is a one-line error)."""
+    if name is not None:
+        resolve_device(name)
+    return name
+
+
+def check_regexes(patterns: Sequence[str] | None, flag: str) -> None:
+    """Every pattern compiles (``--include`` / ``--exclude``)."""
+    for p in patterns or ():
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"bad {flag} regular expression {p!r}: {e}") from None
+
+
+def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output folder and prove it writable with a probe write, before any work starts."""
+    return _writable_dir(path, f"{flag} folder")
+
+
+def writable_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output file that can be written at the end: not a folder, its folder creatable and writable, the
+    file itself writable if it exists."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give a file name, e.g. {out / 'meansparse.safetensors'}")
+    _writable_dir(out.parent, f"the folder of {flag}")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{flag} {out} exists and is not writable")
+    return out
+
+
+def notice(command: str, text: str) -> None:
+    """One informational line on stderr (not an error): ``meansparse <command>: note: ...``."""
+    print(f"meansparse {command}: note: {text}", file=sys.stderr)
+
+
+def clamp_count(n: int | None, available: int, flag: str, what: str, command: str, say: bool = True) -> int | None:
+    """``n`` (None = all); larger than ``available`` is clamped to it with a notice (when ``say``)."""
+    if n is not None and n > available:
+        if say:
+            notice(command, f"{flag} {n} is more than the {available} images in {what}; using all {available}")
+        return available
+    return n
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a checkpoint (its data set, input shape ...), or {} for a model that has none."""
+    return read_config(path) if checkpoint_paths(path)[1].exists() else {}
+
+
+def check_data_fits(model: torch.nn.Module, data: ImageSet, data_name: str, config: Mapping[str, Any] | None,
+                    checkpoint: str | os.PathLike) -> None:
+    """The images of ``--data`` fit the model (see :func:`meansparse.models.check_input_shape`)."""
+    check_input_shape(model, config, tuple(data.images.shape[1:]), f"--data {data_name}", str(checkpoint))
 
 
 def comma_list(text: str) -> list[str]:
@@ -128,22 +258,28 @@ def load_model_arg(args: argparse.Namespace, spec: str, device: str | torch.devi
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    """``--data`` (default digits) and ``--data-root``, as :func:`meansparse.data.load_dataset` takes them."""
-    p.add_argument("--data", default="digits", help="data set name or path (see meansparse.data.load_dataset)")
-    p.add_argument("--data-root", default=None)
+    """``--data`` (default: the data set recorded in the checkpoint) and ``--data-root``, as
+    :func:`meansparse.data.load_dataset` takes them."""
+    p.add_argument("--data", default=None,
+                   help="data set name or path (see meansparse.data.load_dataset); default: the data set recorded "
+                        "in the checkpoint")
+    p.add_argument("--data-root", default=None,
+                   help="where the data set lives (a .tar.gz or folder; default: the data set's own default, "
+                        "e.g. $MEANSPARSE_CIFAR10_JPG or ../shared/data for cifar10-jpg)")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     """``--device`` defaulting to CUDA when available (the per-rank device under torchrun)."""
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available, else cpu)")
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply ``--threads`` (torch CPU threads); None or 0 keeps torch's default."""
+    """Apply ``--threads`` (torch CPU threads); None keeps torch's default."""
     if threads:
         torch.set_num_threads(threads)
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's CPU threads for the run (default: torch's own choice)."""
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")

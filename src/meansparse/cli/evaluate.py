@@ -1,7 +1,8 @@
 """``meansparse evaluate``: robustness report (report.json + report.md) for a checkpoint on a data set.
 
 Resumable by default: per-batch results go to ``OUT/state.json``, so rerunning a killed command continues
-where it stopped.
+where it stopped.  Every argument (attacks and their options, device, the output folder's writability, the
+data's fit to the model) is checked before the first attack runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..data import load_dataset
+from ..core import operators
+from ..data import ImageSet, load_dataset
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
@@ -20,44 +22,62 @@ from ..fastpath import evaluate
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
+    HelpFormatter,
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
     add_fuse_args,
+    check_attacks,
+    check_data_fits,
+    check_device,
+    checkpoint_config,
+    clamp_count,
     comma_list,
     load_model_arg,
+    notice,
     parse_eps,
     parse_options,
+    positive_int,
+    writable_dir,
+    writable_file,
 )
 
-__all__ = ["add_evaluate_parser", "run_evaluate"]
+__all__ = ["add_evaluate_parser", "run_evaluate", "data_name"]
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``evaluate`` sub-command."""
     p = subparsers.add_parser(
         "evaluate", help="worst-case robust accuracy over AutoAttack, BPDA, transfer, Square, adaptive attacks",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_arg(p)
     p.add_argument("--meansparse", default=None,
-                   help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint")
-    p.add_argument("--alpha", type=float, default=None, help="set every operator's alpha (after --meansparse)")
+                   help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint (default: none, "
+                        "the checkpoint alone)")
+    p.add_argument("--no-strict", action="store_true",
+                   help="load a --meansparse state even if it was calibrated on another base model or its sites' "
+                        "activations differ (a warning instead of an error)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="set every operator's alpha (after --meansparse; default: as stored in the state)")
     add_data_args(p)
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n-examples", type=int, default=1000, help="N examples drawn at random (--seed) from the split")
-    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2)")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split to evaluate on")
+    p.add_argument("--n-examples", type=positive_int, default=1000,
+                   help="N examples drawn at random (--seed) from the split; more than the split holds is clamped")
+    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2); default 8/255")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help=f"comma-separated, run in this order; valid: {', '.join(ATTACK_NAMES)}")
     p.add_argument("--option", action="append", metavar="ATTACK.NAME=VALUE",
-                   help="override an attack default, e.g. apgd-ce.steps=20 or adaptive.lam=10 (repeatable)")
+                   help="override an attack default, e.g. apgd-ce.steps=20 or adaptive.lam=10 (repeatable; default: "
+                        "each attack's standard budget)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--individual", dest="individual", action="store_true", default=None,
                       help="every attack sees every clean-correct example (default up to 1000 examples)")
     mode.add_argument("--cascade", dest="individual", action="store_false",
-                      help="each attack only sees examples still robust (AutoAttack style, cheaper)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+                      help="each attack only sees examples still robust (AutoAttack style, cheaper; default above "
+                           "1000 examples)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="examples per attacked batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of every attack batch")
     add_device_arg(p)
     add_fuse_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
@@ -67,28 +87,58 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         "indices, the attack that broke each example)")
     p.add_argument("--state", default=None, help="resume file (default OUT/state.json)")
     p.add_argument("--no-resume", action="store_true", help="do not read or write a resume file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="folder for report.json and report.md")
     p.set_defaults(func=run_evaluate)
     return p
 
 
-def _load_model(args: argparse.Namespace, device: str) -> Any:
-    model = load_model_arg(args, args.checkpoint, device)
+def data_name(args: argparse.Namespace, config: dict[str, Any]) -> str:
+    """``--data``, else the data set recorded in the checkpoint (CIFAR-10 for a robustbench:<id> of
+    ``--dataset cifar10``); a ValueError if there is neither."""
+    if args.data:
+        return args.data
+    recorded = config.get("dataset")
+    if not recorded and str(args.checkpoint).startswith("robustbench:") and args.dataset == "cifar10":
+        recorded = "cifar10-jpg"
+    if not recorded:
+        raise ValueError(f"{args.checkpoint} records no data set: pass --data (e.g. cifar10-jpg or digits)")
+    return str(recorded)
+
+
+def _load_model(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+    """(base model, model to evaluate: base + MeanSparse state + α)."""
+    base = load_model_arg(args, args.checkpoint, device)
+    model = base
     if args.meansparse:
-        model = load_state(model, args.meansparse)
+        model = load_state(base, args.meansparse, strict=not args.no_strict)
     if args.alpha is not None:
         set_alpha(model, args.alpha)
     model = model.to(device).eval()
-    return model
+    return base, model
 
 
-def _load_data(args: argparse.Namespace) -> tuple[Any, Any, list[int]]:
-    """Images, labels and their indices in the split."""
-    split = load_dataset(args.data, args.split, root=args.data_root)
-    indices = split.sample_indices(args.n_examples, seed=args.seed)
-    data = split.subset(indices)
-    return data.float(), data.labels, indices.tolist()
+def _load_data(args: argparse.Namespace, name: str) -> tuple[ImageSet, list[int], int]:
+    """The sampled examples, their indices in the split, and the split's size."""
+    full = load_dataset(name, args.split, root=args.data_root)
+    n = clamp_count(args.n_examples, len(full), "--n-examples", f"the {name} {args.split} split", "evaluate")
+    indices = full.sample_indices(n, seed=args.seed)
+    return full.subset(indices), indices.tolist(), len(full)
+
+
+def _check_args(args: argparse.Namespace, main: bool) -> Path | None:
+    """Everything that can be checked before loading anything: device, attacks and options, the output
+    folder and the resume file (a probe write), --alpha. Returns the resume file."""
+    check_device(args.device)
+    options = parse_options(args.option)
+    check_attacks(comma_list(args.attacks), options, norm=args.norm, eps=args.eps)
+    if args.alpha is not None and not (args.alpha >= 0 and args.alpha != float("inf")):
+        raise ValueError(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    out = writable_dir(args.out) if main else Path(args.out)
+    state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
+    if state is not None and main:
+        writable_file(state, "--state")
+    return state
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -96,32 +146,39 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     Under ``torchrun`` every rank evaluates a share of the batches (see ``evaluate``) and rank 0 writes the
     state file and the report, which is identical to a single-process run's."""
+    check_device(args.device)
     with launch(args.device) as device:
         return _run_evaluate(args, device, is_main())
 
 
 def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     out = Path(args.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    state = _check_args(args, main)
     attacks = comma_list(args.attacks)
-    model = _load_model(args, device)
-    x, y, indices = _load_data(args)
-    state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
-    report = evaluate(model, x, y, fuse="auto" if args.fuse is None else args.fuse, norm=args.norm, eps=args.eps,
-                      attacks=attacks, batch_size=args.batch_size,
-                      seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
-                      individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity,
+    base, model = _load_model(args, device)
+    config = checkpoint_config(args.checkpoint)
+    name = data_name(args, config)
+    data, indices, available = _load_data(args, name)
+    check_data_fits(base, data, name, config, args.checkpoint)
+    if args.data is None and main:
+        notice("evaluate", f"--data {name} (the data set recorded in {args.checkpoint})")
+    report = evaluate(model, data.float(), data.labels, fuse="auto" if args.fuse is None else args.fuse,
+                      norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size, seed=args.seed,
+                      state_path=state, progress=not args.no_progress, device=device, individual=args.individual,
+                      attack_options=parse_options(args.option), sanity=args.sanity,
                       adversarial_dir=out if args.save_adversarial else None,
                       announce=lambda d: main and print(f"meansparse evaluate: {'fused' if d.fuse else 'eager'} "
                                                         f"operator: {d.reason}", file=sys.stderr))
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
-                                  "alpha": args.alpha, "data": args.data, "split": args.split}
+                                  "alpha": args.alpha, "data": name, "split": args.split,
+                                  "alphas": sorted({op.alpha_value for op in operators(model)})}
+    report.metadata["data"] = {"name": name, "split": args.split, "n": len(data), "of": available,
+                               "seed": args.seed}
     if not main:
         return 0
     if args.save_adversarial:  # name the examples by their index in the split, as RobustBench does
         record = json.loads((out / ADVERSARIAL_INDEX).read_text())
-        record.update(data=args.data, split=args.split, split_indices=indices)
+        record.update(data=name, split=args.split, split_indices=indices)
         (out / ADVERSARIAL_INDEX).write_text(json.dumps(record) + "\n")
     (out / "report.json").write_text(report.to_json() + "\n")
     (out / "report.md").write_text(report.to_markdown() + "\n")

@@ -14,9 +14,12 @@ DATASETS = ("digits", "cifar10", "cifar100", "cifar10-jpg")
 def _find_shared_cifar_jpg() -> Path | None:
     """The shared JPEG copy of CIFAR-10: $MEANSPARSE_CIFAR10_JPG, else ../shared/data beside the checkout."""
     env = os.environ.get("MEANSPARSE_CIFAR10_JPG")
-    candidates = [Path(env)] if env else []
+    if env:  # an explicit choice is never silently replaced by another copy
+        if not Path(env).exists():
+            raise FileNotFoundError(f"MEANSPARSE_CIFAR10_JPG={env}: no such file or folder")
+        return Path(env)
     here = Path(__file__).resolve()
-    candidates += [p / "shared" / "data" / "cifar10-jpg.tar.gz" for p in here.parents]
+    candidates = [p / "shared" / "data" / "cifar10-jpg.tar.gz" for p in here.parents]
     candidates.append(Path.cwd().parent / "shared" / "data" / "cifar10-jpg.tar.gz")
     return next((c for c in candidates if c.exists()), None)
 

@@ -44,10 +44,12 @@ class ImageSet:
     def head(self, n: int | None) -> ImageSet:
         """The first n examples (all if n is None). Data sets are stored class by class: for an evaluation
         subset use `sample`, or a split whose order is already random (`holdout_split`'s held-out part)."""
+        _check_count(n)
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
 
     def sample_indices(self, n: int | None, seed: int = 0) -> torch.Tensor:
         """The indices :meth:`sample` takes, in its order."""
+        _check_count(n)
         n = len(self) if n is None else min(n, len(self))
         return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
 
@@ -56,3 +58,9 @@ class ImageSet:
         result is an unbiased subset too; all examples (shuffled) if n is None or >= len."""
         perm = self.sample_indices(n, seed)
         return self.subset(perm, f"{self.name}-sample{len(perm)}")
+
+
+def _check_count(n: int | None) -> None:
+    """A number of examples is None (all) or a positive integer: a negative one never means "all but n"."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"the number of examples must be a positive integer (or None for all), got {n!r}")

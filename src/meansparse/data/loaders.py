@@ -58,6 +58,11 @@ class Batches:
     def __init__(self, data: ImageSet, batch_size: int, **kwargs) -> None:
         self.data, self.batch_size, self.kwargs = data, batch_size, kwargs
 
+    @property
+    def dataset(self) -> ImageSet:
+        """The images served (as ``DataLoader.dataset``: progress bars take their total from it)."""
+        return self.data
+
     def __iter__(self):
         return batches(self.data, self.batch_size, **self.kwargs)
 

@@ -7,6 +7,8 @@ import io
 import os
 import tarfile
 import urllib.request
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +41,17 @@ def _file_key(path: Path, *extra: object) -> str:
 
 
 def _cached(key: str, build) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode once, then serve uint8 arrays from an .npz cache (no pickles)."""
+    """Decode once, then serve uint8 arrays from an .npz cache (no pickles); a corrupt cache file is
+    rebuilt (with a warning)."""
     path = cache_dir() / f"{key}.npz"
     if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return z["images"], z["labels"], [str(c) for c in z["classes"]]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["images"], z["labels"], [str(c) for c in z["classes"]]
+        except Exception as e:  # noqa: BLE001 - zipfile, numpy and OS errors alike mean "unreadable"
+            warnings.warn(f"meansparse: data cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it",
+                          stacklevel=3)
+            path.unlink(missing_ok=True)
     images, labels, classes = build()
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
@@ -149,14 +157,19 @@ def load_cifar_python(root: str | os.PathLike, name: str = "cifar10", split: str
 
 
 # ------------------------------------------------------------------ JPEG archive split/class/NNNN.jpg
-def _decode(data: bytes, size: int | None = None) -> np.ndarray:
+def _decode(data: bytes, size: int | None = None, name: str = "image") -> np.ndarray:
+    """One image as uint8 CHW RGB; a file that does not decode is a ValueError naming it."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            im = _resize_center_crop(im, size)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                im = _resize_center_crop(im, size)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        why = str(e).split(" <_io.")[0]  # PIL names the in-memory buffer, not the file
+        raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {why})") from None
 
 
 def _resize_center_crop(im, size: int):
@@ -183,8 +196,8 @@ def _collect(entries, split: str, source: str, size: int | None):
     classes = sorted(by_class)
     images, labels = [], []
     for label, cls in enumerate(classes):
-        for _, read in sorted(by_class[cls], key=lambda t: t[0]):
-            images.append(_decode(read(), size))
+        for fname, read in sorted(by_class[cls], key=lambda t: t[0]):
+            images.append(_decode(read(), size, f"{source}: {split}/{cls}/{fname}"))
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64), classes
 
@@ -200,10 +213,16 @@ def load_jpeg_archive(path: str | os.PathLike, split: str = "train", size: int |
             files = [p for p in path.rglob("*") if p.is_file()]
             entries = [(p.relative_to(path).parts, p.read_bytes) for p in files]
             return _collect(entries, split, str(path), size)
-        with tarfile.open(path, "r:*") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            entries = [(Path(m.name).parts, (lambda m=m: tar.extractfile(m).read())) for m in members]
-            return _collect(entries, split, str(path), size)
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                entries = [(Path(m.name).parts, (lambda m=m: tar.extractfile(m).read())) for m in members]
+                return _collect(entries, split, str(path), size)
+        except FileNotFoundError:
+            raise
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise ValueError(f"{path}: not a readable tar archive of split/class/NNNN.jpg images "
+                             f"({type(e).__name__}: {e})") from None
 
     key = _file_key(path, "jpeg", split, size) if path.is_file() else None
     images, labels, classes = _cached(key, build) if key else build()
@@ -220,7 +239,7 @@ def load_image_folder(path: str | os.PathLike, size: int = 224) -> ImageSet:
     for label, cls in enumerate(classes):
         for f in sorted((path / cls).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_decode(f.read_bytes(), size))
+                images.append(_decode(f.read_bytes(), size, str(f)))
                 labels.append(label)
     if not images:
         raise FileNotFoundError(f"{path}: no images in the class folders")

@@ -26,12 +26,14 @@ from .attacks import (
 from .evaluate import evaluate
 from .hashing import derive_seed, model_hash
 from .masking import masking_findings
-from .report import Report
+from .report import Report, attack_budget
 from .sanity import SanityFinding, sanity_checks
+from .validation import check_attack_names
 
 __all__ = [
     "AdversarialSet", "load_adversarial", "rejudge",
     "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "PGD", "APGDTargeted", "AdaptivePGD",
     "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Report", "SanityFinding", "Square", "Transfer",
-    "build_attack", "derive_seed", "evaluate", "masking_findings", "model_hash", "sanity_checks", "zero_alphas"
+    "attack_budget", "build_attack", "check_attack_names", "derive_seed", "evaluate", "masking_findings",
+    "model_hash", "sanity_checks", "zero_alphas"
 ]

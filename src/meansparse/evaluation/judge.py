@@ -16,7 +16,7 @@ from .attacks import Attack
 from .hashing import derive_seed
 from .messages import library_messages
 
-__all__ = ["Verdict", "BatchRun", "attack_batch", "judge", "rng_devices"]
+__all__ = ["Verdict", "BatchRun", "attack_batch", "check_finite", "judge", "rng_devices"]
 
 _LINF_TOL = 1e-6
 _L2_REL_TOL = 1e-5
@@ -43,7 +43,9 @@ def judge(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tenso
     valid = ((size <= bound) & torch.isfinite(flat).all(1) & (flat.amin(1) >= -_BOX_TOL)
              & (flat.amax(1) <= 1 + _BOX_TOL))
     with torch.no_grad():
-        wrong = model(x_adv).argmax(1) != y
+        logits = model(x_adv)
+    check_finite(logits[valid], "adversarial candidates inside the threat model")
+    wrong = logits.argmax(1) != y
     return Verdict(robust=~(valid & wrong), invalid=~valid)
 
 
@@ -53,6 +55,14 @@ class BatchRun(NamedTuple):
 
     record: dict[str, Any]
     breaking: torch.Tensor
+
+
+def check_finite(logits: torch.Tensor, where: str) -> None:
+    """Non-finite logits make every accuracy meaningless (argmax of NaN is arbitrary): a ValueError."""
+    bad = ~torch.isfinite(logits).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"the model returns non-finite logits (NaN/Inf) for {int(bad.sum())} of {len(logits)} "
+                         f"inputs ({where}): its weights (or statistics) are corrupted; no accuracy can be measured")
 
 
 def rng_devices(device: torch.device) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 
 from .attacks import Attack
 
-__all__ = ["ADAPTIVE_KINDS", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "masking_findings"]
+__all__ = ["ADAPTIVE_KINDS", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "effective_kind", "masking_findings"]
 
 MASKING_MARGIN = 0.01  # 1 point
 WHITE_BOX = "white-box"
@@ -25,15 +25,31 @@ class MaskingFindings(NamedTuple):
     extra_breaks: dict[str, int]
 
 
+def effective_kind(attack: Attack, has_operators: bool) -> str:
+    """What an attack amounts to on the model: without MeanSparse operators ``bpda-X`` is X, ``transfer``
+    without a base model crafts on the model itself and ``adaptive`` has no penalty, so all three are plain
+    white-box attacks there (comparing them with white-box attacks compares equals, not masking)."""
+    if has_operators:
+        return attack.kind
+    if attack.kind in ("bpda", "adaptive") or (attack.kind == "transfer"
+                                                and getattr(attack, "base_model", None) is None):
+        return WHITE_BOX
+    return attack.kind
+
+
 def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor], n: int,
-                     individual: bool, margin: float = MASKING_MARGIN) -> MaskingFindings:
+                     individual: bool, margin: float = MASKING_MARGIN, *,
+                     has_operators: bool = True) -> MaskingFindings:
     """Warnings naming every masking-proof attack that does better than the plain white-box attacks.
 
     Two symptoms, either fires: (a) in individual mode, its accuracy is more than ``margin`` below the
     best plain white-box accuracy; (b) in both modes, it breaks more than ``margin`` of the examples that
-    survived every plain white-box attack that saw them.
+    survived every plain white-box attack that saw them.  ``has_operators=False`` (a model without
+    MeanSparse): BPDA, self-transfer and adaptive attacks count as the white-box attacks they reduce to
+    (:func:`effective_kind`), so only black-box (or a transfer from another model) evidence can fire.
     """
-    white = [a.name for a in attacks if a.kind == WHITE_BOX]
+    kinds = {a.name: effective_kind(a, has_operators) for a in attacks}
+    white = [a.name for a in attacks if kinds[a.name] == WHITE_BOX]
     extra: dict[str, int] = {}
     if not white:
         return MaskingFindings([], extra)
@@ -43,7 +59,7 @@ def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor
     best_white = min(white_acc.values())
     offenders = []
     for a in attacks:
-        if a.kind not in ADAPTIVE_KINDS:
+        if kinds[a.name] not in ADAPTIVE_KINDS:
             continue
         m = masks[a.name]
         extra[a.name] = int(((m == 0) & survived_white).sum())

@@ -8,6 +8,59 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["RUN_KEY", "Report", "attack_budget", "data_line", "model_line"]
+
+_BUDGET_KEYS = ("steps", "restarts", "queries", "n_target_classes", "lam", "step_size")
+
+
+def attack_budget(settings: dict[str, Any]) -> str:
+    """One attack's budget in words, from its ``settings()``: steps, restarts, queries, targets, and whether
+    an AutoAttack is the standard one."""
+    if "inner" in settings:
+        inner = settings["inner"]
+        return f"BPDA (identity gradient through the operators) of {inner.get('name')}: {attack_budget(inner)}"
+    if "sources" in settings:
+        base = "the base model" if settings.get("base") == "base_model" else "the model itself at α = 0"
+        return f"crafted on {base} with " + " then ".join(f"{s.get('name')} ({attack_budget(s)})"
+                                                          for s in settings["sources"])
+    parts = [f"{k.replace('_', ' ')} {settings[k]:.4g}" if isinstance(settings[k], float) else
+             f"{k.replace('_', ' ')} {settings[k]}" for k in _BUDGET_KEYS if k in settings]
+    if settings.get("version") == "standard":
+        which = ("standard AutoAttack" if settings.get("standard") else
+                 "custom AutoAttack (reduced budget: not the standard AutoAttack)")
+        return f"{which} (APGD-CE, APGD-T, FAB-T, Square): " + ", ".join(parts)
+    return ", ".join(parts) or "no budget parameters"
+
+
+def data_line(data: dict[str, Any]) -> str:
+    """``{"name", "split", "n", "of", "seed"}`` in words."""
+    text = f"{data.get('name')}, {data.get('split')} split: {data.get('n')}"
+    if data.get("of") is not None:
+        text += f" of {data['of']} images"
+        if data.get("n") != data.get("of"):
+            text += f" (random sample, seed {data.get('seed')})"
+    else:
+        text += " images"
+    return text
+
+
+def model_line(command: dict[str, Any]) -> str:
+    """The checkpoint, MeanSparse state file and α an evaluation ran on, in words."""
+    text = f"checkpoint {command.get('checkpoint')}"
+    if command.get("meansparse"):
+        text += f", MeanSparse state {command['meansparse']}"
+    else:
+        text += ", no MeanSparse state"
+    alphas = command.get("alphas")
+    if alphas:
+        shown = f"{alphas[0]:g}" if len(alphas) == 1 else f"per site, {min(alphas):g} to {max(alphas):g}"
+        source = "set by --alpha" if command.get("alpha") is not None else "as stored in the state"
+        text += f", α {shown} ({source})"
+    elif command.get("alpha") is not None:
+        text += f", α set to {command['alpha']:g}"
+    return text
+
+
 # Fields of ``metadata["run"]`` describe one execution (timings, how many batches were resumed), not the
 # result; ``Report.comparable()`` drops them so two runs can be compared for equality.
 RUN_KEY = "run"
@@ -77,6 +130,12 @@ class Report:
             f"- clean accuracy: **{pct(self.clean_accuracy)}**",
             f"- worst-case robust accuracy (over all attacks, per example): **{pct(self.worst_case_accuracy)}**",
         ]
+        data = meta.get("data")
+        if data:
+            lines.append(f"- data: {data_line(data)}")
+        command = meta.get("command")
+        if command:
+            lines.append(f"- model: {model_line(command)}")
         if "model_hash" in meta:
             lines.append(f"- model sha256: `{meta['model_hash'][:16]}…`; seed {meta.get('seed')}")
         run = meta.get(RUN_KEY, {})
@@ -92,7 +151,12 @@ class Report:
                 f"| {row['attack']} | {row['kind']} | {row['n_attacked']} | {row['n_broken']} | "
                 f"{pct(row['robust_accuracy'])} | {pct(row['cumulative_accuracy'])} |"
             )
-        lines += ["", f"Robust accuracy is {column_note} ({self.mode} mode).", ""]
+        lines += ["", f"Robust accuracy is {column_note} ({self.mode} mode), over all {self.n_examples} examples.",
+                  ""]
+        settings = meta.get("attack_settings")
+        if settings:
+            lines += ["## Attacks and budgets", ""]
+            lines += [f"- {name}: {attack_budget(s)}" for name, s in settings.items()] + [""]
         if self.warnings:
             lines += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
         if self.sanity:

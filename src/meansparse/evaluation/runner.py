@@ -32,12 +32,12 @@ from ..version import package_versions
 from .adversarial import AdversarialStore, worst_case_images, write_adversarial
 from .attacks import Attack
 from .hashing import config_hash, data_hash, model_hash
-from .judge import attack_batch
+from .judge import attack_batch, check_finite
 from .masking import masking_findings
 from .messages import library_warnings
 from .report import RUN_KEY, Report
 from .state import EvaluationState
-from .validation import build_attacks, check_inputs, check_labels, evaluation_device
+from .validation import build_attacks, check_inputs, check_labels, evaluation_device, vacuous_eps
 
 __all__ = ["INDIVIDUAL_MAX_N", "AttackOutcome", "BatchResult", "EvaluationPlan", "Outcomes", "breakdown_row",
            "build_report", "clean_pass", "plan_evaluation", "run_attack", "run_attacks", "run_config", "run_evaluation"]
@@ -141,6 +141,9 @@ def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, 
     built = build_attacks(attacks, norm, eps, base_model, attack_options, n_classes)
     individual = len(data.x) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
     plan = EvaluationPlan(data.x, data.y, norm, eps, device, n_classes, built, individual, batch_size, int(seed))
+    vacuous = vacuous_eps(norm, eps, data.x)
+    if vacuous:
+        plan.warnings.append(vacuous)
     if not operators(model) and any(a.kind in ("bpda", "adaptive") or (a.kind == "transfer" and base_model is None)
                                     for a in built):
         plan.warnings.append("the model has no MeanSparse operators: bpda-*, transfer (without base_model) "
@@ -172,7 +175,9 @@ def clean_pass(model: nn.Module, plan: EvaluationPlan, world: int, me: int) -> t
     with torch.no_grad():
         for j, s in enumerate(range(0, n, batch_size)):
             if j % world == me:
-                pred = model(plan.x[s:s + batch_size].to(plan.device)).argmax(1).cpu()
+                logits = model(plan.x[s:s + batch_size].to(plan.device))
+                check_finite(logits, f"clean examples {s}..{s + len(logits) - 1}")
+                pred = logits.argmax(1).cpu()
                 local[s] = (pred == plan.y[s:s + batch_size]).tolist()
     for part in all_gather_object(local):
         for s, correct in part.items():
@@ -276,7 +281,8 @@ def build_report(model: nn.Module, plan: EvaluationPlan, config: Mapping[str, An
                  res: Outcomes) -> Report:
     """The report (without ``metadata["run"]``): numbers, masks, masking and library warnings, metadata."""
     n = plan.n
-    findings = masking_findings(plan.attacks, res.masks, n, plan.individual)
+    findings = masking_findings(plan.attacks, res.masks, n, plan.individual,
+                                has_operators=bool(operators(model)))
     for row in res.breakdown:
         if row["attack"] in findings.extra_breaks:
             row["extra_breaks_vs_white_box"] = findings.extra_breaks[row["attack"]]

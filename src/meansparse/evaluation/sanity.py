@@ -14,6 +14,7 @@ from torch import nn
 
 from .attacks import build_attack
 from .runner import run_evaluation
+from .validation import vacuous_eps
 
 __all__ = ["SanityFinding", "large_eps", "sanity_checks"]
 
@@ -62,6 +63,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
                   attack_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[SanityFinding]:
     """Run ``attack`` at several eps and budgets; one finding per check (``passed`` False = suspicious).
 
+    - ``eps-meaningful`` (only when it fails): ``eps`` covers the whole box, so every check is vacuous;
     - ``huge-eps``: accuracy at ``huge_eps`` (default: the whole box) must be <= ``zero_tolerance``;
     - ``eps-monotone``: accuracy at ``eps * eps_factors`` must not rise by more than ``tolerance``;
     - ``budget-monotone``: accuracy with ``budgets`` steps (queries for Square; default: a fifth of the
@@ -89,6 +91,9 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
         return cache[(e, budget)]
 
     findings = []
+    vacuous = vacuous_eps(norm, eps, x)
+    if vacuous:  # every check below would pass trivially: accuracy is ~0 at this eps whatever the attack
+        findings.append(SanityFinding("eps-meaningful", False, vacuous, {"eps": eps}))
     big = huge_eps if huge_eps is not None else large_eps(norm, x)
     a = acc(big)
     findings.append(SanityFinding(

@@ -12,8 +12,10 @@ from torch import nn
 
 from .._utils import model_device
 from .attacks import ATTACK_NAMES, Attack, build_attack
+from .judge import check_finite
 
-__all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_inputs", "check_labels", "evaluation_device"]
+__all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
+           "evaluation_device", "vacuous_eps"]
 
 #: attacks whose DLR loss or target classes need at least 4 classes
 NEED_4_CLASSES = ("apgd-t", "apgd-dlr", "fab-t", "aa", "transfer")
@@ -79,6 +81,7 @@ def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: tor
         out = model(x[:1].to(device))
     if out.ndim != 2:
         raise ValueError(f"model must return (N, classes) logits, got shape {tuple(out.shape)}")
+    check_finite(out, "the first clean example")
     n_classes = int(out.shape[1])
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= n_classes:
@@ -118,3 +121,35 @@ def build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_m
     if needs_dlr and n_classes < 4:
         raise ValueError(f"{needs_dlr} need at least 4 classes (DLR loss / targets); the model has {n_classes}")
     return built
+
+
+def vacuous_eps(norm: str, eps: float, x: torch.Tensor) -> str | None:
+    """A warning when the ε-ball is so large that robustness is meaningless: it reaches the constant grey
+    image (0.5 everywhere) from every input (Linf ε >= 0.5, L2 ε >= 0.5·sqrt(C·H·W)), so any two images are
+    indistinguishable to an attacker; None for a meaningful ε."""
+    limit = 0.5 if norm == "Linf" else 0.5 * math.sqrt(x[0].numel())
+    if eps < limit:
+        return None
+    hint = f" (did you mean {eps:g}/255 = {eps / 255:.4g}?)" if norm == "Linf" and eps >= 1 else ""
+    return (f"eps = {eps:g} under {norm} covers the whole [0, 1] box: every input can be moved to the same grey "
+            f"image, so robust accuracy is ~0 by construction and says nothing about the model{hint}")
+
+
+def check_attack_names(names: Sequence[str], attack_options: Mapping[str, Mapping[str, Any]] | None, *,
+                       norm: str = "Linf", eps: float = 8 / 255, what: str = "attacks") -> None:
+    """Build every named attack once with its options (nothing runs, no model needed): an empty list, an
+    unknown name, options for an unknown attack or a bad option value is a ValueError naming it. Lets a long
+    job (training, calibration, a sweep) fail at its start instead of at its first attack."""
+    if isinstance(names, str):
+        names = (names,)
+    if not names:
+        raise ValueError(f"{what}: no attack given; valid attacks: {', '.join(ATTACK_NAMES)}")
+    options = dict(attack_options or {})
+    unknown = [k for k in options if k not in ATTACK_NAMES]
+    if unknown:
+        raise ValueError(f"attack options for unknown attack(s) {unknown}; valid attacks: {', '.join(ATTACK_NAMES)}")
+    for name in [*names, *options]:
+        if name not in ATTACK_NAMES:
+            raise ValueError(f"unknown attack {name!r} in {what}; valid attacks: {', '.join(ATTACK_NAMES)}")
+        own = options.get(name, options.get(name[5:], {})) if name.startswith("bpda-") else options.get(name, {})
+        build_attack(name, norm=norm, eps=eps, **dict(own))

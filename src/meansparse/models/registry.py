@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._utils import tensors_sha256
 from .resnet import preact_resnet18, resnet18
 from .small import SmallCNN
 from .wideresnet import WideResNet
@@ -79,6 +80,38 @@ def _wrn(depth: int = 28, widen: int = 10, **kw: Any) -> nn.Module:
     return WideResNet(depth=depth, widen=widen, **kw)
 
 
+#: image shapes (C, H, W) of the named data sets
+DATA_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar10-jpg": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """Input channels the model expects: its normalization layer's (:class:`Normalized`, or any top-level
+    ``mean`` buffer of shape (1, C, 1, 1)), else its first 2-D convolution's; None if unknown."""
+    mean = getattr(model, "mean", None)
+    if isinstance(mean, torch.Tensor) and mean.ndim == 4:
+        return int(mean.shape[1])
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def check_input_shape(model: nn.Module, config: dict[str, Any] | None, shape: tuple[int, ...], source: str,
+                      checkpoint: str = "the model") -> None:
+    """A ValueError when images of ``shape`` (C, H, W) from ``source`` do not fit the model: other channels
+    than it expects (broadcasting would silently run a 3-channel model on 1-channel images), or another
+    shape than the data set recorded in its checkpoint ``config`` (``input_shape``, else the shape of the
+    recorded ``dataset``)."""
+    shape = tuple(int(v) for v in shape)
+    channels = input_channels(model)
+    if channels is not None and len(shape) == 3 and shape[0] != channels:
+        raise ValueError(f"{checkpoint} expects {channels}-channel images but {source} has {shape[0]}-channel "
+                         f"{shape[1]}x{shape[2]} images; use the data set the model was trained on")
+    config = config or {}
+    expected = config.get("input_shape") or DATA_SHAPES.get(str(config.get("dataset")))
+    if expected is not None and tuple(expected) != shape:
+        raise ValueError(f"{checkpoint} was trained on {config.get('dataset', 'images')} of shape {tuple(expected)} "
+                         f"but {source} has images of shape {shape}")
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """``(weights, config)`` files of a checkpoint path given with or without its suffix."""
@@ -87,28 +120,78 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
+#: key of the checkpoint JSON holding the sha256 of the weights (:func:`weights_sha256`)
+HASH_KEY = "weights_sha256"
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors (sorted by name: names, dtypes, shapes, bytes)."""
+    return tensors_sha256(sorted(state.items()))
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any]) -> Path:
-    """Weights as safetensors + a JSON config that rebuilds the architecture (never a pickle)."""
+    """Weights as safetensors + a JSON config that rebuilds the architecture (never a pickle); the config
+    records the sha256 of the weights, which :func:`load` verifies."""
     if "model" not in config or "model_kwargs" not in config:
         raise ValueError("checkpoint config needs 'model' (registry name) and 'model_kwargs'")
     weights, meta = checkpoint_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
-    meta.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    meta.write_text(json.dumps({**config, HASH_KEY: weights_sha256(state)}, indent=2, sort_keys=True) + "\n")
     return weights
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    return json.loads(checkpoint_paths(path)[1].read_text())
+    """The checkpoint's JSON config; a ValueError naming the file when it is not a JSON object."""
+    meta = checkpoint_paths(path)[1]
+    try:
+        config = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta}: not a valid checkpoint config (JSON: {e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{meta}: not a valid checkpoint config (a JSON object is expected)")
+    return config
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a ValueError naming the file when it is empty, truncated,
+    corrupt or not safetensors at all (e.g. a pickle: nothing is ever unpickled)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "is it truncated, or a pickle (torch.save)?") from None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from `save_checkpoint` output: eval mode, inputs in [0, 1]."""
+    """Rebuild a model from `save_checkpoint` output: eval mode, inputs in [0, 1]. A recorded weights hash
+    is verified (checkpoints written before hashes were recorded load unverified)."""
     weights, meta = checkpoint_paths(path)
     if not weights.exists() or not meta.exists():
         raise FileNotFoundError(f"checkpoint needs both {weights} and {meta}")
-    config = json.loads(meta.read_text())
-    model = create_model(config["model"], **config["model_kwargs"])
-    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    config = read_config(path)
+    for key in ("model", "model_kwargs"):
+        if key not in config:
+            raise ValueError(f"{meta}: checkpoint config has no {key!r} key (the registry name and its "
+                             "arguments that rebuild the architecture)")
+    if not isinstance(config["model_kwargs"], dict):
+        raise ValueError(f"{meta}: 'model_kwargs' must be a JSON object")
+    try:
+        model = create_model(config["model"], **config["model_kwargs"])
+    except TypeError as e:
+        raise ValueError(f"{meta}: cannot build {config['model']!r} from its model_kwargs ({e})") from None
+    state = read_weights(weights)
+    recorded = config.get(HASH_KEY)
+    if recorded is not None and weights_sha256(state) != recorded:
+        raise ValueError(f"{weights}: the weights' sha256 does not match the one recorded in {meta.name}: the "
+                         "file is corrupted or was replaced")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ValueError(f"{weights} does not fit the architecture in {meta.name} ({config['model']}, "
+                         f"{config['model_kwargs']}): {first}") from None
     return model.to(device).eval()

@@ -35,8 +35,9 @@ class Candidate:
     extra: dict = field(default_factory=dict)
 
 
-class SelectionError(IndexError):
-    """Bad ``indices``: a user error, never a reason to fall back from fx to modules."""
+class SelectionError(IndexError, ValueError):
+    """Bad ``indices``, or ``include`` / ``exclude`` selecting nothing: a user error, never a reason to fall
+    back from fx to modules."""
 
 
 def matches(patterns: Sequence[re.Pattern], name: str) -> bool:
@@ -52,9 +53,17 @@ def select(
 ) -> list[Candidate]:
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in exclude]
+    names = [c.name for c in cands]
+    for p in inc:
+        if cands and not any(p.search(n) for n in names):
+            raise SelectionError(f"include pattern {p.pattern!r} matches none of the {len(cands)} sites "
+                                 f"({_some(names)}); an empty selection would insert no operator")
     out = [c for c in cands if (not inc or matches(inc, c.name)) and not matches(exc, c.name)]
     if after_residual_add is not None:
         out = [c for c in out if c.after_residual_add == after_residual_add]
+    if cands and not out:
+        raise SelectionError(f"the selection leaves none of the {len(cands)} sites ({_some(names)}): include="
+                             f"{include}, exclude={exclude}, after_residual_add={after_residual_add}")
     if indices is not None:
         idx = [indices] if isinstance(indices, int) else list(indices)
         for i in idx:
@@ -63,6 +72,10 @@ def select(
         chosen = sorted({i % len(out) for i in idx})
         out = [out[i] for i in chosen]
     return out
+
+
+def _some(names: list[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
 
 
 def unique_names(cands: list[Candidate]) -> None:

@@ -164,7 +164,10 @@ def prepare(
         if method == "auto":
             method = spec.get("method", "auto")
     for p in inc + exc + outs:
-        re.compile(p)  # fail early on a bad pattern
+        try:
+            re.compile(p)  # fail early on a bad pattern
+        except re.error as e:
+            raise ValueError(f"bad regular expression {p!r} for include/exclude/outputs: {e}") from None
     out_patterns = [re.compile(p) for p in outs]
 
     def chosen(cands: list[Candidate]) -> list[Candidate]:

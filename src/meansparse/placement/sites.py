@@ -10,6 +10,7 @@ from torch import nn
 
 from ..core import MeanSparse, check_alpha, operators
 from .prepare import prepare
+from .record import get_record
 
 __all__ = ["Site", "sites", "set_alpha", "straight_through"]
 
@@ -44,9 +45,10 @@ class Site:
 
 
 def sites(model: nn.Module) -> list[Site]:
-    """Insertion sites of a prepared model; for an unprepared one, the sites ``prepare`` would create."""
+    """Insertion sites of a prepared model (its operators, never re-prepared); for a model that was never
+    prepared, the sites ``prepare`` would create (on a copy; the model is unchanged)."""
     ops = operators(model)
-    if not ops:
+    if not ops and not any(get_record(m) is not None for m in model.modules()):
         ops = operators(prepare(model))
     return [Site.of(o) for o in ops]
 

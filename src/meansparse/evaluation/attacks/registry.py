@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from .pgd import PGD
 from .square import Square
 from .transfer import Transfer
 
-__all__ = ["ATTACK_NAMES", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "build_attack"]
+__all__ = ["ATTACK_NAMES", "BPDA_ATTACKS", "COUNT_OPTIONS", "DEFAULT_ATTACKS", "build_attack", "check_options"]
 
 _FACTORIES: dict[str, Callable[..., Attack]] = {
     "clean": Clean,
@@ -38,11 +39,33 @@ ATTACK_NAMES: tuple[str, ...] = tuple(_FACTORIES) + tuple(f"bpda-{a}" for a in B
 DEFAULT_ATTACKS = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
 
 
+#: options that count something (iterations, restarts, queries, classes): integers >= 1
+COUNT_OPTIONS = ("steps", "restarts", "queries", "n_target_classes")
+#: options that must be finite numbers > 0
+POSITIVE_OPTIONS = ("step_size", "rho", "p_init", "alpha_max", "eta", "beta")
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """A ValueError naming the attack and option for a count that is not an integer >= 1, or a size that is
+    not a finite number > 0 (e.g. ``apgd-ce.steps=-5``)."""
+    for key, value in options.items():
+        if key in COUNT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"bad option {name}.{key}={value!r}: must be an integer >= 1")
+        if key in POSITIVE_OPTIONS and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value <= 0):
+            raise ValueError(f"bad option {name}.{key}={value!r}: must be a finite number > 0")
+        if key == "lam" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                             or not math.isfinite(value)):
+            raise ValueError(f"bad option {name}.{key}={value!r}: must be a finite number")
+
+
 def build_attack(name: str, *, norm: str = "Linf", eps: float = 8 / 255, base_model: nn.Module | None = None,
                  **options: Any) -> Attack:
     """The attack called ``name`` (see ``ATTACK_NAMES``) with ``options`` overriding its defaults."""
     if name not in ATTACK_NAMES:
         raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACK_NAMES)}")
+    check_options(name, options)
     if name.startswith("bpda-"):
         return BPDA(build_attack(name[5:], norm=norm, eps=eps, **options))
     if name == "transfer":
