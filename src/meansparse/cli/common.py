@@ -232,7 +232,7 @@ def add_model_spec_args(p: argparse.ArgumentParser) -> None:
                    help="RobustBench threat model of a robustbench: model (default Linf)")
     p.add_argument("--weights", default=None,
                    help="weights of a python: model: safetensors, or a torch file read with weights_only=True "
-                        "(a state_dict / model_state_dict entry is understood)")
+                        "(a state_dict / model_state_dict entry is understood; default: none)")
     p.add_argument("--pretrained", type=parse_bool, default=True,
                    help="false: random weights for robustbench:/timm:/python: models, nothing downloaded "
                         "(default true)")
