@@ -48,6 +48,22 @@ def _progress(progress: bool, total: int | None):
     return tqdm(total=total, unit="img", unit_scale=True, desc="meansparse calibrate", disable=not progress)
 
 
+def _images(loader: Any, max_batches: int | None) -> int | None:
+    """Images one pass over ``loader`` sees, when it can tell: a DataLoader's sampler length (less what
+    ``drop_last`` drops, at most ``max_batches`` batches), else ``len(loader.dataset)``; None if unknown."""
+    batch_size = getattr(loader, "batch_size", None)
+    sampler = getattr(loader, "sampler", None)
+    try:
+        if isinstance(batch_size, int) and sampler is not None:
+            n = len(sampler)
+            if getattr(loader, "drop_last", False):
+                n -= n % batch_size
+            return n if max_batches is None else min(n, max_batches * batch_size)
+        return len(loader.dataset) if max_batches is None else None
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+
+
 def _dist_sum(value: int) -> int:
     import torch.distributed as dist
 
@@ -84,6 +100,10 @@ def calibrate(
 ) -> nn.Module:
     """Measure exact per-channel mean/var (ddof=0) of every operator input in one pass over ``loader``.
 
+    ``loader``: any iterable of batches ``x`` or ``(x, y, ...)``, e.g. a ``DataLoader`` over a streamed data
+    set (``meansparse.data.loader(stream, 256, workers=8)``): batches are consumed one at a time, so memory
+    holds what the loader keeps in flight.  The progress bar counts images (total from the loader's sampler
+    or ``len(loader.dataset)``).
     ``device``: if given the model is moved there; inputs always go to the model's device.  The model's
     train/eval flags and the operators' modes are restored afterwards, also on error.
     """
@@ -98,13 +118,7 @@ def calibrate(
 
     modes = [(m, m.training) for m in model.modules()]
     previous = [op.observer for op in ops]
-    total = None
-    if max_batches is None:
-        try:
-            total = len(loader.dataset)  # type: ignore[attr-defined]
-        except (AttributeError, TypeError):
-            total = None
-    bar = _progress(progress, total)
+    bar = _progress(progress, _images(loader, max_batches))
     batches = images = 0
     input_shape = None
     try:

@@ -9,6 +9,9 @@
   :class:`meansparse.models.Normalized` with the model's own ``pretrained_cfg`` mean / std;
 * a checkpoint written by :func:`meansparse.models.save_checkpoint` (a path).
 
+:func:`preprocessing` names the test-time preprocessing RobustBench feeds a model (``"Res256Crop224"``,
+``"BicubicRes256Crop224"``, ...; None for CIFAR); ``meansparse.data`` streams images through it.
+
 The reference code's placements for these families (``meansparse.prepare(model, preset=...)``:
 ``dm_wrn``, ``rawrn``, ``swin``, ``convnext``, ``generic``, ``auto``) are defined and documented in
 :mod:`meansparse.placement.presets`; :data:`PRESETS`, :func:`detect_preset`, :func:`resolve_preset` and
@@ -24,9 +27,11 @@ from __future__ import annotations
 from ..placement.presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .imports import import_robustbench, import_timm
 from .loading import load
+from .preprocessing import preprocessing
 
 __all__ = [
     "load",
+    "preprocessing",
     "PRESETS",
     "detect_preset",
     "resolve_preset",
