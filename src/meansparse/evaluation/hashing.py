@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torch import nn
 
-__all__ = ["data_hash", "derive_seed", "model_hash"]
+__all__ = ["data_hash", "derive_seed", "example_digests", "examples_hash", "model_hash"]
 
 
 def derive_seed(seed: int, attack: str, batch: int) -> int:
@@ -34,4 +34,28 @@ def data_hash(x: torch.Tensor, y: torch.Tensor) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def example_digests(x: torch.Tensor, y: torch.Tensor) -> list[bytes]:
+    """sha256 of each example (its image bytes, then its int64 label): what a streamed evaluation hashes,
+    batch by batch, in its clean pass."""
+    out = []
+    x = x.detach().cpu().contiguous()
+    y = y.detach().cpu().to(torch.int64).contiguous()
+    for xi, yi in zip(x, y):
+        h = hashlib.sha256(xi.reshape(-1).view(torch.uint8).numpy())
+        h.update(yi.reshape(1).view(torch.uint8).numpy())
+        out.append(h.digest())
+    return out
+
+
+def examples_hash(digests: list[bytes], dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    """sha256 over the per-example digests in order (with the images' dtype and per-example shape): the
+    data hash of a streamed evaluation.  It depends only on the examples, not on the batch size, the number
+    of ranks or the worker processes; it differs from :func:`data_hash` of the same tensors (a state file
+    written in memory is not resumed from a stream: the resume refuses, it never mixes)."""
+    h = hashlib.sha256(f"examples|{dtype}|{tuple(shape)}|{len(digests)}|".encode())
+    for d in digests:
+        h.update(d)
     return h.hexdigest()
