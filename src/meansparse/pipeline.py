@@ -2,7 +2,8 @@
 
 `meansparse demo` runs it on the embedded default (8x8 digits, a small CNN adversarially trained in
 seconds); `--data/--model` run the very same pipeline on CIFAR-10 with a reference checkpoint or on a
-user's own model and data.
+user's own model and data.  A `--data` path (an image folder or a tar archive) is streamed: calibration,
+the sweep and the evaluation decode batch by batch (`workers` processes), never holding the set in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ._utils import resolve_device
 from .accel import fuse, fused_sites
 from .calibration import calibrate
 from .core import operators
-from .data import Batches, ImageSet, holdout_split, load_dataset
+from .data import ImageSet, first_images, holdout_split, loader, open_dataset
 from .evaluation import Report, evaluate
 from .models import load as load_checkpoint
 from .placement import prepare, set_alpha, sites
@@ -58,6 +59,10 @@ class PipelineConfig:
     train_epochs: int = 30            # epochs of the embedded digits model
     device: str = "cpu"               # where the models run ("cuda", "cuda:1", ...); data stays on the CPU
     fuse: bool = False                # fuse the MeanSparse model: bit-identical on CPU, faster there
+    workers: int = 0                  # DataLoader processes decoding a streamed data path (0: in this process)
+    preprocessing: str | None = None  # RobustBench preprocessing name of a streamed data path (None: ToTensor)
+    train_split: str = "train"        # splits of a data path ("val" for an ImageNet-style tree)
+    test_split: str = "test"
 
 
 def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Module:
@@ -68,11 +73,18 @@ def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Mo
     return load_checkpoint(out / "best")
 
 
-def _load_data(cfg: PipelineConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
-    full = load_dataset(cfg.data, "train", root=cfg.data_root)
-    test = load_dataset(cfg.data, "test", root=cfg.data_root).sample(cfg.n_test, seed=cfg.seed)
+def _load_data(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
+    """(fitting, held-out, test) parts: in-memory ImageSets for a named data set, streams for a path."""
+    full = open_dataset(cfg.data, cfg.train_split, root=cfg.data_root, preprocessing=cfg.preprocessing)
+    test = open_dataset(cfg.data, cfg.test_split, root=cfg.data_root,
+                        preprocessing=cfg.preprocessing).sample(cfg.n_test, seed=cfg.seed)
     fit, hold = holdout_split(full, cfg.n_holdout, seed=cfg.seed)
     return fit, hold, test
+
+
+def _xy(data: Any) -> tuple[Any, Any]:
+    """What ``evaluate`` / ``search_alpha`` take: float images and labels in memory, or the stream itself."""
+    return (data.float(), data.labels) if isinstance(data, ImageSet) else (data, None)
 
 
 def _table(before: Report, after: Report) -> str:
@@ -86,7 +98,7 @@ def _table(before: Report, after: Report) -> str:
     return "\n".join(lines)
 
 
-def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, ImageSet, ImageSet, ImageSet]:
+def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, Any, Any, Any]:
     """Data splits, the base model, and a MeanSparse copy calibrated once on the fitting split."""
     if cfg.eps is None:
         cfg.eps = DIGITS_EPS if cfg.data == "digits" else 8 / 255
@@ -101,9 +113,10 @@ def _calibrated(cfg: PipelineConfig, out: Path) -> tuple[nn.Module, nn.Module, I
     else:
         raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
     base = base.to(device).eval()
-    model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),))
+    model = prepare(copy.deepcopy(base), example_inputs=(first_images(hold, 2).to(device),))
     say(f"prepared: {len(sites(model))} MeanSparse sites")
-    calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches, progress=cfg.progress)
+    calibrate(model, loader(fit, cfg.batch_size, cfg.workers), max_batches=cfg.calibration_batches,
+              progress=cfg.progress)
     if cfg.fuse:
         fuse(model)
         say(f"fused: {len(fused_sites(model))} of {len(operators(model))} sites")
@@ -114,12 +127,12 @@ def _say(cfg: PipelineConfig):
     return print if cfg.progress else (lambda *a, **k: None)
 
 
-def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path) -> AlphaSearchResult:
+def _sweep(cfg: PipelineConfig, model: nn.Module, hold: Any, out: Path) -> AlphaSearchResult:
     """Global α sweep on the held-out split; writes sweep.json / sweep.md / alpha_curve.png."""
-    sweep = search_alpha(model, hold.float(), hold.labels, cfg.alphas, clean_budget=cfg.clean_budget,
+    sweep = search_alpha(model, *_xy(hold), cfg.alphas, clean_budget=cfg.clean_budget,
                          n_robust=cfg.n_sweep_robust, attacks=cfg.sweep_attacks, norm=cfg.norm, eps=cfg.eps,
                          attack_options=cfg.attack_options, batch_size=cfg.batch_size, seed=cfg.seed,
-                         state_dir=out / "state" / "sweep", progress=cfg.progress)
+                         state_dir=out / "state" / "sweep", progress=cfg.progress, workers=cfg.workers)
     (out / "sweep.json").write_text(sweep.to_json())
     (out / "sweep.md").write_text(sweep.to_markdown())
     _say(cfg)(sweep.to_markdown())
@@ -162,9 +175,9 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
         if nonzero:
             shown = float(max(nonzero, key=lambda r: r["worst_case"])["alpha"])
 
-    x, y = test.float(), test.labels
+    x, y = _xy(test)
     common = dict(norm=cfg.norm, eps=cfg.eps, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
-                  attack_options=cfg.attack_options)
+                  attack_options=cfg.attack_options, workers=cfg.workers)
     before = evaluate(base, x, y, attacks=[a for a in cfg.attacks if not a.startswith(("bpda-", "transfer"))],
                       state_path=out / "state" / "before.json", **common)
     set_alpha(model, shown)
@@ -176,7 +189,8 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     plots = {"alpha_curve": "alpha_curve.png"} if (out / "alpha_curve.png").exists() else {}
     try:
         op = operators(model)[0]
-        plots["feature_histogram"] = plot_feature_histogram(model, op, x[:256], out / "feature_histogram.png").name
+        plots["feature_histogram"] = plot_feature_histogram(model, op, first_images(test, 256),
+                                                            out / "feature_histogram.png").name
     except ImportError as e:
         say(f"(plots skipped: {e})")
 

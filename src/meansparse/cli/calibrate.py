@@ -1,6 +1,8 @@
 """``meansparse calibrate``: prepare a checkpoint, measure every site's statistics, write a state file.
 
     meansparse calibrate --checkpoint runs/r18/best --data cifar10-jpg --holdout 1000 --out r18.safetensors
+    meansparse calibrate --checkpoint ... --data imagenet/ --split train --n-examples 20000 --workers 8 \
+        --preprocessing BicubicRes256Crop224 --out swin.safetensors     # streamed: a few batches in memory
     torchrun --nproc_per_node 4 -m meansparse.cli calibrate --checkpoint ... --out r18.safetensors
 
 Under ``torchrun`` each rank loads the data, keeps its strided shard (rank r: examples r, r + W, ...; nothing
@@ -20,12 +22,21 @@ from typing import Any
 
 from ..calibration import calibrate
 from ..core import operators
-from ..data import Batches, holdout_split, load_dataset
+from ..data import first_images, holdout_split
 from ..distributed import all_gather_object, is_main, launch, shard, world_size
 from ..models import load
 from ..placement import prepare, set_alpha
 from ..serialization import save
-from .common import add_checkpoint_arg, add_data_args, add_device_arg, add_threads_arg, set_threads
+from .common import (
+    add_checkpoint_arg,
+    add_data_args,
+    add_device_arg,
+    add_stream_args,
+    add_threads_arg,
+    data_loader,
+    open_data,
+    set_threads,
+)
 
 __all__ = ["add_calibrate_parser", "run_calibrate", "calibrate_checkpoint"]
 
@@ -37,7 +48,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arg(p)
     add_data_args(p)
-    p.add_argument("--split", default="train", choices=["train", "test"])
+    add_stream_args(p)
+    p.add_argument("--split", default="train", choices=["train", "test", "val"])
     p.add_argument("--holdout", type=int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses)")
     p.add_argument("--n-examples", type=int, default=None, help="calibrate on N randomly drawn remaining images")
@@ -70,16 +82,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Load, prepare, calibrate (this rank's shard) and, on rank 0, save; returns a summary."""
     model = load(args.checkpoint, device=device)
-    data = load_dataset(args.data, args.split, root=args.data_root)
+    data = open_data(args, args.split, args.checkpoint)  # a named set in memory, a path streamed
     if args.holdout:
         data, _ = holdout_split(data, args.holdout, seed=args.seed)
     data = data.sample(args.n_examples, seed=0)
     mine = shard(data)
-    example = data.subset(slice(0, 1)).float().to(device)
+    example = first_images(data, 1).to(device)
     model = prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
                     method=args.method, example_inputs=(example,))
     start = time.perf_counter()
-    calibrate(model, Batches(mine, args.batch_size), device=device, max_batches=args.max_batches,
+    calibrate(model, data_loader(args, mine, args.batch_size), device=device, max_batches=args.max_batches,
               progress=not args.no_progress and is_main())
     seconds = time.perf_counter() - start
     if args.alpha is not None:

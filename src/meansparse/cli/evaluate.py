@@ -1,7 +1,8 @@
 """``meansparse evaluate``: robustness report (report.json + report.md) for a checkpoint on a data set.
 
 Resumable by default: per-batch results go to ``OUT/state.json``, so rerunning a killed command continues
-where it stopped.
+where it stopped.  ``--data PATH`` (an image folder or a tar archive) is streamed: each batch is decoded when
+it is needed (``--workers N`` processes), with ``--preprocessing`` (RobustBench's names).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 from ..accel import fuse
 from ..core import operators
-from ..data import load_dataset
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate
 from ..models import load as load_checkpoint
@@ -24,9 +24,13 @@ from .common import (
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
+    add_stream_args,
+    as_xy,
     comma_list,
+    open_data,
     parse_eps,
     parse_options,
+    resolve_preprocessing,
 )
 
 __all__ = ["add_evaluate_parser", "run_evaluate"]
@@ -42,7 +46,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint")
     p.add_argument("--alpha", type=float, default=None, help="set every operator's alpha (after --meansparse)")
     add_data_args(p)
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    add_stream_args(p)
+    p.add_argument("--split", default="test", choices=["train", "test", "val"])
     p.add_argument("--n-examples", type=int, default=1000, help="N examples drawn at random (--seed) from the split")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2)")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
@@ -79,8 +84,8 @@ def _load_model(args: argparse.Namespace, device: str) -> Any:
 
 
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
-    data = load_dataset(args.data, args.split, root=args.data_root).sample(args.n_examples, seed=args.seed)
-    return data.float(), data.labels
+    data = open_data(args, args.split, args.checkpoint).sample(args.n_examples, seed=args.seed)
+    return as_xy(data)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -102,9 +107,12 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
     report = evaluate(model, x, y, norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size,
                       seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
-                      individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity)
+                      individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity,
+                      workers=args.workers)
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
                                   "alpha": args.alpha, "data": args.data, "split": args.split}
+    if y is None:  # streamed: what the images went through matters
+        report.metadata["command"]["preprocessing"] = resolve_preprocessing(args, args.checkpoint)
     if not main:
         return 0
     (out / "report.json").write_text(report.to_json() + "\n")

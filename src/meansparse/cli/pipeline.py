@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 
 from ..pipeline import PipelineConfig, run, run_sweep
-from .common import FUSE_HELP, add_threads_arg, comma_list, parse_eps, parse_options, set_threads
+from .common import (
+    FUSE_HELP,
+    add_split_args,
+    add_stream_args,
+    add_threads_arg,
+    comma_list,
+    parse_eps,
+    parse_options,
+    resolve_preprocessing,
+    set_threads,
+)
 
 __all__ = ["add_pipeline_args", "add_demo_parser", "add_sweep_parser", "pipeline_config", "run_demo",
            "run_sweep_command"]
@@ -13,7 +23,9 @@ __all__ = ["add_pipeline_args", "add_demo_parser", "add_sweep_parser", "pipeline
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """The options ``demo`` and ``sweep`` share (they run the same first half of the pipeline)."""
-    p.add_argument("--data", default="digits", help="digits (embedded default) | cifar10-jpg | cifar10 | path")
+    p.add_argument("--data", default="digits",
+                   help="digits (embedded default) | cifar10-jpg | cifar10 | path to an image folder or tar "
+                        "archive ([split/]class/image; streamed)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--model", default=None, help="checkpoint (safetensors + json); default: train on digits")
     p.add_argument("--eps", type=parse_eps, default=None, help="e.g. 8/255; default 8/255 (CIFAR), 0.1 (digits)")
@@ -39,6 +51,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the models run")
     p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
     p.add_argument("--quiet", action="store_true")
+    add_stream_args(p)
+    add_split_args(p)
     p.add_argument("--out", required=True, help="report directory")
 
 
@@ -67,7 +81,9 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                          attack_options=parse_options(args.option) or None,
                          calibration_batches=args.calibration_batches,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                         train_epochs=args.train_epochs, device=args.device, fuse=args.fuse)
+                         train_epochs=args.train_epochs, device=args.device, fuse=args.fuse,
+                         workers=args.workers, preprocessing=resolve_preprocessing(args, args.model),
+                         train_split=args.train_split, test_split=args.test_split)
     if args.alphas:
         cfg.alphas = tuple(float(a) for a in args.alphas.split(","))
     if args.attacks:
