@@ -77,7 +77,11 @@ def collate(items: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, to
         raise ValueError(f"images in one batch differ in size ({'x'.join(map(str, a))} vs {'x'.join(map(str, b))}): "
                          "pass a preprocessing that fixes the size, e.g. preprocessing='Res256Crop224' "
                          "(--preprocessing Res256Crop224), the one the model was benchmarked with")
-    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+    from torch.utils.data import default_collate
+
+    # default_collate stacks straight into shared memory inside a DataLoader worker (torch.stack would
+    # allocate on the worker's heap and be copied there: glibc's heap then creeps up over thousands of batches)
+    return default_collate([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
 
 
 def loader(dataset: Any, batch_size: int, workers: int = 0, *, shuffle: bool = False, seed: int = 0,

@@ -115,7 +115,9 @@ def collate_examples(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     if len(shapes) > 1:
         raise ValueError(f"images differ in size ({shapes[0]} vs {shapes[1]}): give the data set a preprocessing "
                          "that fixes the size (e.g. RobustBench's 'Res256Crop224')")
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+    from torch.utils.data import default_collate
+
+    return default_collate(xs), torch.tensor(ys, dtype=torch.int64)  # in a worker: straight into shared memory
 
 
 class DatasetExamples(ExampleSource):
