@@ -170,6 +170,8 @@ def test_mixed_sizes_need_a_preprocessing(tmp_path):
     ds = ImageFolderDataset(tmp_path / "f")
     with pytest.raises(ValueError, match="differ in size.*Res256Crop224"):
         next(iter(loader(ds, 2)))
+    with pytest.raises(ValueError, match="differ in size"):
+        first_images(ds, 2)
     x, _ = next(iter(loader(ds.with_preprocessing("Res224"), 2)))
     assert x.shape == (2, 3, 224, 224)
     assert ImageFolderDataset(tmp_path / "f", preprocessing="Crop288")[0][0].shape == (3, 288, 288)

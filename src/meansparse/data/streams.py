@@ -417,7 +417,9 @@ def first_images(data: Any, n: int) -> torch.Tensor:
     (e.g. ``example_inputs`` for ``prepare``); only those images are decoded."""
     if hasattr(data, "images") and hasattr(data, "float"):
         return data.subset(slice(0, n)).float()
-    items = [data[i][0] for i in range(min(n, len(data)))]
+    from .loaders import collate
+
+    items = [data[i] for i in range(min(n, len(data)))]
     if not items:
         raise ValueError("the data set is empty")
-    return torch.stack(items)
+    return collate(items)[0]  # images of different sizes: the error that names --preprocessing
