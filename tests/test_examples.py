@@ -154,3 +154,35 @@ def test_search_alpha_on_a_dataset_equals_tensors(models, digits_xy, tmp_path):
         ms.set_alpha(model, {name: float(v) for name, v in before.items()})
     assert a.to_json() == b.to_json()
     assert len(list(tmp_path.glob("*.json"))) == 2  # resumable: one state per α
+
+
+def test_an_attack_writing_into_its_batch_never_reaches_x(models, test_set):
+    """Batches are copies (as ``x[idx]`` always was): an attack that scribbles on its input cannot change the
+    examples the next attack or the judge sees."""
+    from meansparse.evaluation import Attack
+
+    class Scribble(Attack):
+        name = "scribble"
+
+        def _run(self, model, x, y, seed):
+            x.zero_()
+            return x.clone()
+
+    _, model = models
+    x, y = test_set
+    before = x.clone()
+    run(model, x, y, [Scribble(norm="Linf", eps=0.2), "apgd-ce"], batch_size=16)
+    assert torch.equal(x, before)
+
+
+def test_items_must_be_tensors_with_integer_labels(models, test_set):
+    import numpy as np
+
+    _, model = models
+    x, y = test_set
+    source = as_examples([(x[i].numpy(), np.array(int(y[i]))) for i in range(4)])
+    assert torch.equal(source.fetch([0, 1])[1], y[:2])  # numpy images and 0-d numpy labels are fine
+    with pytest.raises(ValueError, match="CHW tensors.*ToTensor"):
+        as_examples([(object(), 1)]).fetch([0])
+    with pytest.raises(ValueError, match="one integer"):
+        as_examples([(x[0], 1.5)]).fetch([0])

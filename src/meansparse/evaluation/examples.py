@@ -38,7 +38,6 @@ class ExampleSource:
 
     #: set by the evaluation once the model's number of classes is known; streamed batches are checked against it
     n_classes: int | None = None
-    streamed = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -76,11 +75,8 @@ class TensorExamples(ExampleSource):
         return len(self.x)
 
     def fetch(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = list(idx)
-        if idx and idx == list(range(idx[0], idx[0] + len(idx))):
-            return self.x[idx[0]:idx[0] + len(idx)], self.y[idx[0]:idx[0] + len(idx)]
-        ii = torch.tensor(idx, dtype=torch.long)
-        return self.x[ii], self.y[ii]
+        ii = torch.tensor(list(idx), dtype=torch.long)
+        return self.x[ii], self.y[ii]  # copies, never views: nothing an attack does to its batch reaches x
 
     def head(self, n: int) -> TensorExamples:
         return TensorExamples(self.x[:n], self.y[:n])
@@ -97,6 +93,8 @@ def _label(value: Any) -> int:
         if value.numel() != 1 or value.is_floating_point():
             raise ValueError(f"a label must be one integer, got {value!r}")
         return int(value.item())
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
+        return int(value.reshape(()))
     if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"a label must be one integer, got {value!r}")
     return int(value)
@@ -108,8 +106,10 @@ def collate_examples(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise ValueError(f"the data set must return (image, label) pairs, got {type(item).__name__}")
-        x = torch.as_tensor(item[0])
-        xs.append(x)
+        if not isinstance(item[0], (torch.Tensor, np.ndarray)):
+            raise ValueError(f"images must be CHW tensors in [0, 1], got {type(item[0]).__name__}: give the data set "
+                             "a transform to tensors (meansparse.data streams do this; torchvision: ToTensor())")
+        xs.append(torch.as_tensor(item[0]))
         ys.append(_label(item[1]))
     shapes = sorted({tuple(x.shape) for x in xs})
     if len(shapes) > 1:
@@ -122,8 +122,6 @@ def collate_examples(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class DatasetExamples(ExampleSource):
     """A sized data set of ``(image, label)`` by index, decoded batch by batch (``workers`` processes)."""
-
-    streamed = True
 
     def __init__(self, dataset: Any, workers: int = 0, labels: torch.Tensor | None = None) -> None:
         if not isinstance(workers, int) or workers < 0:
