@@ -37,18 +37,27 @@ def _inputs(batch: Any) -> Any:
 
 
 def _total(loader: Any, max_batches: int | None) -> int | None:
-    """Images the pass will see, for the progress bar's total and ETA: the loader's data set size (a
-    DataLoader or :class:`~meansparse.data.Batches`), capped at ``max_batches`` full batches; None if unknown."""
-    try:
-        total = len(loader.dataset)
-    except (AttributeError, TypeError):
-        total = None
+    """Images the pass will see, for the progress bar's total and ETA: a DataLoader's sampler length (less what
+    ``drop_last`` drops), else the loader's data set size (:class:`~meansparse.data.Batches`), else its length
+    times its batch size; at most ``max_batches`` full batches; None if unknown."""
     batch_size = getattr(loader, "batch_size", None)
-    if total is None and isinstance(batch_size, int):
+    sampler = getattr(loader, "sampler", None)
+    total = None
+    try:
+        if isinstance(batch_size, int) and sampler is not None:
+            total = len(sampler)
+            if getattr(loader, "drop_last", False):
+                total -= total % batch_size
+    except (TypeError, NotImplementedError):
+        total = None
+    if total is None:
         try:
-            total = len(loader) * batch_size
-        except TypeError:
-            return None
+            total = len(loader.dataset)
+        except (AttributeError, TypeError):
+            try:
+                total = len(loader) * batch_size if isinstance(batch_size, int) else None
+            except TypeError:
+                return None
     if max_batches is not None:
         if not isinstance(batch_size, int):
             return None
@@ -124,6 +133,10 @@ def calibrate(
 ) -> nn.Module:
     """Measure exact per-channel mean/var (ddof=0) of every operator input in one pass over ``loader``.
 
+    ``loader``: any iterable of batches ``x`` or ``(x, y, ...)``, e.g. a ``DataLoader`` over a streamed data
+    set (``meansparse.data.loader(stream, 256, workers=8)``): batches are consumed one at a time, so memory
+    holds what the loader keeps in flight.  The progress bar counts images (total from the loader's sampler
+    or ``len(loader.dataset)``).
     ``device``: if given the model is moved there; inputs always go to the model's device.  The model's
     train/eval flags and the operators' modes are restored afterwards, also on error.  ``check_inputs``:
     tensor inputs must be float images in [0, 1], as :func:`meansparse.evaluate` requires (False for a model

@@ -22,6 +22,7 @@ from .core import operators
 from .evaluation import Attack, Report, build_attack
 from .evaluation import evaluate as evaluate_eager
 from .evaluation.budget import estimated_passes
+from .evaluation.examples import as_examples
 from .evaluation.report import RUN_KEY
 
 __all__ = ["evaluate", "plan_fusion", "attack_objects"]
@@ -56,7 +57,7 @@ def plan_fusion(model: nn.Module, example: torch.Tensor, passes: float, fuse: bo
     return fuse_decision(model, example, passes)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *args: Any, fuse: bool | str = "auto",
+def evaluate(model: nn.Module, x: Any, y: torch.Tensor | None = None, *args: Any, fuse: bool | str = "auto",
              announce: Callable[[FuseDecision], None] | None = None, **kwargs: Any) -> Report:
     """:func:`meansparse.evaluation.evaluate`, on the fused model when that is faster (``fuse="auto"``, the
     default; True / False force it), with the same report: on the CPU fused outputs and gradients are
@@ -65,7 +66,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *args: Any, fus
     bound.apply_defaults()
     a = bound.arguments
     cost = estimated_passes(attack_objects(a["attacks"], a["attack_options"]), len(x))
-    decision = plan_fusion(model, torch.as_tensor(x[: a["batch_size"]]), cost, fuse)
+    example = x[: a["batch_size"]] if isinstance(x, torch.Tensor) else \
+        as_examples(x, y).fetch(range(min(a["batch_size"], len(x))))[0]  # a data set: its first batch
+    decision = plan_fusion(model, example, cost, fuse)
     log.info("meansparse: %s operator: %s", "fused" if decision.fuse else "eager", decision.reason)
     if announce is not None:
         announce(decision)

@@ -2,7 +2,8 @@
 
 `meansparse demo` runs it on the embedded default (8x8 digits, a small CNN adversarially trained in
 seconds); `--data/--model` run the very same pipeline on CIFAR-10 with a reference checkpoint or on a
-user's own model and data.
+user's own model and data.  A `--data` path (an image folder or a tar archive) is streamed: calibration,
+the sweep and the evaluation decode batch by batch (`workers` processes), never holding the set in memory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ._utils import resolve_device, writable_dir
 from .accel import fuse, fused_sites
 from .calibration import calibrate
 from .core import operators
-from .data import Batches, ImageSet, holdout_split, load_dataset
+from .data import ImageSet, first_images, holdout_split, loader, open_dataset
 from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
 from .fastpath import attack_objects, plan_fusion
@@ -69,6 +70,10 @@ class PipelineConfig:
     train_epochs: int = 30            # epochs of the embedded digits model
     device: str = "cpu"               # where the models run ("cuda", "cuda:1", ...); data stays on the CPU
     fuse: bool | None = None          # fused kernels: None = when that pays off (meansparse.accel.auto)
+    workers: int = 0                  # DataLoader processes decoding a streamed data path (0: in this process)
+    preprocessing: str | None = None  # RobustBench preprocessing name of a streamed data path (None: ToTensor)
+    train_split: str = "train"        # splits of a data path ("val" for an ImageNet-style tree)
+    test_split: str = "test"
 
 
 def _count(cfg: PipelineConfig, name: str, optional: bool = False) -> None:
@@ -114,11 +119,18 @@ def _train_digits_model(out: Path, cfg: PipelineConfig, progress: bool) -> nn.Mo
     return load_checkpoint(out / "best")
 
 
-def _load_data(cfg: PipelineConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
-    full = load_dataset(cfg.data, "train", root=cfg.data_root)
-    test = load_dataset(cfg.data, "test", root=cfg.data_root).sample(cfg.n_test, seed=cfg.seed)
+def _load_data(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
+    """(fitting, held-out, test) parts: in-memory ImageSets for a named data set, streams for a path."""
+    full = open_dataset(cfg.data, cfg.train_split, root=cfg.data_root, preprocessing=cfg.preprocessing)
+    test = open_dataset(cfg.data, cfg.test_split, root=cfg.data_root,
+                        preprocessing=cfg.preprocessing).sample(cfg.n_test, seed=cfg.seed)
     fit, hold = holdout_split(full, cfg.n_holdout, seed=cfg.seed)
     return fit, hold, test
+
+
+def _xy(data: Any) -> tuple[Any, Any]:
+    """What ``evaluate`` / ``search_alpha`` take: float images and labels in memory, or the stream itself."""
+    return (data.float(), data.labels) if isinstance(data, ImageSet) else (data, None)
 
 
 def _table(before: Report, after: Report) -> str:
@@ -166,14 +178,16 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
         base = load_model_spec(cfg.model, dataset=cfg.dataset, threat_model=cfg.threat_model, weights=cfg.weights,
                                pretrained=cfg.pretrained, device=device)
         config = read_config(cfg.model) if checkpoint_paths(cfg.model)[1].exists() else {}
-        check_input_shape(base, config, tuple(hold.images.shape[1:]), f"--data {cfg.data}", str(cfg.model))
+        check_input_shape(base, config, tuple(first_images(hold, 1).shape[1:]), f"--data {cfg.data}",
+                          str(cfg.model))
     else:
         base = _train_digits_model(out / "model", cfg, cfg.progress)
     base = base.to(device).eval()
-    model = prepare(copy.deepcopy(base), example_inputs=(hold.float()[:2].to(device),), preset=cfg.preset)
+    model = prepare(copy.deepcopy(base), example_inputs=(first_images(hold, 2).to(device),), preset=cfg.preset)
     say(f"prepared: {len(sites(model))} MeanSparse sites")
-    calibrate(model, Batches(fit, cfg.batch_size), max_batches=cfg.calibration_batches, progress=cfg.progress)
-    decision = plan_fusion(model, hold.float()[:cfg.batch_size].to(device),
+    calibrate(model, loader(fit, cfg.batch_size, cfg.workers), max_batches=cfg.calibration_batches,
+              progress=cfg.progress)
+    decision = plan_fusion(model, first_images(hold, cfg.batch_size).to(device),
                            _job_passes(cfg, len(hold), len(test), final), "auto" if cfg.fuse is None else cfg.fuse)
     cfg.fuse_decision = decision.as_dict()
     if decision.fuse:
@@ -188,19 +202,19 @@ def _say(cfg: PipelineConfig):
     return print if cfg.progress else (lambda *a, **k: None)
 
 
-def calibration_images(cfg: PipelineConfig, fit: ImageSet) -> int:
+def calibration_images(cfg: PipelineConfig, fit: Any) -> int:
     """Images the calibration pass actually saw: the fitting split, or ``calibration_batches`` batches of it."""
     if cfg.calibration_batches is None:
         return len(fit)
     return min(len(fit), cfg.calibration_batches * cfg.batch_size)
 
 
-def _sweep(cfg: PipelineConfig, model: nn.Module, hold: ImageSet, out: Path) -> AlphaSearchResult:
+def _sweep(cfg: PipelineConfig, model: nn.Module, hold: Any, out: Path) -> AlphaSearchResult:
     """Global α sweep on the held-out split; writes sweep.json / sweep.md / alpha_curve.png."""
-    sweep = search_alpha(model, hold.float(), hold.labels, cfg.alphas, clean_budget=cfg.clean_budget,
+    sweep = search_alpha(model, *_xy(hold), cfg.alphas, clean_budget=cfg.clean_budget,
                          n_robust=cfg.n_sweep_robust, attacks=cfg.sweep_attacks, norm=cfg.norm, eps=cfg.eps,
                          attack_options=cfg.attack_options, batch_size=cfg.batch_size, seed=cfg.seed,
-                         state_dir=out / "state" / "sweep", progress=cfg.progress)
+                         state_dir=out / "state" / "sweep", progress=cfg.progress, workers=cfg.workers)
     (out / "sweep.json").write_text(sweep.to_json())
     (out / "sweep.md").write_text(sweep.to_markdown())
     _say(cfg)(sweep.to_markdown())
@@ -242,9 +256,9 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
         if nonzero:
             shown = float(max(nonzero, key=lambda r: r["worst_case"])["alpha"])
 
-    x, y = test.float(), test.labels
+    x, y = _xy(test)
     common = dict(norm=cfg.norm, eps=cfg.eps, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
-                  attack_options=cfg.attack_options)
+                  attack_options=cfg.attack_options, workers=cfg.workers)
     # Both rows get exactly the same attacks and budgets: on the base model (no operators) bpda-X is X and
     # transfer crafts on the model itself, so nothing is dropped and the two worst cases compare like for like.
     before = evaluate(base, x, y, attacks=cfg.attacks, state_path=out / "state" / "before.json", **common)
@@ -259,7 +273,8 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     plots = {"alpha_curve": "alpha_curve.png"} if (out / "alpha_curve.png").exists() else {}
     try:
         op = operators(model)[0]
-        plots["feature_histogram"] = plot_feature_histogram(model, op, x[:256], out / "feature_histogram.png").name
+        plots["feature_histogram"] = plot_feature_histogram(model, op, first_images(test, 256),
+                                                            out / "feature_histogram.png").name
     except ImportError as e:
         say(f"(plots skipped: {e})")
 

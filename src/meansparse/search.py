@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from ._utils import model_device
 from .core import check_alpha, operators
 from .evaluation import attack_budget, evaluate
+from .evaluation.examples import as_examples, chunk_indices
 from .placement import set_alpha
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
@@ -97,16 +99,21 @@ def schedule(a: float, r: float, n_sites: int) -> dict[int, float]:
 
 
 class AlphaObjective:
-    """Evaluates one α setting: clean accuracy on all of x, worst case on x[:n_robust] (cascade mode)."""
+    """Evaluates one α setting: clean accuracy on all of x, worst case on x[:n_robust] (cascade mode).
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_robust: int = 200,
+    ``x, y``: tensors, or a data set of (image, label) with ``y`` None (streamed batch by batch, decoded in
+    ``workers`` processes; every α decodes the held-out images again instead of keeping them in memory)."""
+
+    def __init__(self, model: nn.Module, x: Any, y: Any = None, *, n_robust: int = 200,
                  attacks: Sequence[str] = DEFAULT_SEARCH_ATTACKS, norm: str = "Linf", eps: float = 8 / 255,
                  attack_options: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int = 256,
-                 seed: int = 0, state_dir: str | Path | None = None, progress: bool = False) -> None:
+                 seed: int = 0, state_dir: str | Path | None = None, progress: bool = False,
+                 workers: int = 0) -> None:
         if not operators(model):
             raise ValueError("search_alpha needs a prepared and calibrated model (ms.prepare + ms.calibrate)")
-        self.model, self.x, self.y = model, x, y
-        self.n_robust = min(n_robust, len(x))
+        self.model = model
+        self.examples = as_examples(x, y, workers)
+        self.n_robust = min(n_robust, len(self.examples))
         self.attacks = list(attacks)
         self.kw = dict(norm=norm, eps=eps, attack_options=attack_options, batch_size=batch_size, seed=seed)
         self.state_dir = Path(state_dir) if state_dir else None
@@ -119,16 +126,17 @@ class AlphaObjective:
     @torch.no_grad()
     def clean(self) -> float:
         device = model_device(self.model) or torch.device("cpu")
-        correct, bs = 0, self.kw["batch_size"]
-        for s in range(0, len(self.x), bs):
-            pred = self.model(self.x[s:s + bs].to(device)).argmax(1).cpu()
-            correct += (pred == self.y[s:s + bs].cpu()).sum().item()
-        return correct / len(self.x)
+        correct, n = 0, len(self.examples)
+        with closing(self.examples.batches(chunk_indices(n, self.kw["batch_size"]))) as fetched:
+            for xb, yb in fetched:
+                pred = self.model(xb.to(device)).argmax(1).cpu()
+                correct += (pred == yb).sum().item()
+        return correct / n
 
     def __call__(self, alpha: AlphaSpec, tag: str) -> dict[str, Any]:
         set_alpha(self.model, alpha)
         state = self.state_dir / f"{tag}.json" if self.state_dir else None
-        report = evaluate(self.model, self.x[:self.n_robust], self.y[:self.n_robust], attacks=self.attacks,
+        report = evaluate(self.model, self.examples.head(self.n_robust), attacks=self.attacks,
                           individual=False, state_path=state, progress=self.progress, callback=self.on_batch,
                           **self.kw)
         self.attack_settings = report.metadata["attack_settings"]  # the same for every α
@@ -146,7 +154,7 @@ def _finish(rows, objective: AlphaObjective, clean_budget: float, settings: dict
     settings = {**settings, "attack_budgets": {k: attack_budget(v) for k, v in objective.attack_settings.items()}}
     return AlphaSearchResult(rows=rows, chosen=_pick(rows, "worst_case"), naive=_pick(rows, "plain"),
                              clean_budget=clean_budget, attacks=objective.attacks, plain_attack=objective.attacks[0],
-                             n_clean=len(objective.x), n_robust=objective.n_robust, settings=settings)
+                             n_clean=len(objective.examples), n_robust=objective.n_robust, settings=settings)
 
 
 def _follow(bar: Any, objective: AlphaObjective, step: str) -> None:
@@ -179,15 +187,17 @@ def _run_grid(objective: AlphaObjective, specs: list[tuple[Any, AlphaSpec, str]]
     return rows
 
 
-def search_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float] = DEFAULT_ALPHAS,
+def search_alpha(model: nn.Module, x: Any, y: Any = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
                  *, clean_budget: float = 0.005, n_robust: int = 200,
                  attacks: Sequence[str] = DEFAULT_SEARCH_ATTACKS, norm: str = "Linf", eps: float = 8 / 255,
                  attack_options: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int = 256,
-                 seed: int = 0, state_dir: str | Path | None = None, progress: bool = True) -> AlphaSearchResult:
+                 seed: int = 0, state_dir: str | Path | None = None, progress: bool = True,
+                 workers: int = 0) -> AlphaSearchResult:
     """Sweep one global α on HELD-OUT data; pick the best worst case within the clean-accuracy budget.
 
     `attacks[0]` is the plain white-box attack whose (masked) curve is shown; the rest run only on the
     examples it left robust. `state_dir` makes the sweep resumable (one evaluation state per α).
+    `x, y`: tensors, or a data set of (image, label) with `y` None, streamed (`workers` decoding processes).
     """
     alphas = sorted({float(a) for a in alphas})
     try:
@@ -199,14 +209,14 @@ def search_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas: Seq
         alphas = [0.0, *alphas]  # the clean budget is relative to the unmodified model
     objective = AlphaObjective(model, x, y, n_robust=n_robust, attacks=attacks, norm=norm, eps=eps,
                                attack_options=attack_options, batch_size=batch_size, seed=seed,
-                               state_dir=state_dir)
+                               state_dir=state_dir, workers=workers)
     rows = _run_grid(objective, [(a, a, f"alpha-{a:g}") for a in alphas], clean_budget, progress)
     result = _finish(rows, objective, clean_budget, {"kind": "global", "alphas": alphas, "eps": eps, "norm": norm})
     set_alpha(model, result.chosen_alpha)
     return result
 
 
-def search_schedule(model: nn.Module, x: torch.Tensor, y: torch.Tensor, a_values: Sequence[float] = DEFAULT_ALPHAS,
+def search_schedule(model: nn.Module, x: Any, y: Any = None, a_values: Sequence[float] = DEFAULT_ALPHAS,
                     ratios: Sequence[float] = (0.6, 0.8, 1.0, 1.25), **kwargs: Any) -> AlphaSearchResult:
     """Per-layer α as a depth schedule α_k = a·r^k (r = 1 is the global α), same objective and budget."""
     clean_budget = kwargs.pop("clean_budget", 0.005)
@@ -223,7 +233,7 @@ def search_schedule(model: nn.Module, x: torch.Tensor, y: torch.Tensor, a_values
     return result
 
 
-def search_per_site(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: float,
+def search_per_site(model: nn.Module, x: Any, y: Any, start: float,
                     candidates: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4), rounds: int = 1,
                     callback: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any) -> AlphaSearchResult:
     """Coordinate ascent over sites from a global α `start`: each site tries every candidate, others fixed."""

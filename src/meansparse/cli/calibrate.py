@@ -1,6 +1,8 @@
 """``meansparse calibrate``: prepare a checkpoint, measure every site's statistics, write a state file.
 
     meansparse calibrate --checkpoint runs/r18/best --data cifar10-jpg --holdout 1000 --out r18.safetensors
+    meansparse calibrate --checkpoint ... --data imagenet/ --split train --n-examples 20000 --workers 8 \
+        --preprocessing BicubicRes256Crop224 --out swin.safetensors     # streamed: a few batches in memory
     torchrun --nproc_per_node 4 -m meansparse.cli calibrate --checkpoint ... --out r18.safetensors
 
 Under ``torchrun`` each rank loads the data, keeps its strided shard (rank r: examples r, r + W, ...; nothing
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..calibration import calibrate
 from ..core import operators
-from ..data import Batches, holdout_split, load_dataset
+from ..data import first_images, holdout_split
 from ..distributed import all_gather_object, is_main, launch, shard, world_size
 from ..placement import prepare, set_alpha
 from ..serialization import save
@@ -31,14 +33,17 @@ from .common import (
     add_data_args,
     add_device_arg,
     add_preset_arg,
+    add_stream_args,
     add_threads_arg,
     check_data_fits,
     check_device,
     check_regexes,
     checkpoint_config,
     clamp_count,
+    data_loader,
     load_model_arg,
     notice,
+    open_data,
     positive_int,
     preset_of,
     set_threads,
@@ -67,7 +72,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     add_checkpoint_arg(p)
     add_preset_arg(p)
     add_data_args(p)
-    p.add_argument("--split", default="train", choices=["train", "test"], help="split to calibrate on")
+    add_stream_args(p)
+    p.add_argument("--split", default="train", choices=["train", "test", "val"], help="split to calibrate on")
     p.add_argument("--holdout", type=_non_negative_int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses; "
                         "default 0: none)")
@@ -119,7 +125,7 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     model = load_model_arg(args, args.checkpoint, device)
     config = checkpoint_config(args.checkpoint)
     name = data_name(args, config)
-    data = load_dataset(name, args.split, root=args.data_root)
+    data = open_data(args, args.split, args.checkpoint, name=name)  # a named set in memory, a path streamed
     check_data_fits(model, data, name, config, args.checkpoint)
     if args.data is None and is_main():
         notice("calibrate", f"--data {name} (the data set recorded in {args.checkpoint})")
@@ -129,11 +135,11 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     data = data.sample(clamp_count(args.n_examples, len(data), "--n-examples", what, "calibrate", say=is_main()),
                        seed=0)
     mine = shard(data)
-    example = data.subset(slice(0, 1)).float().to(device)
+    example = first_images(data, 1).to(device)
     model = prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
                     method=args.method, example_inputs=(example,), preset=preset_of(args))
     start = time.perf_counter()
-    calibrate(model, Batches(mine, args.batch_size), device=device, max_batches=args.max_batches,
+    calibrate(model, data_loader(args, mine, args.batch_size), device=device, max_batches=args.max_batches,
               progress=not args.no_progress and is_main())
     seconds = time.perf_counter() - start
     if args.alpha is not None:

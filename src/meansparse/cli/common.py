@@ -18,7 +18,7 @@ import torch
 
 from .._utils import resolve_device
 from .._utils import writable_dir as _writable_dir
-from ..data import ImageSet
+from ..data import ImageSet, first_images
 from ..evaluation import check_attack_names
 from ..models import check_input_shape, checkpoint_paths, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
@@ -30,6 +30,7 @@ __all__ = [
     "parse_eps",
     "parse_options",
     "positive_int",
+    "non_negative_int",
     "comma_list",
     "parse_alphas",
     "add_checkpoint_arg",
@@ -51,6 +52,13 @@ __all__ = [
     "check_data_fits",
     "checkpoint_config",
     "notice",
+    "PREPROCESSING_CHOICES",
+    "add_stream_args",
+    "add_split_args",
+    "resolve_preprocessing",
+    "open_data",
+    "data_loader",
+    "as_xy",
 ]
 
 #: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
@@ -88,6 +96,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or "default" in text.lower()):
             return text
         return text + " (default: %(default)s)"
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (``--workers``)."""
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from e
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -193,10 +212,12 @@ def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_config(path) if checkpoint_paths(path)[1].exists() else {}
 
 
-def check_data_fits(model: torch.nn.Module, data: ImageSet, data_name: str, config: Mapping[str, Any] | None,
+def check_data_fits(model: torch.nn.Module, data: Any, data_name: str, config: Mapping[str, Any] | None,
                     checkpoint: str | os.PathLike) -> None:
-    """The images of ``--data`` fit the model (see :func:`meansparse.models.check_input_shape`)."""
-    check_input_shape(model, config, tuple(data.images.shape[1:]), f"--data {data_name}", str(checkpoint))
+    """The images of ``--data`` (in memory or streamed: its first image) fit the model (see
+    :func:`meansparse.models.check_input_shape`)."""
+    shape = data.images.shape[1:] if isinstance(data, ImageSet) else first_images(data, 1).shape[1:]
+    check_input_shape(model, config, tuple(shape), f"--data {data_name}", str(checkpoint))
 
 
 def comma_list(text: str) -> list[str]:
@@ -283,3 +304,68 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's CPU threads for the run (default: torch's own choice)."""
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
+
+
+#: ``--preprocessing``: RobustBench's names (robustbench.data.PREPROCESSINGS), "none" and "auto"
+PREPROCESSING_CHOICES = ("auto", "none", "Res256Crop224", "BicubicRes256Crop224", "Crop288", "Res224")
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """``--workers N`` and ``--preprocessing NAME``: how a ``--data PATH`` (an image folder or a tar archive,
+    streamed one image at a time) is decoded.  The named data sets are in memory and ignore ``--workers``."""
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="DataLoader worker processes decoding a streamed --data PATH (default 0: in the main "
+                        "process)")
+    p.add_argument("--preprocessing", default="auto", choices=PREPROCESSING_CHOICES,
+                   help="RobustBench preprocessing of a streamed --data PATH. auto (default): the checkpoint's "
+                        "recorded 'preprocessing', else none = ToTensor only, right for 32x32 CIFAR-style "
+                        "images; an ImageNet model needs its own (ms.zoo.preprocessing(name, 'imagenet'), e.g. "
+                        "BicubicRes256Crop224)")
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    """``--train-split`` / ``--test-split`` of ``demo`` and ``sweep`` (an ImageNet tree's test split is val)."""
+    p.add_argument("--train-split", default="train", help="split of a --data PATH to calibrate and sweep on")
+    p.add_argument("--test-split", default="test", help="split of a --data PATH to evaluate on (e.g. val)")
+
+
+def resolve_preprocessing(args: argparse.Namespace, checkpoint: str | None = None) -> str | None:
+    """The preprocessing name ``--preprocessing`` asks for: ``auto`` is the checkpoint config's
+    ``preprocessing`` field for a streamed path, else None (``ToTensor`` only)."""
+    value = getattr(args, "preprocessing", "auto") or "auto"
+    if value == "none":
+        return None
+    if value != "auto":
+        return value
+    from ..data import DATASETS
+
+    if checkpoint is None or getattr(args, "data", None) in DATASETS:
+        return None
+    from ..models import read_config
+
+    try:
+        recorded = read_config(checkpoint).get("preprocessing")
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
+def open_data(args: argparse.Namespace, split: str, checkpoint: str | None = None, name: str | None = None) -> Any:
+    """``--data`` (or ``name``) for ``split``: a named data set in memory, or a path streamed with
+    ``--preprocessing``."""
+    from ..data import open_dataset
+
+    return open_dataset(name or args.data, split, root=args.data_root,
+                        preprocessing=resolve_preprocessing(args, checkpoint))
+
+
+def data_loader(args: argparse.Namespace, data: Any, batch_size: int) -> Any:
+    """Batches of ``data`` for calibration: in memory as before, a stream through ``--workers`` processes."""
+    from ..data import loader
+
+    return loader(data, batch_size, getattr(args, "workers", 0) or 0)
+
+
+def as_xy(data: Any) -> tuple[Any, Any]:
+    """``evaluate``'s ``x, y``: float images and labels of an in-memory set, or the stream itself and None."""
+    return (data.float(), data.labels) if isinstance(data, ImageSet) else (data, None)

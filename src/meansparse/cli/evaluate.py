@@ -2,7 +2,9 @@
 
 Resumable by default: per-batch results go to ``OUT/state.json``, so rerunning a killed command continues
 where it stopped.  Every argument (attacks and their options, device, the output folder's writability, the
-data's fit to the model) is checked before the first attack runs.
+data's fit to the model) is checked before the first attack runs.  ``--data PATH`` (an image folder or a tar
+archive) is streamed: each batch is decoded when it is needed (``--workers N`` processes), with
+``--preprocessing`` (RobustBench's names).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ..core import operators
-from ..data import ImageSet, load_dataset
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
@@ -27,6 +28,8 @@ from .common import (
     add_data_args,
     add_device_arg,
     add_fuse_args,
+    add_stream_args,
+    as_xy,
     check_attacks,
     check_data_fits,
     check_device,
@@ -35,9 +38,11 @@ from .common import (
     comma_list,
     load_model_arg,
     notice,
+    open_data,
     parse_eps,
     parse_options,
     positive_int,
+    resolve_preprocessing,
     writable_dir,
     writable_file,
 )
@@ -60,7 +65,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--alpha", type=float, default=None,
                    help="set every operator's alpha (after --meansparse; default: as stored in the state)")
     add_data_args(p)
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split to evaluate on")
+    add_stream_args(p)
+    p.add_argument("--split", default="test", choices=["train", "test", "val"], help="split to evaluate on")
     p.add_argument("--n-examples", type=positive_int, default=1000,
                    help="N examples drawn at random (--seed) from the split; more than the split holds is clamped")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2); default 8/255")
@@ -118,9 +124,10 @@ def _load_model(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
     return base, model
 
 
-def _load_data(args: argparse.Namespace, name: str) -> tuple[ImageSet, list[int], int]:
-    """The sampled examples, their indices in the split, and the split's size."""
-    full = load_dataset(name, args.split, root=args.data_root)
+def _load_data(args: argparse.Namespace, name: str) -> tuple[Any, list[int], int]:
+    """The sampled examples (in memory, or a stream for a --data PATH), their indices in the split, and the
+    split's size."""
+    full = open_data(args, args.split, args.checkpoint, name=name)
     n = clamp_count(args.n_examples, len(full), "--n-examples", f"the {name} {args.split} split", "evaluate")
     indices = full.sample_indices(n, seed=args.seed)
     return full.subset(indices), indices.tolist(), len(full)
@@ -162,16 +169,19 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     check_data_fits(base, data, name, config, args.checkpoint)
     if args.data is None and main:
         notice("evaluate", f"--data {name} (the data set recorded in {args.checkpoint})")
-    report = evaluate(model, data.float(), data.labels, fuse="auto" if args.fuse is None else args.fuse,
+    x, y = as_xy(data)
+    report = evaluate(model, x, y, fuse="auto" if args.fuse is None else args.fuse,
                       norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size, seed=args.seed,
                       state_path=state, progress=not args.no_progress, device=device, individual=args.individual,
-                      attack_options=parse_options(args.option), sanity=args.sanity,
+                      attack_options=parse_options(args.option), sanity=args.sanity, workers=args.workers,
                       adversarial_dir=out if args.save_adversarial else None,
                       announce=lambda d: main and print(f"meansparse evaluate: {'fused' if d.fuse else 'eager'} "
                                                         f"operator: {d.reason}", file=sys.stderr))
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
                                   "alpha": args.alpha, "data": name, "split": args.split,
                                   "alphas": sorted({op.alpha_value for op in operators(model)})}
+    if y is None:  # streamed: what the images went through matters
+        report.metadata["command"]["preprocessing"] = resolve_preprocessing(args, args.checkpoint)
     report.metadata["data"] = {"name": name, "split": args.split, "n": len(data), "of": available,
                                "seed": args.seed}
     if not main:

@@ -12,6 +12,8 @@ from .common import (
     add_fuse_args,
     add_model_spec_args,
     add_preset_arg,
+    add_split_args,
+    add_stream_args,
     add_threads_arg,
     check_device,
     comma_list,
@@ -20,6 +22,7 @@ from .common import (
     parse_options,
     positive_int,
     preset_of,
+    resolve_preprocessing,
     set_threads,
 )
 
@@ -39,7 +42,9 @@ def _fraction(text: str) -> float:
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """The options ``demo`` and ``sweep`` share (they run the same first half of the pipeline)."""
-    p.add_argument("--data", default="digits", help="digits (embedded default) | cifar10-jpg | cifar10 | path")
+    p.add_argument("--data", default="digits",
+                   help="digits (embedded default) | cifar10-jpg | cifar10 | path to an image folder or tar "
+                        "archive ([split/]class/image; streamed)")
     p.add_argument("--data-root", default=None,
                    help="where the data set lives (default: the data set's own default location)")
     p.add_argument("--model", default=None, help=f"the model: {SPEC_HELP}; default: train a small CNN on digits")
@@ -69,6 +74,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the models run")
     add_fuse_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    add_stream_args(p)
+    add_split_args(p)
     p.add_argument("--out", required=True, help="report directory")
 
 
@@ -117,7 +124,9 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
                          train_epochs=args.train_epochs, device=args.device, fuse=args.fuse,
                          dataset=args.dataset, threat_model=args.threat_model, weights=args.weights,
-                         pretrained=args.pretrained, preset=preset_of(args))
+                         pretrained=args.pretrained, preset=preset_of(args),
+                         workers=args.workers, preprocessing=resolve_preprocessing(args, args.model),
+                         train_split=args.train_split, test_split=args.test_split)
     if args.alphas is not None:
         cfg.alphas = tuple(parse_alphas(args.alphas))
     if args.attacks is not None:

@@ -1,4 +1,5 @@
-"""One entry point, `load_dataset`, that resolves a name or a path to an `ImageSet`."""
+"""`load_dataset` resolves a name or a path to an in-memory `ImageSet`; `open_dataset` keeps the named sets
+in memory and streams a path (an image folder or a tar archive)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 from pathlib import Path
 
 from .imageset import ImageSet
+from .preprocessing import Preprocessing
 from .sources import load_cifar_python, load_digits, load_image_folder, load_jpeg_archive
+from .streams import ImageStream, open_stream
 
 DATASETS = ("digits", "cifar10", "cifar100", "cifar10-jpg")
 
@@ -54,3 +57,21 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
             return load_jpeg_archive(path, split, size)
         return load_image_folder(path, size or 224)
     raise ValueError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} or a path")
+
+
+def open_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, download: bool = False,
+                 preprocessing: Preprocessing | str | None = None) -> ImageSet | ImageStream:
+    """What the command line opens for ``--data``: a name of ``DATASETS`` is loaded into memory (as
+    `load_dataset` does), a path to a folder or a tar archive is *streamed* (:func:`open_stream`: decoded one
+    image at a time, with ``preprocessing``, a RobustBench name such as ``"Res256Crop224"``)."""
+    if name in DATASETS:
+        if preprocessing not in (None, "none"):
+            raise ValueError(f"{name}: preprocessing={preprocessing!r} applies to streamed data (a folder or tar "
+                             "path); the named data sets are already tensors")
+        return load_dataset(name, split, root=root, download=download)
+    if split not in ("train", "test", "val", "validation"):
+        raise ValueError(f"unknown split {split!r}: use 'train', 'test', 'val' or 'validation'")
+    if Path(name).exists():
+        return open_stream(name, split, preprocessing)
+    raise ValueError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} or a path to a folder or a "
+                     "tar archive")

@@ -1,8 +1,10 @@
-"""Splitting and batching (with the standard CIFAR augmentation) of in-memory image sets."""
+"""Splitting and batching (with the standard CIFAR augmentation) of in-memory image sets; `loader` batches
+streamed data sets through a DataLoader (worker processes decode)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +71,45 @@ class Batches:
     def __len__(self) -> int:
         n, b = len(self.data), self.batch_size
         return n // b if self.kwargs.get("drop_last") else -(-n // b)
+
+
+def collate(items: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``default_collate`` for ``(image, label)`` items, with an error that says what to do when images differ
+    in size (an ImageNet-style tree without a preprocessing)."""
+    shapes = {tuple(x.shape) for x, _ in items}
+    if len(shapes) > 1:
+        a, b = sorted(shapes)[:2]
+        raise ValueError(f"images in one batch differ in size ({'x'.join(map(str, a))} vs {'x'.join(map(str, b))}): "
+                         "pass a preprocessing that fixes the size, e.g. preprocessing='Res256Crop224' "
+                         "(--preprocessing Res256Crop224), the one the model was benchmarked with")
+    from torch.utils.data import default_collate
+
+    # default_collate stacks straight into shared memory inside a DataLoader worker (torch.stack would
+    # allocate on the worker's heap and be copied there: glibc's heap then creeps up over thousands of batches)
+    return default_collate([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+
+
+def loader(dataset: Any, batch_size: int, workers: int = 0, *, shuffle: bool = False, seed: int = 0,
+           drop_last: bool = False, pin_memory: bool = False, prefetch_factor: int = 2,
+           persistent_workers: bool = False) -> Any:
+    """Batches of ``(float images, int64 labels)`` from a data set of ``(image, label)`` items (a stream,
+    any ``torch.utils.data.Dataset``), or from an in-memory :class:`ImageSet`.
+
+    ``workers`` > 0 decodes in that many worker processes, each holding at most ``prefetch_factor`` batches
+    ahead, so memory stays at a few batches whatever the data set's size; 0 decodes in this process.  Order
+    is the data set's, or a seeded shuffle.  Nothing is pinned unless ``pin_memory``.  An :class:`ImageSet`
+    is already decoded: it gets the in-memory :class:`Batches` (same batches as before, ``workers`` unused).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    if isinstance(dataset, ImageSet):
+        return Batches(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+                      prefetch_factor=prefetch_factor if workers else None,
+                      persistent_workers=persistent_workers and workers > 0)

@@ -14,10 +14,11 @@ from ..core import operators
 from ..distributed import broadcast_object
 from ..distributed import rank as dist_rank
 from .attacks import DEFAULT_ATTACKS, Attack
+from .examples import as_examples
 from .report import RUN_KEY, Report
 from .runner import run_evaluation
 from .sanity import sanity_checks
-from .validation import check_inputs, evaluation_device
+from .validation import evaluation_device
 
 __all__ = ["add_sanity_findings", "evaluate", "sanity_attacks"]
 
@@ -30,7 +31,7 @@ def sanity_attacks(model: nn.Module, sanity: bool | Sequence[str]) -> list[str]:
     return ["apgd-ce", "bpda-apgd-ce"] if operators(model) else ["apgd-ce"]
 
 
-def add_sanity_findings(report: Report, model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequence[str], *,
+def add_sanity_findings(report: Report, model: nn.Module, x: Any, y: Any, names: Sequence[str], *,
                         batch_size: int, seed: int, device: torch.device,
                         attack_options: Mapping[str, Mapping[str, Any]] | None) -> None:
     """Run ``sanity_checks`` for each attack in ``names`` and add its findings to ``report`` (failures also
@@ -49,8 +50,8 @@ def add_sanity_findings(report: Report, model: nn.Module, x: torch.Tensor, y: to
 
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Any,
+    y: torch.Tensor | None = None,
     norm: str = "Linf",
     eps: float = 8 / 255,
     attacks: Sequence[str | Attack] = DEFAULT_ATTACKS,
@@ -66,10 +67,15 @@ def evaluate(
     sanity: bool | Sequence[str] = False,
     callback: Callable[[str, int], None] | None = None,
     adversarial_dir: str | PathLike | None = None,
+    workers: int = 0,
 ) -> Report:
     """Per-example worst-case robust accuracy of ``model`` on (x, y) over ``attacks``.
 
     ``x``: float NCHW in [0, 1]; ``y``: integer labels; the model must be in eval mode and return logits.
+    Or ``x``: a sized data set of ``(image, label)`` by index (a ``torch.utils.data.Dataset``, a
+    ``meansparse.data`` stream) and ``y`` None: only the batches being worked on are fetched (decoded in
+    ``workers`` DataLoader processes when > 0), each validated before it counts; the state file's data hash
+    is then computed example by example during the clean pass.
     ``attacks``: names from ``ATTACK_NAMES`` (or ``Attack`` instances), run in order; ``attack_options``
     overrides their defaults by name (``bpda-X`` falls back to X's options), e.g.
     ``{"apgd-ce": {"steps": 20}, "adaptive": {"lam": 10.0}}``.
@@ -89,10 +95,10 @@ def evaluate(
     report = run_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
                             batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
                             device=device, individual=individual, attack_options=attack_options, callback=callback,
-                            adversarial_dir=adversarial_dir)
+                            adversarial_dir=adversarial_dir, workers=workers)
     if sanity:
-        data = check_inputs(model, x, y, norm, eps, batch_size, base_model)  # the CPU tensors that were evaluated
-        add_sanity_findings(report, model, data.x, data.y, sanity_attacks(model, sanity), batch_size=batch_size,
+        examples = as_examples(x, y, workers)  # the examples that were evaluated (CPU tensors, or the data set)
+        add_sanity_findings(report, model, examples, None, sanity_attacks(model, sanity), batch_size=batch_size,
                             seed=seed, device=evaluation_device(model, device), attack_options=attack_options)
         report.metadata[RUN_KEY]["wall_time_s"] = time.perf_counter() - started  # the checks are part of the run
     return report

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["config_hash", "data_hash", "derive_seed", "model_hash"]
+__all__ = ["config_hash", "data_hash", "derive_seed", "example_digests", "examples_hash", "model_hash"]
 
 
 def derive_seed(seed: int, attack: str, batch: int) -> int:
@@ -43,3 +43,27 @@ def data_hash(x: torch.Tensor, y: torch.Tensor) -> str:
 def config_hash(config: Mapping[str, Any]) -> str:
     """Short sha256 of an evaluation's JSON config: names what belongs to one evaluation on disk."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def example_digests(x: torch.Tensor, y: torch.Tensor) -> list[bytes]:
+    """sha256 of each example (its image bytes, then its int64 label): what a streamed evaluation hashes,
+    batch by batch, in its clean pass."""
+    out = []
+    x = x.detach().cpu().contiguous()
+    y = y.detach().cpu().to(torch.int64).contiguous()
+    for xi, yi in zip(x, y):
+        h = hashlib.sha256(xi.reshape(-1).view(torch.uint8).numpy())
+        h.update(yi.reshape(1).view(torch.uint8).numpy())
+        out.append(h.digest())
+    return out
+
+
+def examples_hash(digests: list[bytes], dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    """sha256 over the per-example digests in order (with the images' dtype and per-example shape): the
+    data hash of a streamed evaluation.  It depends only on the examples, not on the batch size, the number
+    of ranks or the worker processes; it differs from :func:`data_hash` of the same tensors (a state file
+    written in memory is not resumed from a stream: the resume refuses, it never mixes)."""
+    h = hashlib.sha256(f"examples|{dtype}|{tuple(shape)}|{len(digests)}|".encode())
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()

@@ -74,15 +74,17 @@ def rng_devices(device: torch.device) -> list[int]:
 
 def attack_batch(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int], b: int,
                  seed: int, device: torch.device, norm: str, eps: float) -> BatchRun:
-    """Run ``attack`` on examples ``idx`` (batch ``b``, seeded from ``derive_seed``) and judge the result.
+    """Run ``attack`` on the batch ``x, y`` of examples ``idx`` (``x[i]`` is example ``idx[i]``, as the
+    evaluation's example source fetched it; batch ``b``, seeded from ``derive_seed``) and judge the result.
 
     The record is plain JSON (it is what the evaluation state stores): the indices, per-example robustness,
     the number of invalid candidates, the library messages and the time taken. The caller's RNG is left alone.
     """
     t0 = time.perf_counter()
     batch_messages: dict[str, int] = {}
-    ii = torch.tensor(idx)
-    xb, yb = x[ii].to(device), y[ii].to(device)
+    if len(x) != len(idx) or len(y) != len(idx):
+        raise ValueError(f"batch {b}: {len(x)} images and {len(y)} labels for {len(idx)} indices")
+    xb, yb = x.to(device), y.to(device)
     bseed = derive_seed(int(seed), attack.seed_key, b)
     with torch.random.fork_rng(devices=rng_devices(device)), library_messages(batch_messages):
         torch.manual_seed(bseed)

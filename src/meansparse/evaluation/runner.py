@@ -31,13 +31,14 @@ from ..distributed import world_size as dist_world_size
 from ..version import package_versions
 from .adversarial import AdversarialStore, worst_case_images, write_adversarial
 from .attacks import Attack
-from .hashing import config_hash, data_hash, model_hash
+from .examples import ExampleSource, as_examples, chunk_indices
+from .hashing import config_hash, example_digests, examples_hash, model_hash
 from .judge import attack_batch, check_finite
 from .masking import masking_findings
 from .messages import library_warnings
 from .report import RUN_KEY, Report
 from .state import EvaluationState
-from .validation import build_attacks, check_inputs, check_labels, evaluation_device, vacuous_eps
+from .validation import build_attacks, check_labels, check_settings, evaluation_device, vacuous_eps
 
 __all__ = ["INDIVIDUAL_MAX_N", "AttackOutcome", "BatchResult", "EvaluationPlan", "Outcomes", "breakdown_row",
            "build_report", "clean_pass", "plan_evaluation", "run_attack", "run_attacks", "run_config", "run_evaluation"]
@@ -47,10 +48,10 @@ INDIVIDUAL_MAX_N = 1000  # individual mode by default up to this many examples (
 
 @dataclass
 class EvaluationPlan:
-    """Everything an evaluation runs, validated: the examples (CPU), the threat model, the attacks in order."""
+    """Everything an evaluation runs, validated: where the examples come from, the threat model, the attacks
+    in order.  ``data_hash`` is known up front for tensors; for a streamed source the clean pass sets it."""
 
-    x: torch.Tensor
-    y: torch.Tensor
+    examples: ExampleSource
     norm: str
     eps: float
     device: torch.device
@@ -60,10 +61,11 @@ class EvaluationPlan:
     batch_size: int
     seed: int
     warnings: list[str] = field(default_factory=list)
+    data_hash: str | None = None
 
     @property
     def n(self) -> int:
-        return len(self.x)
+        return len(self.examples)
 
     @property
     def mode(self) -> str:
@@ -129,19 +131,27 @@ def _progress(name: str, total: int, enabled: bool) -> Any:
 # ---------------------------------------------------------------------------------------------- planning
 def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, attacks: Sequence[str | Attack],
                     base_model: nn.Module | None, batch_size: int, seed: int, device: str | torch.device | None,
-                    individual: bool | None, attack_options: Mapping[str, Mapping[str, Any]] | None
-                    ) -> EvaluationPlan:
-    """Validate every argument (a ValueError before any attack runs) and fix the mode."""
-    data = check_inputs(model, x, y, norm, eps, batch_size, base_model)
+                    individual: bool | None, attack_options: Mapping[str, Mapping[str, Any]] | None,
+                    workers: int = 0) -> EvaluationPlan:
+    """Validate every argument (a ValueError before any attack runs) and fix the mode.  ``x, y``: tensors, or
+    a data set of (image, label) with ``y`` None (see :func:`as_examples`); a streamed source's batches are
+    validated as they are fetched, before anything about them is counted."""
+    check_settings(model, norm, eps, batch_size, base_model)
+    examples = as_examples(x, y, workers)
     eps = float(eps)
     device = evaluation_device(model, device)
-    n_classes = check_labels(model, data.x, data.y, device)
+    first_x, first_y = examples.first()
+    labels = examples.known_labels()
+    labels = first_y if labels is None else labels
+    n_classes = check_labels(model, first_x, labels, device)
     if base_model is not None:
-        check_labels(base_model, data.x, data.y, device)
+        check_labels(base_model, first_x, labels, device)
+    examples.n_classes = n_classes
     built = build_attacks(attacks, norm, eps, base_model, attack_options, n_classes)
-    individual = len(data.x) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
-    plan = EvaluationPlan(data.x, data.y, norm, eps, device, n_classes, built, individual, batch_size, int(seed))
-    vacuous = vacuous_eps(norm, eps, data.x)
+    individual = len(examples) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
+    plan = EvaluationPlan(examples, norm, eps, device, n_classes, built, individual, batch_size, int(seed),
+                          data_hash=examples.data_hash())
+    vacuous = vacuous_eps(norm, eps, examples.first()[0])
     if vacuous:
         plan.warnings.append(vacuous)
     if not operators(model) and any(a.kind in ("bpda", "adaptive") or (a.kind == "transfer" and base_model is None)
@@ -159,7 +169,7 @@ def run_config(plan: EvaluationPlan, model: nn.Module, base_model: nn.Module | N
         "attacks": [a.settings() for a in plan.attacks],
         "model_hash": model_hash(model),
         "base_model_hash": model_hash(base_model) if base_model is not None else None,
-        "data_hash": data_hash(plan.x, plan.y),
+        "data_hash": plan.data_hash,
     }
 
 
@@ -167,21 +177,39 @@ def run_config(plan: EvaluationPlan, model: nn.Module, base_model: nn.Module | N
 # Under torch.distributed (e.g. torchrun) rank r computes the batches b with b % world == r; results are
 # gathered after every round of `world` batches, so every rank holds every result, the batches and their
 # seeds are those of a single-process run (identical report) and rank 0 alone writes the state file.
-def clean_pass(model: nn.Module, plan: EvaluationPlan, world: int, me: int) -> torch.Tensor:
-    """Per example: classified correctly without attack (bool, CPU)."""
-    n, batch_size = plan.n, plan.batch_size
+def clean_pass(model: nn.Module, plan: EvaluationPlan, world: int, me: int, progress: bool = False) -> torch.Tensor:
+    """Per example: classified correctly without attack (bool, CPU).  The one pass over every example: for a
+    streamed source it also hashes them (``plan.data_hash``), so a resume can tell different data apart."""
+    n = plan.n
+    streamed = plan.data_hash is None
     clean_correct = torch.zeros(n, dtype=torch.bool)
-    local: dict[int, list[bool]] = {}
-    with torch.no_grad():
-        for j, s in enumerate(range(0, n, batch_size)):
-            if j % world == me:
-                logits = model(plan.x[s:s + batch_size].to(plan.device))
-                check_finite(logits, f"clean examples {s}..{s + len(logits) - 1}")
+    mine = [idx for j, idx in enumerate(chunk_indices(n, plan.batch_size)) if j % world == me]
+    local: dict[int, tuple[list[bool], list[bytes] | None]] = {}
+    bar = _progress("clean", sum(map(len, mine)), progress and streamed)
+    fetched = plan.examples.batches(mine)
+    try:
+        with torch.no_grad():
+            for idx, (xb, yb) in zip(mine, fetched):
+                logits = model(xb.to(plan.device))
+                check_finite(logits, f"clean examples {idx[0]}..{idx[-1]}")
                 pred = logits.argmax(1).cpu()
-                local[s] = (pred == plan.y[s:s + batch_size]).tolist()
+                local[idx[0]] = ((pred == yb).tolist(), example_digests(xb, yb) if streamed else None)
+                if bar is not None:
+                    bar.update(len(idx))
+    finally:
+        fetched.close()
+        if bar is not None:
+            bar.close()
+    digests: dict[int, list[bytes]] = {}
     for part in all_gather_object(local):
-        for s, correct in part.items():
+        for s, (correct, ds) in part.items():
             clean_correct[s:s + len(correct)] = torch.tensor(correct, dtype=torch.bool)
+            if ds is not None:
+                digests[s] = ds
+    if streamed:
+        ordered = [d for s in sorted(digests) for d in digests[s]]
+        shape = getattr(plan.examples, "shape", None) or ()
+        plan.data_hash = examples_hash(ordered, getattr(plan.examples, "dtype", None) or torch.float32, shape)
     return clean_correct
 
 
@@ -196,17 +224,26 @@ def run_attack(attack: Attack, model: nn.Module, plan: EvaluationPlan, pool: lis
     chunks = [pool[s:s + batch_size] for s in range(0, len(pool), batch_size)]
     seen, kept = 0, 0
     bar = _progress(attack.name, len(pool), progress)
+    def stored(b: int) -> dict[str, Any] | None:
+        """Batch ``b``'s stored record, unless it broke examples whose images were not kept (attack it again:
+        same seed, same result, now with the images)."""
+        record = state.get(attack.name, b, chunks[b])
+        if record is not None and store is not None and not all(record["robust"]) and not store.has(attack.name, b):
+            return None
+        return record
+
+    # this rank's batches without a stored result, fetched in order (ahead, with workers) and nothing else
+    todo = [b for b in range(me, len(chunks), world) if stored(b) is None]
+    fetched = plan.examples.batches([chunks[b] for b in todo])
     try:
         for first in range(0, len(chunks), world):
             b = first + me
             mine: dict[int, BatchResult] = {}
             if b < len(chunks):
-                record = state.get(attack.name, b, chunks[b])
-                if (record is not None and store is not None and not all(record["robust"])
-                        and not store.has(attack.name, b)):
-                    record = None  # its breaking images were not kept: attack the batch again (same seed)
+                record = stored(b)
                 if record is None:
-                    run = attack_batch(attack, model, plan.x, plan.y, chunks[b], b, plan.seed, plan.device,
+                    xb, yb = next(fetched)
+                    run = attack_batch(attack, model, xb, yb, chunks[b], b, plan.seed, plan.device,
                                        plan.norm, plan.eps)
                     mine[b] = BatchResult(run.record, True, run.breaking if store is not None else None)
                 else:
@@ -235,6 +272,7 @@ def run_attack(attack: Attack, model: nn.Module, plan: EvaluationPlan, pool: lis
                     bar.set_postfix(robust=f"{100 * kept / max(seen, 1):.1f}%",
                                     worst=f"{100 * float((robust & (out.mask != 0)).sum()) / n:.1f}%")
     finally:
+        fetched.close()
         if bar is not None:
             bar.close()
     return out
@@ -309,25 +347,33 @@ def build_report(model: nn.Module, plan: EvaluationPlan, config: Mapping[str, An
     )
 
 
-def run_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+def run_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float,
                    attacks: Sequence[str | Attack], batch_size: int, seed: int, progress: bool,
                    device: str | torch.device | None, individual: bool | None,
                    attack_options: Mapping[str, Mapping[str, Any]] | None, base_model: nn.Module | None = None,
                    state_path: str | PathLike | None = None,
                    callback: Callable[[str, int], None] | None = None,
-                   adversarial_dir: str | PathLike | None = None) -> Report:
+                   adversarial_dir: str | PathLike | None = None, workers: int = 0) -> Report:
     """``evaluate`` without its sanity checks; the arguments mean the same."""
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     plan = plan_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
                            batch_size=batch_size, seed=seed, device=device, individual=individual,
-                           attack_options=attack_options)
-    config = run_config(plan, model, base_model)
+                           attack_options=attack_options, workers=workers)
     world, me = dist_world_size(), dist_rank()
-    state = EvaluationState(state_path if me == 0 else None, config)
-    if world > 1:
-        state.batches = broadcast_object(state.batches)
-    clean_correct = clean_pass(model, plan, world, me)
+
+    def open_state() -> tuple[dict[str, Any], EvaluationState]:
+        config = run_config(plan, model, base_model)
+        state = EvaluationState(state_path if me == 0 else None, config)
+        if world > 1:
+            state.batches = broadcast_object(state.batches)
+        return config, state
+
+    # tensors are hashed up front, so a state file for other data fails before any work; a streamed source
+    # is hashed by the clean pass (its one pass over every example), and the state is opened after it
+    opened = open_state() if plan.data_hash is not None else None
+    clean_correct = clean_pass(model, plan, world, me, progress=progress and me == 0)
+    config, state = opened if opened is not None else open_state()
     store = None
     if adversarial_dir is not None:  # resumable next to the state: one folder per evaluation config
         keyed = Path(adversarial_dir) / "batches" / config_hash(config) if state_path is not None else None
@@ -337,7 +383,8 @@ def run_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     report = build_report(model, plan, config, clean_correct, res)
     if store is not None and me == 0:
         broken = worst_case_images(store, [a.name for a in plan.attacks], res.masks)
-        write_adversarial(adversarial_dir, plan.x, broken, list(range(plan.n)), report.clean_correct,
+        clean = torch.cat([xb for xb, _ in plan.examples.batches(chunk_indices(plan.n, plan.batch_size))])
+        write_adversarial(adversarial_dir, clean, broken, list(range(plan.n)), report.clean_correct,
                           report.worst_case_robust, {"norm": plan.norm, "eps": plan.eps,
                                                      "model_hash": config["model_hash"],
                                                      "data_hash": config["data_hash"]})

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attacks import build_attack
+from .examples import as_examples
 from .runner import run_evaluation
 from .validation import vacuous_eps
 
@@ -32,9 +33,13 @@ class SanityFinding:
         return asdict(self)
 
 
-def large_eps(norm: str, x: torch.Tensor) -> float:
-    """An eps that contains the whole [0, 1] box: any image is reachable, so accuracy must be ~0."""
-    return 1.0 if norm == "Linf" else math.sqrt(x[0].numel())
+def large_eps(norm: str, x: Any) -> float:
+    """An eps that contains the whole [0, 1] box: any image is reachable, so accuracy must be ~0.  ``x``: the
+    images, or any example source / data set of them (one example is fetched)."""
+    if norm == "Linf":
+        return 1.0
+    first = x[0] if isinstance(x, torch.Tensor) else as_examples(x).first()[0][0]
+    return math.sqrt(first.numel())
 
 
 def _budget_key(attack: str) -> str | None:
@@ -55,7 +60,7 @@ def _monotone(check: str, title: str, key: str, shown: list[str], keys: list[str
         {f"{key}={k}": v for k, v in zip(keys, accs)})
 
 
-def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "Linf", eps: float = 8 / 255,
+def sanity_checks(model: nn.Module, x: Any, y: Any = None, *, norm: str = "Linf", eps: float = 8 / 255,
                   attack: str = "apgd-ce", eps_factors: Sequence[float] = (0.5, 1.0, 2.0),
                   budgets: Sequence[int] | None = None, huge_eps: float | None = None, zero_tolerance: float = 0.02,
                   tolerance: float = 0.01, seed: int = 0, batch_size: int = 128,
@@ -68,6 +73,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
     - ``eps-monotone``: accuracy at ``eps * eps_factors`` must not rise by more than ``tolerance``;
     - ``budget-monotone``: accuracy with ``budgets`` steps (queries for Square; default: a fifth of the
       configured budget, then the full one) must not rise by more than ``tolerance``.
+
+    ``x, y`` as for ``evaluate`` (tensors, or a data set of (image, label) with ``y`` None).
     """
     key = _budget_key(attack)
     if key is None:
@@ -91,7 +98,9 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
         return cache[(e, budget)]
 
     findings = []
-    vacuous = vacuous_eps(norm, eps, x)
+    if y is None:
+        x = as_examples(x)  # wrapped once: every check below streams the same examples
+    vacuous = vacuous_eps(norm, eps, x if isinstance(x, torch.Tensor) else x.first()[0])
     if vacuous:  # every check below would pass trivially: accuracy is ~0 at this eps whatever the attack
         findings.append(SanityFinding("eps-meaningful", False, vacuous, {"eps": eps}))
     big = huge_eps if huge_eps is not None else large_eps(norm, x)

@@ -15,7 +15,7 @@ from .attacks import ATTACK_NAMES, Attack, build_attack
 from .judge import check_finite
 
 __all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
-           "evaluation_device", "vacuous_eps"]
+           "check_settings", "check_tensors", "evaluation_device", "vacuous_eps"]
 
 #: attacks whose DLR loss or target classes need at least 4 classes
 NEED_4_CLASSES = ("apgd-t", "apgd-dlr", "fab-t", "aa", "transfer")
@@ -31,6 +31,12 @@ class Examples(NamedTuple):
 def check_inputs(model: nn.Module, x: Any, y: Any, norm: str, eps: float, batch_size: int,
                  base_model: nn.Module | None) -> Examples:
     """The examples as CPU tensors, after checking the models' mode, the threat model and the data."""
+    check_settings(model, norm, eps, batch_size, base_model)
+    return check_tensors(x, y)
+
+
+def check_settings(model: nn.Module, norm: str, eps: float, batch_size: int, base_model: nn.Module | None) -> None:
+    """The models' type and mode, the threat model and the batch size (everything but the data)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for label, m in (("model", model), ("base_model", base_model)):
@@ -46,23 +52,30 @@ def check_inputs(model: nn.Module, x: Any, y: Any, norm: str, eps: float, batch_
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def check_tensors(x: Any, y: Any, where: str = "") -> Examples:
+    """Images (float NCHW in [0, 1], no NaN) and integer labels of the same length, as CPU tensors;
+    ``where`` (e.g. "examples 128-255: ") prefixes the error messages of a streamed batch."""
     x = torch.as_tensor(x).detach().cpu()  # kept on the CPU; batches move to the device one at a time
     y = torch.as_tensor(y).detach().cpu()
     if x.ndim != 4:
-        raise ValueError(f"x must be a 4-D NCHW image batch, got shape {tuple(x.shape)}")
+        raise ValueError(f"{where}x must be a 4-D NCHW image batch, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"x must be floating point in [0, 1], got dtype {x.dtype}")
+        raise ValueError(f"{where}x must be floating point in [0, 1], got dtype {x.dtype}")
     if len(x) == 0:
-        raise ValueError("x is empty")
+        raise ValueError(f"{where}x is empty")
     if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"y must be a 1-D integer tensor of labels, got shape {tuple(y.shape)}, dtype {y.dtype}")
+        raise ValueError(f"{where}y must be a 1-D integer tensor of labels, got shape {tuple(y.shape)}, "
+                         f"dtype {y.dtype}")
     if len(x) != len(y):
-        raise ValueError(f"x and y differ in length: {len(x)} images, {len(y)} labels")
+        raise ValueError(f"{where}x and y differ in length: {len(x)} images, {len(y)} labels")
     if torch.isnan(x).any():
-        raise ValueError("x contains NaN")
+        raise ValueError(f"{where}x contains NaN")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
-        raise ValueError(f"x must lie in [0, 1] (normalisation belongs inside the model); got [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(f"{where}x must lie in [0, 1] (normalisation belongs inside the model); "
+                         f"got [{lo:.4g}, {hi:.4g}]")
     return Examples(x, y.long())
 
 

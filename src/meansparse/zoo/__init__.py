@@ -16,6 +16,9 @@ The authors' own MeanSparse models in RobustBench (``Amini2024MeanSparse_*``) co
 architecture prepared by meansparse with the authors' statistics and thresholds: :func:`import_reference`
 (:mod:`meansparse.zoo.reference`).
 
+:func:`preprocessing` names the test-time preprocessing RobustBench feeds a model (``"Res256Crop224"``,
+``"BicubicRes256Crop224"``, ...; None for CIFAR); ``meansparse.data`` streams images through it.
+
 The reference code's placements for these families (``meansparse.prepare(model, preset=...)``:
 ``dm_wrn``, ``rawrn``, ``swin``, ``convnext``, ``generic``, ``auto``) are defined and documented in
 :mod:`meansparse.placement.presets`; :data:`PRESETS`, :func:`detect_preset`, :func:`resolve_preset` and
@@ -31,11 +34,13 @@ from __future__ import annotations
 from ..placement.presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .imports import import_robustbench, import_timm
 from .loading import load
+from .preprocessing import preprocessing
 from .reference import import_reference, reference_family, reference_sites
 from .spec import ModelSpec, load_model_spec, parse_model_spec, read_weights
 
 __all__ = [
     "load",
+    "preprocessing",
     "import_reference",
     "reference_family",
     "reference_sites",
