@@ -354,13 +354,14 @@ def test_bad_data(ckpt, tmp_path, capsys):
     rc, _, err = cli(capsys, "evaluate", "--checkpoint", ckpt, "--data", "cifar10-jpg", "--data-root",
                      tmp_path / "notar.tar.gz", "--out", tmp_path / "o", *FAST)
     one_line_error(rc, err, "evaluate", "notar.tar.gz", "not a readable tar archive")
-    tree = tmp_path / "tree" / "test" / "cat"
+    tree = tmp_path / "tree" / "test" / "cat"  # streamed: the bad image is found when its batch is decoded
     tree.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tree / "0000.jpg")
+    Image.new("RGB", (32, 32)).save(tree / "0000.jpg")
     (tree / "0001.jpg").write_bytes(b"not a jpeg")
-    rc, _, err = cli(capsys, "evaluate", "--checkpoint", ckpt, "--data", tmp_path / "tree", "--out",
+    cifar = _checkpoint(tmp_path / "cifar-cnn", normalization="cifar10", dataset="cifar10-jpg")
+    rc, _, err = cli(capsys, "evaluate", "--checkpoint", cifar, "--data", tmp_path / "tree", "--out",
                      tmp_path / "o", *FAST)
-    one_line_error(rc, err, "evaluate", "test/cat/0001.jpg", "not a readable image")
+    one_line_error(rc, err, "evaluate", "cat/0001.jpg", "cannot decode")
 
 
 def test_a_corrupt_cache_is_rebuilt(tmp_path, fake_cifar, capsys):

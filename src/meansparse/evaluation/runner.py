@@ -151,7 +151,7 @@ def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, 
     individual = len(examples) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
     plan = EvaluationPlan(examples, norm, eps, device, n_classes, built, individual, batch_size, int(seed),
                           data_hash=examples.data_hash())
-    vacuous = vacuous_eps(norm, eps, examples.first()[0])
+    vacuous = vacuous_eps(norm, eps, first_x)
     if vacuous:
         plan.warnings.append(vacuous)
     if not operators(model) and any(a.kind in ("bpda", "adaptive") or (a.kind == "transfer" and base_model is None)
