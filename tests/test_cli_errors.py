@@ -421,7 +421,7 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes_to_the_same_report(trained, tmp_
 
     monkeypatch.setattr(runner, "attack_batch", interrupted)
     rc, _, err = cli(capsys, *args, "--out", tmp_path / "cut")
-    assert rc == 130 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.strip()][-1] == \
         "meansparse evaluate: interrupted; rerun the same command to resume"
     state = json.loads((tmp_path / "cut" / "state.json").read_text())

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: exit code of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention)
-INTERRUPTED = 130
+#: exit code of a run stopped by Ctrl-C: 2, like every other way a run ends without its result
+INTERRUPTED = 2
 #: what a rerun of each command does after an interruption
 _RESUMES = {"evaluate": "interrupted; rerun the same command to resume",
             "demo": "interrupted; rerun the same command to resume",
@@ -56,7 +56,7 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (bad value, missing or unreadable file, unavailable device, missing
     extra) ends with one line ``meansparse <command>: error: ...`` on stderr and exit code 2; Ctrl-C with one
-    line saying how to resume and exit code 130. ``MEANSPARSE_DEBUG=1`` re-raises with the traceback."""
+    line saying how to resume and exit code 2 as well. ``MEANSPARSE_DEBUG=1`` re-raises with the traceback."""
     args = build_parser().parse_args(argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):

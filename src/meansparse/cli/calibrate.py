@@ -28,7 +28,6 @@ from ..distributed import all_gather_object, is_main, launch, shard, world_size
 from ..placement import prepare, set_alpha
 from ..serialization import save
 from .common import (
-    HelpFormatter,
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
@@ -40,8 +39,11 @@ from .common import (
     check_regexes,
     checkpoint_config,
     clamp_count,
+    command_parser,
     data_loader,
+    data_name,
     load_model_arg,
+    non_negative_int,
     notice,
     open_data,
     positive_int,
@@ -49,32 +51,20 @@ from .common import (
     set_threads,
     writable_file,
 )
-from .evaluate import data_name
 
 __all__ = ["add_calibrate_parser", "run_calibrate", "calibrate_checkpoint"]
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
 def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``calibrate`` sub-command."""
-    p = subparsers.add_parser(
-        "calibrate", help="prepare a checkpoint and calibrate MeanSparse statistics (torchrun: data-parallel)",
-        description=__doc__, formatter_class=HelpFormatter)
+    p = command_parser(subparsers, "calibrate", __doc__,
+                       "prepare a checkpoint and calibrate MeanSparse statistics (torchrun: data-parallel)")
     add_checkpoint_arg(p)
     add_preset_arg(p)
     add_data_args(p)
     add_stream_args(p)
     p.add_argument("--split", default="train", choices=["train", "test", "val"], help="split to calibrate on")
-    p.add_argument("--holdout", type=_non_negative_int, default=0,
+    p.add_argument("--holdout", type=non_negative_int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses; "
                         "default 0: none)")
     p.add_argument("--n-examples", type=positive_int, default=None,

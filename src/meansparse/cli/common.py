@@ -52,6 +52,8 @@ __all__ = [
     "check_data_fits",
     "checkpoint_config",
     "notice",
+    "data_name",
+    "command_parser",
     "PREPROCESSING_CHOICES",
     "add_stream_args",
     "add_split_args",
@@ -98,26 +100,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (``--workers``)."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from e
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (``--workers``, ``--holdout``)."""
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (counts, sizes, steps); '-5' or '0' is an error, never 'all but 5'."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -369,3 +369,22 @@ def data_loader(args: argparse.Namespace, data: Any, batch_size: int) -> Any:
 def as_xy(data: Any) -> tuple[Any, Any]:
     """``evaluate``'s ``x, y``: float images and labels of an in-memory set, or the stream itself and None."""
     return (data.float(), data.labels) if isinstance(data, ImageSet) else (data, None)
+
+
+def data_name(args: argparse.Namespace, config: dict[str, Any]) -> str:
+    """``--data``, else the data set recorded in the checkpoint (CIFAR-10 for a robustbench:<id> of
+    ``--dataset cifar10``); a ValueError if there is neither."""
+    if args.data:
+        return args.data
+    recorded = config.get("dataset")
+    if not recorded and str(args.checkpoint).startswith("robustbench:") and args.dataset == "cifar10":
+        recorded = "cifar10-jpg"
+    if not recorded:
+        raise ValueError(f"{args.checkpoint} records no data set: pass --data (e.g. cifar10-jpg or digits)")
+    return str(recorded)
+
+
+def command_parser(subparsers: argparse._SubParsersAction, name: str, doc: str | None, help: str
+                   ) -> argparse.ArgumentParser:
+    """A sub-command's parser: one-line ``help``, the module's docstring as description, defaults shown."""
+    return subparsers.add_parser(name, help=help, description=doc, formatter_class=HelpFormatter)

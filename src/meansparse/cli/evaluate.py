@@ -23,7 +23,6 @@ from ..fastpath import evaluate
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
-    HelpFormatter,
     add_checkpoint_arg,
     add_data_args,
     add_device_arg,
@@ -36,6 +35,8 @@ from .common import (
     checkpoint_config,
     clamp_count,
     comma_list,
+    command_parser,
+    data_name,
     load_model_arg,
     notice,
     open_data,
@@ -47,14 +48,13 @@ from .common import (
     writable_file,
 )
 
-__all__ = ["add_evaluate_parser", "run_evaluate", "data_name"]
+__all__ = ["add_evaluate_parser", "run_evaluate"]
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``evaluate`` sub-command."""
-    p = subparsers.add_parser(
-        "evaluate", help="worst-case robust accuracy over AutoAttack, BPDA, transfer, Square, adaptive attacks",
-        description=__doc__, formatter_class=HelpFormatter)
+    p = command_parser(subparsers, "evaluate", __doc__,
+                       "worst-case robust accuracy over AutoAttack, BPDA, transfer, Square, adaptive attacks")
     add_checkpoint_arg(p)
     p.add_argument("--meansparse", default=None,
                    help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint (default: none, "
@@ -97,19 +97,6 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--out", required=True, help="folder for report.json and report.md")
     p.set_defaults(func=run_evaluate)
     return p
-
-
-def data_name(args: argparse.Namespace, config: dict[str, Any]) -> str:
-    """``--data``, else the data set recorded in the checkpoint (CIFAR-10 for a robustbench:<id> of
-    ``--dataset cifar10``); a ValueError if there is neither."""
-    if args.data:
-        return args.data
-    recorded = config.get("dataset")
-    if not recorded and str(args.checkpoint).startswith("robustbench:") and args.dataset == "cifar10":
-        recorded = "cifar10-jpg"
-    if not recorded:
-        raise ValueError(f"{args.checkpoint} records no data set: pass --data (e.g. cifar10-jpg or digits)")
-    return str(recorded)
 
 
 def _load_model(args: argparse.Namespace, device: str) -> tuple[Any, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..pipeline import HONEST_ATTACKS, PipelineConfig, run, run_sweep
 from ..search import DEFAULT_SEARCH_ATTACKS
@@ -92,24 +93,25 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {','.join(HONEST_ATTACKS)})")
 
 
-def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the ``demo`` sub-command."""
-    p = subparsers.add_parser("demo", help="the main job: calibrate, sweep α on held-out data, evaluate honestly",
-                              formatter_class=HelpFormatter)
+def _add_pipeline_parser(subparsers: argparse._SubParsersAction, name: str, help: str,
+                         func: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, formatter_class=HelpFormatter)
     add_pipeline_args(p)
     _add_test_args(p)
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=func)
     return p
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``demo`` sub-command."""
+    return _add_pipeline_parser(subparsers, "demo", "the main job: calibrate, sweep α on held-out data, evaluate "
+                                "honestly", run_demo)
 
 
 def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``sweep`` sub-command."""
-    p = subparsers.add_parser("sweep", help="calibrate once and sweep α on held-out data (no test-set evaluation)",
-                              formatter_class=HelpFormatter)
-    add_pipeline_args(p)
-    _add_test_args(p)
-    p.set_defaults(func=run_sweep_command)
-    return p
+    return _add_pipeline_parser(subparsers, "sweep", "calibrate once and sweep α on held-out data (no test-set "
+                                "evaluation)", run_sweep_command)
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
