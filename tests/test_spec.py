@@ -89,6 +89,8 @@ def test_zoo_specs_build_random_weights_offline():
         x = torch.rand(2, 3, 32, 32)
         with torch.no_grad():
             assert timm_model(x).shape == (2, 1000)
+        again = load_model_spec("timm:test_byobnet", pretrained=False)
+        assert all(torch.equal(a, b) for a, b in zip(timm_model.state_dict().values(), again.state_dict().values()))
         rb = load_model_spec("robustbench:Standard", dataset="cifar10", threat_model="Linf", pretrained=False)
         assert not rb.training and sum(p.numel() for p in rb.parameters()) > 10**6
         with pytest.raises(ValueError, match="is not a robustbench cifar10 Linf model"):

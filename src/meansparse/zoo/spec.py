@@ -128,8 +128,18 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_model_spec(spec: str | ModelSpec, *, dataset: str = "cifar10", threat_model: str = "Linf",
                     weights: str | os.PathLike | None = None, pretrained: bool = True,
                     device: str | torch.device = "cpu") -> nn.Module:
-    """The model a spec names, in eval mode on ``device``, taking [0, 1] NCHW inputs."""
+    """The model a spec names, in eval mode on ``device``, taking [0, 1] NCHW inputs.  ``pretrained=False``
+    draws its random weights from a fixed seed, so two commands (calibrate, then evaluate) see the same model."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
+    if not pretrained:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return _load(spec, dataset, threat_model, weights, pretrained, device)
+    return _load(spec, dataset, threat_model, weights, pretrained, device)
+
+
+def _load(spec: ModelSpec, dataset: str, threat_model: str, weights: str | os.PathLike | None, pretrained: bool,
+          device: str | torch.device) -> nn.Module:
     if weights is not None and spec.kind != "python":
         raise ValueError(f"--weights applies to python: model specs, not to {spec}")
     if spec.kind == "checkpoint":
