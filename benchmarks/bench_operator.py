@@ -61,7 +61,7 @@ def architecture(arch: str, width: int, activation: str, depth: int) -> tuple[to
         return net, "swin"
     from timm.models.convnext import ConvNeXt  # NHWC GELU sites and NCHW drop_path outputs
 
-    net = ConvNeXt(depths=(2, 2), dims=(width, 2 * width), patch_size=2, num_classes=10)
+    net = ConvNeXt(depths=(1, 1, 1, 1), dims=(width, width, 2 * width, 2 * width), patch_size=2, num_classes=10)
     del timm
     return net, "convnext"
 
