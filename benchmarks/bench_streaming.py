@@ -37,22 +37,8 @@ import statistics
 import time
 from pathlib import Path
 
+import _common as bench
 import torch
-from _common import (
-    base_parser,
-    describe,
-    environment,
-    fmt_table,
-    hidden,
-    interleaved,
-    peak_rss_mib,
-    reset_peak_rss,
-    rss_mib,
-    run_child,
-    set_clock,
-    setup,
-    write_json,
-)
 
 import meansparse as ms
 from meansparse.data import Batches, load_jpeg_archive, loader, open_stream
@@ -75,19 +61,19 @@ def streamed(args, n: int):
 def memory_child(args) -> None:
     if args.memory == "streamed-eager":
         os.environ["MEANSPARSE_COMPILE"] = "0"
-    setup(args.threads)
+    bench.setup(args.threads)
     base, model = build(args.width)
     n = args.memory_n
     ms.calibrate(model, [torch.rand(args.batch, 3, 32, 32) for _ in range(2)], progress=False)  # warm-up
     with torch.no_grad():
         base(torch.rand(args.batch, 3, 32, 32))
-    reset = reset_peak_rss()
-    start = rss_mib()
+    reset = bench.reset_peak_rss()
+    start = bench.rss_mib()
     peaks: list[float] = []  # the peak mark before each batch
 
     def traced(batches):
         for b in batches:
-            peaks.append(peak_rss_mib())
+            peaks.append(bench.peak_rss_mib())
             yield b
 
     t0 = time.perf_counter()
@@ -102,7 +88,7 @@ def memory_child(args) -> None:
             batches = Batches(load_jpeg_archive(args.data, args.split).sample(n, seed=0), args.batch)
         ms.calibrate(model, traced(batches), progress=False)
     seconds = time.perf_counter() - t0
-    peak = peak_rss_mib()
+    peak = bench.peak_rss_mib()
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"variant": args.memory, "images": n, "start_rss_mib": start, "peak_rss_mib": peak,
                       "growth_mib": peak - start, "late_growth_mib": peak - peaks[len(peaks) // 4],
@@ -127,13 +113,13 @@ def speed(args) -> dict:
     def calibrate():
         ms.calibrate(model, batches, progress=False)
 
-    res = interleaved({"decode": decode, "eval": eval_pass, "calibrate": calibrate}, args.repeats)
+    res = bench.interleaved({"decode": decode, "eval": eval_pass, "calibrate": calibrate}, args.repeats)
     return {k: {"median_s": v["median"], "images_per_s": args.n / v["median"], "samples": v["samples"]}
             for k, v in res.items()}
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0])
+    p = bench.base_parser(__doc__.splitlines()[0])
     p.add_argument("--data", default=str(SHARED), help="tar archive or image folder ([split/]class/image)")
     p.add_argument("--split", default="train")
     p.add_argument("--n", type=int, default=None, help="N: images of the speed run and the smaller memory run")
@@ -143,19 +129,19 @@ def main() -> None:
     p.add_argument("--memory-repeats", type=int, default=2, help="child processes per memory case")
     p.add_argument("--glibc", choices=["both", "default", "tuned"], default="both",
                    help="memory runs without GLIBC_TUNABLES, with it (see _common.GLIBC_TUNABLES), or both")
-    p.add_argument("--memory", default=None, help=hidden())
-    p.add_argument("--memory-n", type=int, default=None, help=hidden())
+    p.add_argument("--memory", default=None, help=bench.hidden())
+    p.add_argument("--memory-n", type=int, default=None, help=bench.hidden())
     args = p.parse_args()
     args.n = args.n or (1000 if args.quick else 5000)
     args.repeats = args.repeats or (3 if args.quick else 5)
     if args.memory:
         memory_child(args)
         return
-    setup(args.threads)
-    clock = set_clock("wall" if args.workers and args.clock == "auto" else args.clock, args.threads, args.device)
+    bench.setup(args.threads)
+    clock = bench.set_clock("wall" if args.workers and args.clock == "auto" else args.clock, args.threads, args.device)
     open_stream(args.data, args.split)  # build the index (and a .tar.gz's payload cache) before measuring
     load_jpeg_archive(args.data, args.split)  # and the in-memory path's .npz cache
-    out = {"environment": environment(args.threads), "args": {k: v for k, v in vars(args).items()
+    out = {"environment": bench.environment(args.threads), "args": {k: v for k, v in vars(args).items()
                                                              if k not in ("memory", "memory_n")}, "memory": []}
     glibcs = {"both": ("default", "tuned"), "default": ("default",), "tuned": ("tuned",)}[args.glibc]
     for glibc in glibcs:
@@ -164,12 +150,12 @@ def main() -> None:
                 cmd = ["--memory", variant, "--memory-n", str(n), "--threads", str(args.threads), "--data",
                        args.data, "--split", args.split, "--workers", str(args.workers), "--batch", str(args.batch),
                        "--width", str(args.width)]
-                runs = [run_child(cmd, f"memory {variant} {n}", tunables=glibc == "tuned")
+                runs = [bench.run_child(cmd, f"memory {variant} {n}", tunables=glibc == "tuned")
                         for _ in range(args.memory_repeats)]
                 out["memory"].append({"variant": variant, "glibc": glibc, "images": n, "runs": runs})
     out["speed"] = speed(args)
     env = out["environment"]
-    print(f"{describe(env)}, ResNet-18 width {args.width}, 32x32, batch {args.batch}, workers {args.workers}, "
+    print(f"{bench.describe(env)}, ResNet-18 width {args.width}, 32x32, batch {args.batch}, workers {args.workers}, "
           f"data {os.path.basename(args.data)} ({args.split})\n")
     print(f"memory of opening the data + one pass (MiB), {args.memory_repeats} fresh processes per row: RSS "
           "before the data is opened, the peak's growth above it (median, min-max), the part of that growth\n"
@@ -183,17 +169,18 @@ def main() -> None:
                      f"{statistics.median(growth):.0f} ({growth[0]:.0f}-{growth[-1]:.0f})",
                      f"{statistics.median(r['late_growth_mib'] for r in m['runs']):.0f}",
                      f"{max(workers):.0f}" if workers else "-"])
-    print(fmt_table(rows, ["pass", "glibc", "images", "RSS before", "peak growth", "of it after 1st quarter",
+    print(bench.fmt_table(rows, ["pass", "glibc", "images", "RSS before", "peak growth", "of it after 1st quarter",
                            "largest worker peak"]))
     s = out["speed"]
     print(f"\nspeed over the same loader, {args.n} images, median of {args.repeats} interleaved rounds "
           f"(clock={clock})\n")
-    print(fmt_table([[args.n, args.workers, f"{s['decode']['images_per_s']:.0f}", f"{s['eval']['images_per_s']:.0f}",
+    print(bench.fmt_table([[args.n, args.workers, f"{s['decode']['images_per_s']:.0f}",
+                            f"{s['eval']['images_per_s']:.0f}",
                       f"{s['calibrate']['images_per_s']:.0f}",
                       f"{s['calibrate']['median_s'] / s['eval']['median_s']:.3f}"]],
                     ["images", "workers", "decode only img/s", "eval img/s", "calibrate img/s",
                      "calibrate / eval time"]))
-    write_json(args.json, out)
+    bench.write_json(args.json, out)
 
 
 if __name__ == "__main__":
