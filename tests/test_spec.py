@@ -120,3 +120,22 @@ def test_a_bad_spec_is_one_error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["meansparse evaluate: error: model spec 'hub:resnet': unknown prefix 'hub'; use robustbench:, "
                    "timm:, python: or a checkpoint path"]
+
+
+def test_a_robustbench_model_streams_through_its_own_preprocessing():
+    """``--preprocessing auto`` on a streamed path: what RobustBench feeds the model (Swin-L: bicubic resize to
+    256, centre crop 224); CIFAR models get ToTensor only; an explicit name wins."""
+    import argparse
+
+    from meansparse.cli.common import resolve_preprocessing
+
+    def args(**kw):
+        return argparse.Namespace(**{"preprocessing": "auto", "data": "/images/tree", "dataset": "imagenet",
+                                     "threat_model": "Linf", **kw})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert resolve_preprocessing(args(), "robustbench:Liu2023Comprehensive_Swin-L") == "BicubicRes256Crop224"
+        assert resolve_preprocessing(args(dataset="cifar10"), "robustbench:Standard") is None
+    assert resolve_preprocessing(args(preprocessing="Res224"), "robustbench:Liu2023Comprehensive_Swin-L") == "Res224"
+    assert resolve_preprocessing(args(data="cifar10-jpg"), "robustbench:Liu2023Comprehensive_Swin-L") is None

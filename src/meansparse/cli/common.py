@@ -317,8 +317,9 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
                    help="DataLoader worker processes decoding a streamed --data PATH (default 0: in the main "
                         "process)")
     p.add_argument("--preprocessing", default="auto", choices=PREPROCESSING_CHOICES,
-                   help="RobustBench preprocessing of a streamed --data PATH. auto (default): the checkpoint's "
-                        "recorded 'preprocessing', else none = ToTensor only, right for 32x32 CIFAR-style "
+                   help="RobustBench preprocessing of a streamed --data PATH. auto (default): RobustBench's own "
+                        "choice for a robustbench:<id> model, else the checkpoint's recorded 'preprocessing', else "
+                        "none = ToTensor only, right for 32x32 CIFAR-style "
                         "images; an ImageNet model needs its own (ms.zoo.preprocessing(name, 'imagenet'), e.g. "
                         "BicubicRes256Crop224)")
 
@@ -329,9 +330,10 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-split", default="test", help="split of a --data PATH to evaluate on (e.g. val)")
 
 
-def resolve_preprocessing(args: argparse.Namespace, checkpoint: str | None = None) -> str | None:
-    """The preprocessing name ``--preprocessing`` asks for: ``auto`` is the checkpoint config's
-    ``preprocessing`` field for a streamed path, else None (``ToTensor`` only)."""
+def resolve_preprocessing(args: argparse.Namespace, checkpoint: str | None = None) -> Any:
+    """The preprocessing ``--preprocessing`` asks for: ``auto`` is, for a streamed path, RobustBench's own
+    choice for a ``robustbench:<id>`` model (what RobustBench feeds it), else the checkpoint config's
+    ``preprocessing`` field, else None (``ToTensor`` only)."""
     value = getattr(args, "preprocessing", "auto") or "auto"
     if value == "none":
         return None
@@ -341,6 +343,11 @@ def resolve_preprocessing(args: argparse.Namespace, checkpoint: str | None = Non
 
     if checkpoint is None or getattr(args, "data", None) in DATASETS:
         return None
+    if str(checkpoint).startswith("robustbench:"):
+        from ..zoo import preprocessing
+
+        return preprocessing(str(checkpoint).removeprefix("robustbench:"), getattr(args, "dataset", "cifar10"),
+                             getattr(args, "threat_model", "Linf"))
     from ..models import read_config
 
     try:
