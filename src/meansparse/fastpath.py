@@ -21,6 +21,7 @@ from .accel.auto import FuseDecision, fuse_decision
 from .core import operators
 from .evaluation import Attack, Report, build_attack
 from .evaluation import evaluate as evaluate_eager
+from .evaluation.attacks import options_for
 from .evaluation.budget import estimated_passes
 from .evaluation.examples import as_examples
 from .evaluation.report import RUN_KEY
@@ -33,13 +34,12 @@ log = logging.getLogger(__name__)
 def attack_objects(attacks: Sequence[str | Attack] | str,
                    attack_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Attack]:
     """The attacks an evaluation would build (for estimating its cost; unknown names are left to it)."""
-    options = dict(attack_options or {})
     out = []
     for a in [attacks] if isinstance(attacks, str) else attacks:
         if isinstance(a, Attack):
             out.append(a)
             continue
-        opts = options.get(a, options.get(a.removeprefix("bpda-"), {}))
+        opts = options_for(a, attack_options)
         try:
             out.append(build_attack(a, **opts))
         except ValueError:

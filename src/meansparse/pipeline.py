@@ -23,7 +23,7 @@ from ._utils import resolve_device, writable_dir
 from .accel import fuse, fused_sites
 from .calibration import calibrate
 from .core import operators
-from .data import ImageSet, first_images, holdout_split, loader, open_dataset
+from .data import ImageSet, as_xy, first_images, holdout_split, loader, open_dataset
 from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
 from .fastpath import attack_objects, plan_fusion
@@ -128,11 +128,6 @@ def _load_data(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
     return fit, hold, test
 
 
-def _xy(data: Any) -> tuple[Any, Any]:
-    """What ``evaluate`` / ``search_alpha`` take: float images and labels in memory, or the stream itself."""
-    return (data.float(), data.labels) if isinstance(data, ImageSet) else (data, None)
-
-
 def _table(before: Report, after: Report) -> str:
     names = list(dict.fromkeys([*before.robust_accuracy, *after.robust_accuracy]))
     lines = ["| | clean % | " + " | ".join(f"{n} %" for n in names) + " | **worst case %** |",
@@ -211,7 +206,7 @@ def calibration_images(cfg: PipelineConfig, fit: Any) -> int:
 
 def _sweep(cfg: PipelineConfig, model: nn.Module, hold: Any, out: Path) -> AlphaSearchResult:
     """Global α sweep on the held-out split; writes sweep.json / sweep.md / alpha_curve.png."""
-    sweep = search_alpha(model, *_xy(hold), cfg.alphas, clean_budget=cfg.clean_budget,
+    sweep = search_alpha(model, *as_xy(hold), cfg.alphas, clean_budget=cfg.clean_budget,
                          n_robust=cfg.n_sweep_robust, attacks=cfg.sweep_attacks, norm=cfg.norm, eps=cfg.eps,
                          attack_options=cfg.attack_options, batch_size=cfg.batch_size, seed=cfg.seed,
                          state_dir=out / "state" / "sweep", progress=cfg.progress, workers=cfg.workers)
@@ -256,7 +251,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
         if nonzero:
             shown = float(max(nonzero, key=lambda r: r["worst_case"])["alpha"])
 
-    x, y = _xy(test)
+    x, y = as_xy(test)
     common = dict(norm=cfg.norm, eps=cfg.eps, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
                   attack_options=cfg.attack_options, workers=cfg.workers)
     # Both rows get exactly the same attacks and budgets: on the base model (no operators) bpda-X is X and

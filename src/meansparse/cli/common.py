@@ -18,7 +18,7 @@ import torch
 
 from .._utils import resolve_device
 from .._utils import writable_dir as _writable_dir
-from ..data import ImageSet, first_images
+from ..data import first_images
 from ..evaluation import check_attack_names
 from ..models import check_input_shape, checkpoint_paths, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
@@ -60,7 +60,6 @@ __all__ = [
     "resolve_preprocessing",
     "open_data",
     "data_loader",
-    "as_xy",
 ]
 
 #: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
@@ -216,8 +215,7 @@ def check_data_fits(model: torch.nn.Module, data: Any, data_name: str, config: M
                     checkpoint: str | os.PathLike) -> None:
     """The images of ``--data`` (in memory or streamed: its first image) fit the model (see
     :func:`meansparse.models.check_input_shape`)."""
-    shape = data.images.shape[1:] if isinstance(data, ImageSet) else first_images(data, 1).shape[1:]
-    check_input_shape(model, config, tuple(shape), f"--data {data_name}", str(checkpoint))
+    check_input_shape(model, config, tuple(first_images(data, 1).shape[1:]), f"--data {data_name}", str(checkpoint))
 
 
 def comma_list(text: str) -> list[str]:
@@ -371,11 +369,6 @@ def data_loader(args: argparse.Namespace, data: Any, batch_size: int) -> Any:
     from ..data import loader
 
     return loader(data, batch_size, getattr(args, "workers", 0) or 0)
-
-
-def as_xy(data: Any) -> tuple[Any, Any]:
-    """``evaluate``'s ``x, y``: float images and labels of an in-memory set, or the stream itself and None."""
-    return (data.float(), data.labels) if isinstance(data, ImageSet) else (data, None)
 
 
 def data_name(args: argparse.Namespace, config: dict[str, Any]) -> str:

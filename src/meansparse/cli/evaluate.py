@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import operators
+from ..data import as_xy
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
@@ -28,7 +29,6 @@ from .common import (
     add_device_arg,
     add_fuse_args,
     add_stream_args,
-    as_xy,
     check_attacks,
     check_data_fits,
     check_device,

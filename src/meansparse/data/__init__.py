@@ -16,7 +16,7 @@ from .sources import (
     load_image_folder,
     load_jpeg_archive,
 )
-from .streams import ImageFolderDataset, ImageStream, TarDataset, first_images, open_stream
+from .streams import ImageFolderDataset, ImageStream, TarDataset, as_xy, first_images, open_stream
 
 __all__ = [
     "CIFAR10_URL",
@@ -40,6 +40,7 @@ __all__ = [
     "TarDataset",
     "collate",
     "decode_image",
+    "as_xy",
     "first_images",
     "get_preprocessing",
     "loader",

@@ -42,8 +42,8 @@ from torch.utils.data import Dataset
 
 from .preprocessing import Preprocessing, decode_image, get_preprocessing
 
-__all__ = ["IMAGE_SUFFIXES", "SPLIT_NAMES", "ImageFolderDataset", "ImageStream", "TarDataset", "first_images",
-           "open_stream", "stream_cache_dir"]
+__all__ = ["IMAGE_SUFFIXES", "SPLIT_NAMES", "ImageFolderDataset", "ImageStream", "TarDataset", "as_xy",
+           "first_images", "open_stream", "stream_cache_dir"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: Folder names read as splits: a tree with one of them at the top must be asked for a split it has.
@@ -429,3 +429,11 @@ def first_images(data: Any, n: int) -> torch.Tensor:
     if not items:
         raise ValueError("the data set is empty")
     return collate(items)[0]  # images of different sizes: the error that names --preprocessing
+
+
+def as_xy(data: Any) -> tuple[Any, Any]:
+    """What ``evaluate`` / ``search_alpha`` take: float images and labels of an :class:`ImageSet` (in memory),
+    or the data set itself and None (streamed batch by batch)."""
+    if hasattr(data, "images") and hasattr(data, "float"):
+        return data.float(), data.labels
+    return data, None

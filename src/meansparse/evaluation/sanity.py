@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks import build_attack
+from .attacks import build_attack, options_for
 from .examples import as_examples
 from .runner import run_evaluation
 from .validation import vacuous_eps
@@ -80,7 +80,7 @@ def sanity_checks(model: nn.Module, x: Any, y: Any = None, *, norm: str = "Linf"
     if key is None:
         raise ValueError(f"sanity checks need a real attack, not {attack!r}")
     options = dict(attack_options or {})
-    base_opts = dict(options.get(attack, options.get(attack.removeprefix("bpda-"), {})))
+    base_opts = options_for(attack, options)
     if budgets is None:
         default = getattr(build_attack(attack.removeprefix("bpda-"), norm=norm, eps=eps, **base_opts), key)
         budgets = sorted({max(1, default // 5), default})

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._utils import model_device
-from .attacks import ATTACK_NAMES, Attack, build_attack
+from .attacks import ATTACK_NAMES, Attack, build_attack, options_for
 from .judge import check_finite
 
 __all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
@@ -124,7 +124,7 @@ def build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_m
             continue
         if not isinstance(a, str) or a not in ATTACK_NAMES:
             raise ValueError(f"unknown attack {a!r}; valid attacks: {', '.join(ATTACK_NAMES)}")
-        opts = dict(options.get(a, options.get(a[5:], {})) if a.startswith("bpda-") else options.get(a, {}))
+        opts = options_for(a, options)
         built.append(build_attack(a, norm=norm, eps=eps, base_model=base_model, **opts))
     names = [a.name for a in built]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -13,13 +13,13 @@ from .bpda import BPDA
 from .clean import Clean
 from .fab import FABTargeted
 from .pgd import PGD
-from .registry import ATTACK_NAMES, BPDA_ATTACKS, DEFAULT_ATTACKS, build_attack
+from .registry import ATTACK_NAMES, BPDA_ATTACKS, DEFAULT_ATTACKS, build_attack, options_for
 from .square import Square
 from .transfer import Transfer, zero_alphas
 
 __all__ = [
     "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "KINDS", "LIBRARY_LOGGER", "NORMS",
     "PGD", "APGDTargeted", "AdaptivePGD", "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Square",
-    "SuccessTracker", "Transfer", "build_attack", "keep_tracer", "num_classes", "require_pyautoattack",
+    "SuccessTracker", "Transfer", "build_attack", "keep_tracer", "num_classes", "options_for", "require_pyautoattack",
     "zero_alphas"
 ]

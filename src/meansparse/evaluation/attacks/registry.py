@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -19,7 +19,8 @@ from .pgd import PGD
 from .square import Square
 from .transfer import Transfer
 
-__all__ = ["ATTACK_NAMES", "BPDA_ATTACKS", "COUNT_OPTIONS", "DEFAULT_ATTACKS", "build_attack", "check_options"]
+__all__ = ["ATTACK_NAMES", "BPDA_ATTACKS", "COUNT_OPTIONS", "DEFAULT_ATTACKS", "build_attack", "check_options",
+           "options_for"]
 
 _FACTORIES: dict[str, Callable[..., Attack]] = {
     "clean": Clean,
@@ -74,3 +75,9 @@ def build_attack(name: str, *, norm: str = "Linf", eps: float = 8 / 255, base_mo
         return _FACTORIES[name](norm=norm, eps=eps, **options)
     except TypeError as e:
         raise ValueError(f"bad options for attack {name!r}: {e}") from e
+
+
+def options_for(name: str, attack_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The options of attack ``name``: its own entry, else (``bpda-X``) X's, else none."""
+    options = attack_options or {}
+    return dict(options.get(name, options.get(name.removeprefix("bpda-"), {})))
