@@ -19,12 +19,16 @@ that the two reports are identical.
 
     python benchmarks/bench_evaluate.py --threads 2 --checkpoint checkpoints/cifar10-resnet18-gelu-pgd \
         --attack apgd-ce --steps 50 --n 128 --batch-size 64 --fused-vs-eager
+
+``--whole-compile MODE`` (with ``--fused-vs-eager``) adds a third variant: the eager-operator model wrapped in
+``torch.compile(model, mode=MODE)`` (``reduce-overhead``: CUDA graphs on a GPU), whose report is compared too.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
+import time
 
 import torch
 from _common import base_parser, describe, environment, fmt_table, interleaved, set_clock, setup, write_json
@@ -70,6 +74,8 @@ def main() -> None:
     p.add_argument("--attack", choices=["aa", "apgd-ce"], default="aa")
     p.add_argument("--fused-vs-eager", action="store_true",
                    help="time ms.evaluate on the eager-operator model vs the fused model (identical reports)")
+    p.add_argument("--whole-compile", default=None, metavar="MODE",
+                   help="with --fused-vs-eager: also the eager-operator model under torch.compile(mode=MODE)")
     args = p.parse_args()
     setup(args.threads)
     set_clock(args.clock, args.threads, args.device)
@@ -109,6 +115,7 @@ def main() -> None:
     else:
         attack = APGD(eps=eps, steps=args.steps)
     n_classes = int(model(x[:1].to(device)).shape[1])
+    last: dict = {}
 
     def warm(net) -> None:  # compile the fused kernels (forward, backward) outside the timed runs
         xb = x[: args.batch_size].to(device).requires_grad_()
@@ -117,19 +124,36 @@ def main() -> None:
             net(xb)
 
     warm(model)
+    compiled_model = None
     if args.fused_vs_eager:
         warm(eager_model)
+        if args.whole_compile:
+            compiled_model = torch.compile(copy.deepcopy(eager_model), mode=args.whole_compile)
+            start = time.perf_counter()
+            try:  # e.g. CUDA graphs refuse an attack that reads a model output after the next call
+                warm(compiled_model)
+                last["compile_seconds"] = time.perf_counter() - start
+                ms.evaluate(compiled_model, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
+                            progress=False, fuse=False)  # the batch shapes an evaluation meets, compiled
+            except Exception as e:  # noqa: BLE001 - report and time the other variants
+                print(f"whole-model torch.compile({args.whole_compile}) failed: {type(e).__name__}: {e}")
+                last["compile_error"] = f"{type(e).__name__}: {e}"
+                compiled_model = None
     state_dir = tempfile.mkdtemp()
-    last: dict = {}
 
-    def ours(net=model, key="report"):  # with a resume file, as the CLI runs it (a fresh one each time)
+    def ours(net=model, key="report", fuse="auto"):  # with a resume file, as the CLI runs it (a fresh one each time)
         last["runs"] = last.get("runs", 0) + 1
         path = f"{state_dir}/state-{last['runs']}.json"
         last[key] = ms.evaluate(net, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
-                                progress=False, state_path=path)
+                                progress=False, state_path=path, fuse=fuse)
 
     if args.fused_vs_eager:
-        fused_vs_eager(args, lambda: ours(eager_model, "eager"), ours, last)
+        variants = {"evaluate, eager operator": lambda: ours(eager_model, "eager", fuse=False),
+                    "evaluate, fused": ours}
+        if compiled_model is not None:
+            variants[f"evaluate, whole-model torch.compile({args.whole_compile})"] = \
+                lambda: ours(compiled_model, "compiled", fuse=False)
+        fused_vs_eager(args, variants, last)
         return
 
     def reference():
@@ -166,20 +190,30 @@ def main() -> None:
     write_json(args.json, {"environment": env, "results": res, "ratio": ratio})
 
 
-def fused_vs_eager(args, eager, fused, last: dict) -> None:
-    res = interleaved({"evaluate, eager operator": eager, "evaluate, fused": fused}, args.repeats, warmup=1)
+def fused_vs_eager(args, variants: dict, last: dict) -> None:
+    res = interleaved(variants, args.repeats, warmup=1)
     a, b = last["eager"], last["report"]
     same = a.comparable() == b.comparable()
-    ratio = res["evaluate, fused"]["median"] / res["evaluate, eager operator"]["median"]
+    eager_s = res["evaluate, eager operator"]["median"]
+    ratio = res["evaluate, fused"]["median"] / eager_s
+    compiled = {k: v for k, v in res.items() if "torch.compile" in k}
+    compiled_same = last["compiled"].comparable() == a.comparable() if compiled else None
     print(f"{describe(environment(args.threads))}\nmodel: {args.checkpoint or 'digits small_cnn'}, MeanSparse "
           f"alpha={args.alpha}; {args.n} test images, batch {args.batch_size}; attack {args.attack}, "
           f"{args.steps} steps\nclean {b.clean_accuracy:.3f}, robust {b.worst_case_accuracy:.3f}; "
           f"reports identical: {'yes' if same else 'NO'}\n")
-    rows = [[k, f"{v['median']:.2f}", f"{v['min']:.2f}"] for k, v in res.items()]
-    print(fmt_table(rows, ["variant", "median s", "min s"]))
+    rows = [[k, f"{v['median']:.2f}", f"{v['min']:.2f}", f"{v['median'] / eager_s:.3f}"] for k, v in res.items()]
+    print(fmt_table(rows, ["variant", "median s", "min s", "/ eager"]))
     print(f"\nfused / eager: {ratio:.3f} (medians)")
+    if compiled:
+        (name, v), = compiled.items()
+        c = last["compiled"]
+        print(f"{name} / eager: {v['median'] / eager_s:.3f} (medians; compiling took {last['compile_seconds']:.1f} s "
+              f"before the timed runs, more for new batch shapes); clean {c.clean_accuracy:.3f}, robust "
+              f"{c.worst_case_accuracy:.3f}; report identical to the eager one: {'yes' if compiled_same else 'no'}")
     write_json(args.json, {"environment": environment(args.threads), "results": res, "ratio": ratio,
-                       "identical": same})
+                           "identical": same, "compiled_identical": compiled_same,
+                           "compile_seconds": last.get("compile_seconds"), "compile_error": last.get("compile_error")})
     if not same:
         raise SystemExit("the fused model's report differs from the eager model's")
 

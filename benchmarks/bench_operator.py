@@ -13,6 +13,12 @@ child processes without and with GLIBC_TUNABLES (see _common.GLIBC_TUNABLES).
     python benchmarks/bench_operator.py --threads 16 --widths 16 64 --batch 256
     python benchmarks/bench_operator.py --threads 2 --arch dm_wrn --depth 16 --widths 4 --batch 256
     python benchmarks/bench_operator.py --device cuda --glibc default --widths 16 64 --batch 256 1024
+    python benchmarks/bench_operator.py --device cuda --glibc default --arch dm_wrn --widths 4 10 \\
+        --whole-compile reduce-overhead    # + the base and MeanSparse models under one whole-model torch.compile
+
+``--whole-compile MODE`` adds two variants: the base model and the (eager-operator) MeanSparse model each wrapped
+in ``torch.compile(model, mode=MODE)`` (``reduce-overhead``: CUDA graphs on a GPU).  Their first calls (the
+compilation) run before the timed rounds and are reported as compile seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 
 import torch
 from _common import (
@@ -103,9 +110,26 @@ def attack_step(model, x, mode: str | None):
     return run
 
 
+def whole_compiled(base, eager, x, mode: str) -> tuple[dict, dict]:
+    """The base and MeanSparse models under one ``torch.compile`` each, and the seconds their first calls took
+    (forward; attack step per gradient mode): compilation, outside the timed rounds."""
+    models = {"base": torch.compile(base, mode=mode), "eager": torch.compile(eager, mode=mode)}
+    seconds = {}
+    for name, m in models.items():
+        start = time.perf_counter()
+        forward(m, x)()
+        for mode_ in ([None] if name == "base" else ["exact", "straight_through"]):
+            attack_step(m, x, mode_)()
+        if str(x.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - start
+    return models, seconds
+
+
 def check_identical(eager, fused, x, activation: str) -> dict:
-    """Outputs/gradients of the fused model vs the eager reference on a slice of the batch."""
-    xs = x[:8]
+    """Outputs/gradients of the fused model vs the eager reference on a slice of the batch (the full batch for
+    a whole-model compiled one: CUDA graphs are recorded for one shape)."""
+    xs = x if isinstance(fused, torch._dynamo.eval_frame.OptimizedModule) else x[:8]
     with torch.no_grad():
         a, b = eager(xs), fused(xs)
     out = {"forward_max_abs_diff": float((a - b).abs().max()), "forward_equal": bool(torch.equal(a, b))}
@@ -128,15 +152,27 @@ def child(args) -> dict:
     acts = args.activations if args.arch == "resnet18" else [ARCH_ACTIVATION[args.arch]]
     for width, batch, act in ((w, b, a) for w in args.widths for b in args.batch for a in acts):
         base, eager, fused, x = build(width, act, batch, args.alpha, args.device, args.arch, args.depth)
-        fwd = interleaved({"base": forward(base, x), "eager": forward(eager, x), "fused": forward(fused, x)},
-                          args.repeats, warmup=2)
-        step = interleaved({
+        fwd_variants = {"base": forward(base, x), "eager": forward(eager, x), "fused": forward(fused, x)}
+        step_variants = {
             "base": attack_step(base, x, None),
             "eager exact": attack_step(eager, x, "exact"),
             "fused exact": attack_step(fused, x, "exact"),
             "eager straight_through": attack_step(eager, x, "straight_through"),
             "fused straight_through": attack_step(fused, x, "straight_through"),
-        }, args.repeats, warmup=2)
+        }
+        whole, compile_seconds = {}, {}
+        if args.whole_compile:
+            try:
+                whole, compile_seconds = whole_compiled(base, copy.deepcopy(eager), x, args.whole_compile)
+            except Exception as e:  # noqa: BLE001 - report it, time the other variants
+                print(f"whole-model torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+                compile_seconds = {"error": f"{type(e).__name__}: {e}"}
+        if whole:
+            fwd_variants |= {"base compiled": forward(whole["base"], x), "eager compiled": forward(whole["eager"], x)}
+            step_variants |= {"base compiled": attack_step(whole["base"], x, None)} | {
+                f"compiled {m}": attack_step(whole["eager"], x, m) for m in ("exact", "straight_through")}
+        fwd = interleaved(fwd_variants, args.repeats, warmup=2)
+        step = interleaved(step_variants, args.repeats, warmup=2)
         results["cases"].append({
             "arch": args.arch, "depth": args.depth if args.arch == "dm_wrn" else None,
             "width": width, "activation": act, "batch": batch,
@@ -145,6 +181,9 @@ def child(args) -> dict:
             "attack_step": {k: v["median"] for k, v in step.items()}, "attack_step_ratio": ratios(step, "base"),
             "attack_step_ratio_min": ratios(step, "base", "min"),
             "identical": check_identical(eager, fused, x, act),
+            "whole_compile": args.whole_compile,
+            "whole_compile_seconds": compile_seconds,
+            "whole_compile_identical": check_identical(eager, whole["eager"], x, act) if whole else None,
         })
     results["compile_disabled_reason"] = compile_disabled_reason()
     return results
@@ -165,9 +204,26 @@ def report(variants: list[tuple[str, dict]]) -> str:
     header = ["malloc", "arch", "width", "act", "batch", "fwd base ms", "fwd eager", "fwd fused", "step base ms",
               "step eager exact", "step fused exact", "step eager ST", "step fused ST", "bit-identical"]
     env = variants[0][1]["environment"]
-    return (f"{describe(env)}, compile={variants[0][1]['compile']}\n"
-            "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
-            + fmt_table(rows, header))
+    out = (f"{describe(env)}, compile={variants[0][1]['compile']}\n"
+           "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
+           + fmt_table(rows, header))
+    whole = [(name, c) for name, res in variants for c in res["cases"] if c.get("whole_compile_identical")]
+    if whole:
+        rows = []
+        for name, c in whole:
+            fr, sr, ident = c["forward_ratio"], c["attack_step_ratio"], c["whole_compile_identical"]
+            arch = c.get("arch", "resnet18") + (f"-{c['depth']}" if c.get("depth") else "")
+            rows.append([name, arch, c["width"], c["activation"], c["batch"], f"{fr['base compiled']:.3f}",
+                         f"{fr['eager compiled']:.3f}", f"{sr['base compiled']:.3f}", f"{sr['compiled exact']:.3f}",
+                         f"{sr['compiled straight_through']:.3f}",
+                         " / ".join(f"{v:.0f}" for v in c["whole_compile_seconds"].values()),
+                         f"max rel {max(v for k, v in ident.items() if 'rel' in k):.1e}"])
+        out += (f"\n\nwhole-model torch.compile(mode={whole[0][1]['whole_compile']!r}), ratios to the uncompiled "
+                "base model (same rounds as above):\n\n"
+                + fmt_table(rows, ["malloc", "arch", "width", "act", "batch", "fwd base", "fwd MeanSparse",
+                                   "step base", "step MeanSparse exact", "step MeanSparse ST",
+                                   "compile s (base / MS)", "MS vs eager operator"]))
+    return out
 
 
 def main() -> None:
@@ -182,6 +238,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--alpha", type=float, default=0.25)
     p.add_argument("--glibc", choices=["both", "default", "tuned"], default="both")
+    p.add_argument("--whole-compile", default=None, metavar="MODE",
+                   help="also time both models under torch.compile(model, mode=MODE), e.g. reduce-overhead")
     p.add_argument("--child", action="store_true", help=hidden())
     args = p.parse_args()
     default_widths = {"resnet18": [16, 64], "dm_wrn": [4, 10], "swin": [32], "convnext": [32]}[args.arch]

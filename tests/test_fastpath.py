@@ -72,3 +72,51 @@ def test_cli_says_which_operator_ran(tmp_path, capsys):
     assert "meansparse evaluate: eager operator: a short job" in capsys.readouterr().err
     assert main([*common, "--no-fuse", "--out", str(tmp_path / "b")]) == 0
     assert "eager operator: asked for the eager operator" in capsys.readouterr().err
+
+
+def test_decision_on_a_gpu_compiles_the_whole_model(models, test_set, monkeypatch):
+    """On CUDA the measured fastest path is the whole model under torch.compile (docs/benchmarks.md); the rule
+    is exercised here with the device and the timing stubbed (no GPU in CI)."""
+    _, model = models
+    x, _ = test_set
+    monkeypatch.setattr(auto, "model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(auto, "_seconds_per_example", lambda m, e: 1e-3)
+    monkeypatch.setattr(auto, "compile_enabled", lambda: True)
+    long = auto.fuse_decision(model, x, auto.MIN_EAGER_SECONDS_CUDA / (auto.BACKWARD_FACTOR * 1e-3) + 1)
+    assert long.whole_model and not long.fuse and long.path == "whole model compiled"
+    assert "CUDA graphs" in long.reason and long.as_dict()["path"] == "whole model compiled"
+    short = auto.fuse_decision(model, x, 1000.0)  # 3 s of eager work
+    assert short.path == "eager operator" and "short job" in short.reason
+    monkeypatch.setattr(auto, "model_device", lambda m: torch.device("mps"))
+    assert auto.fuse_decision(model, x, 1e12).path == "eager operator"
+
+
+@pytest.mark.skipif(not compile_enabled(), reason="torch.compile unavailable")
+def test_whole_model_compiled_keeps_the_model_and_its_numbers(models, test_set):
+    from meansparse.evaluation.hashing import model_hash
+
+    _, model = models
+    x, y = test_set
+    keys, digest = list(model.state_dict()), model_hash(model)
+    with torch.no_grad():
+        eager_out = model(x)
+    with ms.accel.whole_model_compiled(model) as m:
+        assert m is model and "forward" in vars(model)
+        with torch.no_grad():
+            out = model(x)
+        assert list(model.state_dict()) == keys and model_hash(model) == digest
+    assert "forward" not in vars(model)  # its own forward again
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    seen = []
+    report = ms.evaluate(model, x, y, eps=0.2, attacks=("apgd-ce", "bpda-apgd-ce"), attack_options=FAST,
+                         progress=False, fuse="whole-model", announce=seen.append)
+    reference = ms.evaluation.evaluate(model, x, y, eps=0.2, attacks=("apgd-ce", "bpda-apgd-ce"),
+                                       attack_options=FAST, progress=False)
+    assert report.metadata["run"]["fuse"]["path"] == "whole model compiled" and seen[0].whole_model
+    assert "- operator: whole model compiled" in report.to_markdown()
+    assert report.clean_accuracy == reference.clean_accuracy
+    # float rounding may move a feature across a band edge, so attacks may differ by an example or two
+    assert abs(report.worst_case_accuracy - reference.worst_case_accuracy) <= 2 / len(x)
+    assert "forward" not in vars(model)
+    with pytest.raises(ValueError, match="fuse must be"):
+        ms.evaluate(model, x, y, eps=0.2, attacks=("apgd-ce",), progress=False, fuse="sometimes")

@@ -119,3 +119,10 @@ def test_pipeline_with_fuse_reports_the_same_numbers(tmp_path):
     for key in ("before", "after"):
         assert fused[key]["robust"] == plain[key]["robust"] and fused[key]["clean"] == plain[key]["clean"]
     assert fused["alpha"] == plain["alpha"]
+    # the GPU's default path, forced here: the test rows run compiled (float rounding, not bit for bit)
+    whole = run(PipelineConfig(**cfg, fuse="whole-model"), tmp_path / "whole")
+    assert whole["fuse"]["path"] == "whole model compiled" and whole["alpha"] == plain["alpha"]
+    for key in ("before", "after"):
+        assert whole[key]["clean"] == plain[key]["clean"]
+        assert abs(whole[key]["worst_case"] - plain[key]["worst_case"]) <= 2 / 40
+    assert "- operator: whole model compiled" in (tmp_path / "whole" / "report.md").read_text()

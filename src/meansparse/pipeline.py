@@ -8,6 +8,7 @@ the sweep and the evaluation decode batch by batch (`workers` processes), never 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -21,12 +22,14 @@ from torch import nn
 
 from ._utils import resolve_device, writable_dir
 from .accel import fuse, fused_sites
+from .accel.auto import FuseDecision
 from .calibration import calibrate
 from .core import operators
 from .data import ImageSet, as_xy, first_images, holdout_split, loader, open_dataset
 from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
-from .fastpath import attack_objects, plan_fusion
+from .evaluation.report import operator_path
+from .fastpath import attack_objects, fast_path, plan_fusion
 from .models import check_input_shape, checkpoint_paths, read_config
 from .models import load as load_checkpoint
 from .placement import prepare, set_alpha, sites
@@ -69,7 +72,8 @@ class PipelineConfig:
     progress: bool = True
     train_epochs: int = 30            # epochs of the embedded digits model
     device: str = "cpu"               # where the models run ("cuda", "cuda:1", ...); data stays on the CPU
-    fuse: bool | None = None          # fused kernels: None = when that pays off (meansparse.accel.auto)
+    fuse: bool | str | None = None    # None: fused (CPU) / whole model compiled (CUDA) when that pays off
+    #                                   (meansparse.accel.auto); True, False, "whole-model" force a path
     workers: int = 0                  # DataLoader processes decoding a streamed data path (0: in this process)
     preprocessing: str | None = None  # RobustBench preprocessing name of a streamed data path (None: ToTensor)
     train_split: str = "train"        # splits of a data path ("val" for an ImageNet-style tree)
@@ -182,12 +186,19 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     say(f"prepared: {len(sites(model))} MeanSparse sites")
     calibrate(model, loader(fit, cfg.batch_size, cfg.workers), max_batches=cfg.calibration_batches,
               progress=cfg.progress)
+    # On a GPU the fast path compiles the whole model, and every α of the sweep would recompile it: only the
+    # test evaluations (one α each) run compiled there, so only they count.
+    n_hold = 0 if device.type == "cuda" else len(hold)
     decision = plan_fusion(model, first_images(hold, cfg.batch_size).to(device),
-                           _job_passes(cfg, len(hold), len(test), final), "auto" if cfg.fuse is None else cfg.fuse)
+                           _job_passes(cfg, n_hold, len(test), final), "auto" if cfg.fuse is None else cfg.fuse)
+    if decision.whole_model and not final:
+        decision = FuseDecision(False, "the sweep changes α between passes (each would recompile the whole model)")
     cfg.fuse_decision = decision.as_dict()
     if decision.fuse:
         fuse(model)
         say(f"fused: {len(fused_sites(model))} of {len(operators(model))} sites ({decision.reason})")
+    elif decision.whole_model:
+        say(f"whole model compiled for the test evaluations, the α sweep eager ({decision.reason})")
     else:
         say(f"eager operator: {decision.reason}")
     return base, model, fit, hold, test
@@ -256,10 +267,14 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
                   attack_options=cfg.attack_options, workers=cfg.workers)
     # Both rows get exactly the same attacks and budgets: on the base model (no operators) bpda-X is X and
     # transfer crafts on the model itself, so nothing is dropped and the two worst cases compare like for like.
-    before = evaluate(base, x, y, attacks=cfg.attacks, state_path=out / "state" / "before.json", **common)
+    decision = FuseDecision(**{k: v for k, v in cfg.fuse_decision.items() if k != "path"})
+    whole = decision.whole_model  # both rows compiled alike (CPU: the MeanSparse model stays fused)
+    with fast_path(base, decision) if whole else contextlib.nullcontext():
+        before = evaluate(base, x, y, attacks=cfg.attacks, state_path=out / "state" / "before.json", **common)
     set_alpha(model, shown)
-    after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
-                     state_path=out / "state" / "after.json", **common)
+    with fast_path(model, decision) if whole else contextlib.nullcontext():
+        after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
+                         state_path=out / "state" / "after.json", **common)
     budgets = same_attacks(before, after)
     n_cal = calibration_images(cfg, fit)
     (out / "before.json").write_text(before.to_json())
@@ -296,7 +311,7 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
           f"{100 * cfg.clean_budget:.2f}-point clean budget); a plain white-box selection would have picked "
           f"α = {sweep.naive['alpha']}",
           f"- test split: {len(test)} images (every number in the table below is on these {len(test)} images)",
-          f"- operator: {'fused' if cfg.fuse_decision['fuse'] else 'eager'} ({cfg.fuse_decision['reason']})",
+          f"- operator: {operator_path(cfg.fuse_decision)} ({cfg.fuse_decision['reason']})",
           (f"- **MeanSparse does not improve the worst case of this model within the budget (α = 0 chosen)**; "
            f"the table shows the best α > 0, α = {shown:g}, for reference" if shown != alpha else ""), "",
           "## Before / after (test split)", "", _table(before, after), "",

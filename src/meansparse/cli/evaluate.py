@@ -162,8 +162,8 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
                       state_path=state, progress=not args.no_progress, device=device, individual=args.individual,
                       attack_options=parse_options(args.option), sanity=args.sanity, workers=args.workers,
                       adversarial_dir=out if args.save_adversarial else None,
-                      announce=lambda d: main and print(f"meansparse evaluate: {'fused' if d.fuse else 'eager'} "
-                                                        f"operator: {d.reason}", file=sys.stderr))
+                      announce=lambda d: main and print(f"meansparse evaluate: {d.path}: {d.reason}",
+                                                        file=sys.stderr))
     report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
                                   "alpha": args.alpha, "data": name, "split": args.split,
                                   "alphas": sorted({op.alpha_value for op in operators(model)})}

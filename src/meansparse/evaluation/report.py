@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RUN_KEY", "Report", "attack_budget", "data_line", "model_line"]
+__all__ = ["RUN_KEY", "Report", "attack_budget", "data_line", "model_line", "operator_path"]
 
 _BUDGET_KEYS = ("steps", "restarts", "queries", "n_target_classes", "lam", "step_size")
 
@@ -64,6 +65,12 @@ def model_line(command: dict[str, Any]) -> str:
 # Fields of ``metadata["run"]`` describe one execution (timings, how many batches were resumed), not the
 # result; ``Report.comparable()`` drops them so two runs can be compared for equality.
 RUN_KEY = "run"
+
+
+def operator_path(decision: Mapping[str, Any]) -> str:
+    """The path a run took, from its recorded decision ("fused", "whole model compiled", "eager operator"); older
+    records have no "path"."""
+    return decision.get("path") or ("fused" if decision.get("fuse") else "eager operator")
 
 
 @dataclass
@@ -142,7 +149,7 @@ class Report:
         if "wall_time_s" in run:
             lines.append(f"- wall time: {run['wall_time_s']:.1f} s")
         if "fuse" in run:
-            lines.append(f"- operator: {'fused' if run['fuse']['fuse'] else 'eager'} ({run['fuse']['reason']})")
+            lines.append(f"- operator: {operator_path(run['fuse'])} ({run['fuse']['reason']})")
         lines += ["", "| attack | kind | attacked | broken | robust accuracy | worst case after it |",
                   "|---|---|---:|---:|---:|---:|"]
         column_note = "on its own" if self.mode == "individual" else "cumulative"
