@@ -250,7 +250,8 @@ def test_compiled_split_activations_are_bit_identical(kind, params):
         assert same(fy, y)
         assert same(fy0, fy)
         assert same(fg, g)
-    assert used_compiled("", "sparsify", ("contiguous", 3, 2)) and used_compiled("", "band_mask", ("contiguous", 3, 2))
+    key = ("contiguous", 3, 2)  # the activation's gradient is a fresh tensor: the band is zeroed in place
+    assert used_compiled("", "sparsify", key) and used_compiled("", "band_mask_in_place", key)
 
 
 def test_user_errors_are_not_swallowed():
@@ -292,11 +293,45 @@ def test_add_and_output_sites_are_fused_bit_identically(name, kw, compiled, buil
             assert o.fused_activation == ("identity", (), False)
     if name == "preact_wrn":
         assert [o.fused_producer for o in ms.operators(model) if o.kind == "add"] == ["add"] * 3
+    if name == "vit":  # fc1's output feeds only the GELU site, fc2's only its output site: sparsified in place
+        owned = [o.site_name for o in ms.operators(model) if kernels.owns_input(o)]
+        assert any("fc2" in n for n in owned) and len(owned) >= 2
     for mode in ("exact", "straight_through"):
         for a, b in zip(outputs_and_grads(model, x, mode), outputs_and_grads(ref, x, mode), strict=True):
             assert same(a, b)
+    if name == "vit" and compiled:
+        assert any(role == "sparsify_in_place" and done for (_, _, role, _), done in kernels.compiled_kernels().items())
     ms.unfuse(model)
-    assert not ms.fused_sites(model)
+    assert not ms.fused_sites(model) and not any(kernels.owns_input(o) for o in ms.operators(model))
+
+
+class _SharedHidden(nn.Module):
+    """fc1's output feeds the GELU site and, when ``shared``, a second reader too."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.shared = shared
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        out = self.fc2(self.act(h))
+        return out + h[..., :16] if self.shared else out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_private_input_is_sparsified_in_place_and_a_shared_one_is_not(shared):
+    compiled_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(1024, 4, 16)  # hidden 1024 x 4 x 64 (NLC tokens): the compiled kernels
+    model = calibrated(ms.prepare(_SharedHidden(shared).eval(), example_inputs=x[:2]), x, alpha=0.5)
+    ref = copy.deepcopy(model)
+    ms.fuse(model)
+    (op,) = ms.operators(model)
+    assert kernels.owns_input(op) is not shared
+    for mode in ("exact", "straight_through"):
+        for a, b in zip(outputs_and_grads(model, x, mode), outputs_and_grads(ref, x, mode), strict=True):
+            assert same(a, b)
 
 
 def test_modules_method_fuses_output_wrappers(build_model, images, quiet, eager_only):

@@ -21,7 +21,7 @@ from ..core import MeanSparse, operators
 from ..placement import MeanSparseActivation, MeanSparseOutput, fx_class, get_record
 from ..placement.record import attach, attached, detach, restore_class, swap_class, swapped
 from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec, function_spec, method_spec, module_spec
-from .graph import private
+from .graph import fresh_module, private
 from .kernels import fused_forward
 from .producer import absorb_producer
 
@@ -69,6 +69,14 @@ def _fuse_operator(op: MeanSparse, spec: ActivationSpec, activation: nn.Module |
         attach(op, "activation_module", activation)
 
 
+def _own_input(op: MeanSparse, owned: bool) -> None:
+    """Record whether the site's input tensor is private to it (see :func:`.kernels.owns_input`)."""
+    if owned:
+        attach(op, "owns_input", True)
+    else:
+        detach(op, "owns_input")
+
+
 # ---------------------------------------------------------------------------------------------- fx graphs
 def _node_spec(act: fx.Node, src: fx.Node, root: nn.Module) -> ActivationSpec | None:
     """Spec of fx node ``act`` if it applies a supported activation to ``src`` with constant arguments."""
@@ -101,14 +109,14 @@ def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
         op = root.get_submodule(node.target)
         if not isinstance(op, MeanSparse) or node.kwargs or not node.users:
             continue
+        owned = private(node.args[0], root) if node.args else False
         if op.kind in ("add", "output"):  # nothing to fuse after it: the operator alone, compiled
-            if op.inplace and not private(node.args[0], root):
+            if op.inplace and not owned:
                 continue
             _fuse_operator(op, IDENTITY_SPEC, None)
             node.kwargs = {"activation": IDENTITY_SPEC}
             fused += 1
-            if producers:
-                absorb_producer(graph, node, root, IDENTITY_SPEC)
+            _own_input(op, owned and not (producers and absorb_producer(graph, node, root, IDENTITY_SPEC)))
             continue
         if len(node.users) != 1:
             continue
@@ -126,8 +134,7 @@ def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
         graph.erase_node(act)
         _fuse_operator(op, spec, activation)
         fused += 1
-        if producers:
-            absorb_producer(graph, node, root, spec)
+        _own_input(op, owned and not (producers and absorb_producer(graph, node, root, spec)))
     if not fused:
         return 0
     graph.lint()
@@ -158,6 +165,7 @@ def fuse(model: nn.Module, *, producers: bool = True) -> nn.Module:
         elif type(child) is MeanSparseOutput:
             swap_class(child, FusedMeanSparseOutput)
             _fuse_operator(child.meansparse, IDENTITY_SPEC, None)
+            _own_input(child.meansparse, fresh_module(child.module) and not child.meansparse.inplace)
     for m in list(model.modules()):
         rec = get_record(m)
         if rec is not None and rec.config.get("method") == "fx" and not swapped(m):
@@ -172,6 +180,7 @@ def unfuse(model: nn.Module) -> nn.Module:
         detach(m, "spec")
         if isinstance(m, MeanSparse):
             detach(m, "activation_module")
+            detach(m, "owns_input")
             m.__dict__.pop("fused_activation", None)
             m.__dict__.pop("fused_producer", None)
     return model

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["private"]
+__all__ = ["private", "fresh_module"]
 
 
 def _fresh_modules() -> tuple[type[nn.Module], ...]:
@@ -27,13 +27,19 @@ _INPLACE_FUNCTIONS = {_op.iadd, _op.isub, _op.imul}
 _INPLACE_METHODS = {"add_", "sub_", "mul_", "__iadd__", "__isub__", "__imul__"}
 
 
+def fresh_module(m: nn.Module) -> bool:
+    """Whether ``m``'s output is a tensor it just made and nobody else sees: a conv / linear / norm layer with
+    no forward hooks (a hook may keep the output)."""
+    return isinstance(m, _fresh_modules()) and not m._forward_hooks
+
+
 def private(node: Any, root: nn.Module, depth: int = 0) -> bool:
     """Whether fx ``node``'s tensor is freshly allocated and read by a single user (so mutating it, or not,
     is invisible to the rest of the graph)."""
     if not isinstance(node, fx.Node) or len(node.users) != 1 or depth > 8:
         return False
     if node.op == "call_module":
-        return isinstance(root.get_submodule(node.target), _fresh_modules())
+        return fresh_module(root.get_submodule(node.target))
     if node.op == "call_function" and node.target in _FRESH_FUNCTIONS:
         return True
     if node.op == "call_method" and node.target in _FRESH_METHODS:

@@ -14,7 +14,9 @@ the activation).  Here a custom :class:`torch.autograd.Function` does it with ``
   bit-identical nor faster.  The forward is a compiled sparsify kernel then ATen's own activation, saving only
   ``y`` (the activation would have saved its input anyway); the backward is ATen's activation backward at
   ``y``, then (exact mode) one compiled kernel zeroing the band, recognised from ``y``
-  (:func:`~meansparse.core.band.band_from_output`).
+  (:func:`~meansparse.core.band.band_from_output`).  Where fusing found the input private to the site (a
+  Linear's output read by nothing else, :func:`owns_input`), ``y`` is written over it: no new full-size
+  tensor, which with glibc's default allocator costs as much as the pass (page faults).
 * registered activation classes (kind ``"module"``): the compiled sparsify kernel, then the module's own
   forward under autograd.
 
@@ -43,7 +45,8 @@ from ..placement.record import attached
 from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec
 
 __all__ = ["ACTIVATIONS", "IN_KERNEL", "KernelLayout", "KernelInfo", "kernel", "compiled_layout", "like",
-           "act_eager", "fused_forward", "compiled_kernels", "separate_cache", "save_and_activate", "backward_inputs"]
+           "act_eager", "fused_forward", "owns_input", "compiled_kernels", "separate_cache", "save_and_activate",
+           "backward_inputs"]
 
 
 class KernelLayout(NamedTuple):
@@ -59,6 +62,7 @@ class KernelInfo(NamedTuple):
     params: tuple
     mode: str  # the operator's gradient mode
     layout: KernelLayout
+    owns_input: bool = False  # the site's input is private to it: the split path may sparsify it in place
 
 
 class ActivationMath(NamedTuple):
@@ -126,14 +130,23 @@ def _sparsify_kernel(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
     return sparsify(x, m, t)
 
 
+def _sparsify_in_place_kernel(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
+    return x.copy_(sparsify(x, m, t))
+
+
 def _band_mask_kernel(gy: Tensor, y: Tensor, m: Tensor, t: Tensor) -> Tensor:
     # same zeros, same passed-through values as eager's where-backward
     return torch.where(band_from_output(y, m, t), 0.0, gy)
 
 
+def _band_mask_in_place_kernel(gy: Tensor, y: Tensor, m: Tensor, t: Tensor) -> Tensor:
+    return gy.copy_(torch.where(band_from_output(y, m, t), 0.0, gy))
+
+
 def _make_kernels(kind: str, params: tuple) -> dict[str, Callable]:
     if not kind:  # the split path's activation-independent kernels
-        return {"sparsify": _sparsify_kernel, "band_mask": _band_mask_kernel}
+        return {"sparsify": _sparsify_kernel, "sparsify_in_place": _sparsify_in_place_kernel,
+                "band_mask": _band_mask_kernel, "band_mask_in_place": _band_mask_in_place_kernel}
     act = ACTIVATIONS[kind]
 
     def forward(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
@@ -158,8 +171,8 @@ _KERNELS: dict[tuple, CompiledKernel] = {}
 
 def kernel(kind: str, params: tuple, role: str, layout: KernelLayout | tuple) -> CompiledKernel:
     """The cached kernel for (activation, role, layout).  Roles: forward / exact / straight_through, and for
-    ReLU exact_from_output / straight_through_from_output; kind "" holds sparsify / band_mask.  One compiled
-    graph per key serves every size."""
+    ReLU exact_from_output / straight_through_from_output; kind "" holds sparsify / band_mask and their
+    in-place variants.  One compiled graph per key serves every size."""
     key = (kind, params, role, tuple(layout))
     k = _KERNELS.get(key)
     if k is None:
@@ -238,7 +251,13 @@ class _FusedFunction(torch.autograd.Function):
             out = kernel(info.kind, info.params, "forward", info.layout)(x, m, t)
             ctx.save_for_backward(out if info.kind == "relu" else x, m, t)
             return out
-        return save_and_activate(ctx, kernel("", (), "sparsify", info.layout)(x, m, t), m, t, info.kind, info.params)
+        if info.owns_input:
+            y = kernel("", (), "sparsify_in_place", info.layout)(x, m, t)
+            if info.kind == IDENTITY:  # the output is the input, overwritten: autograd must know
+                ctx.mark_dirty(x)
+        else:
+            y = kernel("", (), "sparsify", info.layout)(x, m, t)
+        return save_and_activate(ctx, y, m, t, info.kind, info.params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -249,8 +268,9 @@ class _FusedFunction(torch.autograd.Function):
             role = f"{info.mode}_from_output" if info.kind == "relu" else info.mode
             return kernel(info.kind, info.params, role, info.layout)(g, saved, m, t), None, None, None
         gy = ACTIVATIONS[info.kind].backward(g, saved, info.params)  # the ATen op eager autograd runs
-        if info.mode == "exact":
-            gy = kernel("", (), "band_mask", info.layout)(gy, saved, m, t)
+        if info.mode == "exact":  # over the activation's fresh gradient (the identity's is g itself: a copy)
+            role = "band_mask" if info.kind == IDENTITY or gy.data_ptr() == g.data_ptr() else "band_mask_in_place"
+            gy = kernel("", (), role, info.layout)(gy, saved, m, t)
         return gy, None, None, None
 
 
@@ -272,6 +292,14 @@ class _SparsifyFunction(torch.autograd.Function):
             return g, None, None, None, None
         y, m, t = ctx.saved_tensors
         return kernel("", (), "band_mask", ctx.layout)(like(g, ctx.layout.memory), y, m, t), None, None, None, None
+
+
+def owns_input(op: MeanSparse) -> bool:
+    """Whether fusing found the site's input tensor private to it (freshly made, read by the site alone): the
+    split path then writes the sparsified values over it instead of into a new tensor, saving a full-size
+    allocation (on the CPU, with glibc's default allocator, as costly as the pass itself); the identity kind
+    returns the overwritten input, marked dirty for autograd."""
+    return bool(attached(op, "owns_input"))
 
 
 def fused_forward(op: MeanSparse, x: Tensor, spec: ActivationSpec) -> Tensor:
@@ -300,11 +328,13 @@ def fused_forward(op: MeanSparse, x: Tensor, spec: ActivationSpec) -> Tensor:
                 kernel("", (), "sparsify", layout)(x, m, t)
             out = act_eager(y, plain, module)
         elif grad:
-            out = _FusedFunction.apply(x, m, t, KernelInfo(spec.kind, spec.params, op.gradient, layout))
+            out = _FusedFunction.apply(x, m, t, KernelInfo(spec.kind, spec.params, op.gradient, layout,
+                                                           owns_input(op)))
         elif spec.kind in IN_KERNEL:
             out = kernel(spec.kind, spec.params, "forward", layout)(x, m, t)
         else:
-            out = act_eager(kernel("", (), "sparsify", layout)(x, m, t), plain)
+            role = "sparsify_in_place" if owns_input(op) else "sparsify"
+            out = act_eager(kernel("", (), role, layout)(x, m, t), plain)
     if spec.write_back:
         return x.copy_(out)
     return out
