@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ._utils import resolve_device, writable_dir
-from .accel import fuse, fused_sites
+from .accel import fuse, fused_sites, whole_model_compiled
 from .accel.auto import FuseDecision
 from .calibration import calibrate
 from .core import operators
@@ -29,7 +29,7 @@ from .data import ImageSet, as_xy, first_images, holdout_split, loader, open_dat
 from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
 from .evaluation.report import operator_path
-from .fastpath import attack_objects, fast_path, plan_fusion
+from .fastpath import attack_objects, plan_fusion
 from .models import check_input_shape, checkpoint_paths, read_config
 from .models import load as load_checkpoint
 from .placement import prepare, set_alpha, sites
@@ -267,12 +267,11 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
                   attack_options=cfg.attack_options, workers=cfg.workers)
     # Both rows get exactly the same attacks and budgets: on the base model (no operators) bpda-X is X and
     # transfer crafts on the model itself, so nothing is dropped and the two worst cases compare like for like.
-    decision = FuseDecision(**{k: v for k, v in cfg.fuse_decision.items() if k != "path"})
-    whole = decision.whole_model  # both rows compiled alike (CPU: the MeanSparse model stays fused)
-    with fast_path(base, decision) if whole else contextlib.nullcontext():
+    whole = cfg.fuse_decision["whole_model"]  # both rows compiled alike (CPU: the MeanSparse model stays fused)
+    with whole_model_compiled(base) if whole else contextlib.nullcontext():
         before = evaluate(base, x, y, attacks=cfg.attacks, state_path=out / "state" / "before.json", **common)
     set_alpha(model, shown)
-    with fast_path(model, decision) if whole else contextlib.nullcontext():
+    with whole_model_compiled(model) if whole else contextlib.nullcontext():
         after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
                          state_path=out / "state" / "after.json", **common)
     budgets = same_attacks(before, after)
