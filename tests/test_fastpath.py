@@ -3,6 +3,8 @@ line fuse when that pays off, say which path ran and why, and report the same nu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from evaluation_helpers import FAST
@@ -105,6 +107,10 @@ def test_whole_model_compiled_keeps_the_model_and_its_numbers(models, test_set):
         with torch.no_grad():
             out = model(x)
         assert list(model.state_dict()) == keys and model_hash(model) == digest
+        twin = copy.deepcopy(model)  # a copy made inside the block runs itself, not the compiled original
+        ms.set_alpha(twin, 0.0)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), ms.remove(copy.deepcopy(model))(x))
     assert "forward" not in vars(model)  # its own forward again
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     seen = []

@@ -15,6 +15,7 @@ again on exit.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -60,10 +61,12 @@ def whole_model_compiled(model: nn.Module, mode: str = MODE) -> Iterator[nn.Modu
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     compiled = torch.compile(model.forward, mode=mode)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self is not model:  # a deep copy made inside the block runs its own (class) forward
+            return type(self).forward(self, *args, **kwargs)
         return _owned(compiled(*args, **kwargs))
 
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)  # deepcopy rebinds a method to the copy
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
