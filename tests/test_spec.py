@@ -139,3 +139,30 @@ def test_a_robustbench_model_streams_through_its_own_preprocessing():
         assert resolve_preprocessing(args(dataset="cifar10"), "robustbench:Standard") is None
     assert resolve_preprocessing(args(preprocessing="Res224"), "robustbench:Liu2023Comprehensive_Swin-L") == "Res224"
     assert resolve_preprocessing(args(data="cifar10-jpg"), "robustbench:Liu2023Comprehensive_Swin-L") is None
+
+
+PREPARED = '''
+import torch
+from torch import nn
+
+import meansparse as ms
+
+
+def build():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)).eval()
+    return ms.prepare(net, example_inputs=(torch.rand(2, 1, 8, 8),))  # arrives with MeanSparse, like the authors'
+'''
+
+
+def test_sweep_on_a_model_that_arrives_prepared_uses_the_network_underneath(tmp_path, capsys):
+    (tmp_path / "prepared.py").write_text(PREPARED)
+    spec = f"python:{tmp_path / 'prepared.py'}:build"
+    assert main(["sweep", "--model", spec, "--pretrained", "false", "--data", "digits", "--alphas", "0,0.5",
+                 "--n-holdout", "20",
+                 "--n-sweep-robust", "8", "--calibration-batches", "1", "--sweep-attacks", "apgd-ce", "--option",
+                 "apgd-ce.steps=2", "--out", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    assert "came with 1 MeanSparse sites: this run calibrates its own on the network underneath" in out
+    assert "meansparse evaluate --model" in out
+    assert (tmp_path / "sweep" / "meansparse.safetensors").exists()

@@ -32,7 +32,7 @@ from .evaluation.report import operator_path
 from .fastpath import attack_objects, plan_fusion
 from .models import check_input_shape, checkpoint_paths, read_config
 from .models import load as load_checkpoint
-from .placement import prepare, set_alpha, sites
+from .placement import find_prepared, prepare, remove, set_alpha, sites
 from .plots import plot_alpha_curve, plot_feature_histogram
 from .search import DEFAULT_ALPHAS, DEFAULT_SEARCH_ATTACKS, AlphaSearchResult, search_alpha
 from .serialization import save
@@ -182,7 +182,15 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     else:
         base = _train_digits_model(out / "model", cfg, cfg.progress)
     base = base.to(device).eval()
-    model = prepare(copy.deepcopy(base), example_inputs=(first_images(hold, 2).to(device),), preset=cfg.preset)
+    preset = cfg.preset
+    shipped = operators(base)
+    if shipped:  # e.g. the authors' released models: calibrate and choose α for the network underneath
+        preset = preset or _shipped_preset(base)
+        base = remove(base)
+        say(f"{cfg.model} came with {len(shipped)} MeanSparse sites: this run calibrates its own on the network "
+            f"underneath (placement: {preset or 'default'}); `meansparse evaluate --model {cfg.model}` evaluates "
+            f"the model as it was released")
+    model = prepare(copy.deepcopy(base), example_inputs=(first_images(hold, 2).to(device),), preset=preset)
     say(f"prepared: {len(sites(model))} MeanSparse sites")
     calibrate(model, loader(fit, cfg.batch_size, cfg.workers), max_batches=cfg.calibration_batches,
               progress=cfg.progress)
@@ -202,6 +210,14 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     else:
         say(f"eager operator: {decision.reason}")
     return base, model, fit, hold, test
+
+
+def _shipped_preset(model: nn.Module) -> str | None:
+    """The preset a model that arrived prepared was prepared with (None if it was not recorded)."""
+    try:
+        return find_prepared(model)[2].config.get("preset")
+    except ValueError:  # prepared in several places, or not by meansparse.prepare
+        return None
 
 
 def _say(cfg: PipelineConfig):
