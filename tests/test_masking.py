@@ -55,3 +55,8 @@ def test_masking_findings_on_hand_made_masks():
     # below the margin nothing fires; without a plain white-box attack there is nothing to compare with
     assert masking_findings(attacks, masks, n, individual=True, margin=0.5).warnings == []
     assert masking_findings(attacks[1:], masks, n, individual=True) == ([], {})
+    # a BPDA attack given more steps than the plain attack beside it: the warning says so
+    assert "larger budget" not in found.warnings[0]
+    stronger = [pgd, BPDA(PGD(eps=0.1, steps=4 * pgd.steps)), Square(eps=0.1)]
+    caveat = masking_findings(stronger, masks, n, individual=True).warnings[0]
+    assert f"larger budget than pgd, {4 * pgd.steps} vs {pgd.steps} passes per example" in caveat

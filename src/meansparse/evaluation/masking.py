@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .attacks import Attack
+from .budget import attack_passes
 
 __all__ = ["ADAPTIVE_KINDS", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "effective_kind", "masking_findings"]
 
@@ -35,6 +36,20 @@ def effective_kind(attack: Attack, has_operators: bool) -> str:
                                                 and getattr(attack, "base_model", None) is None):
         return WHITE_BOX
     return attack.kind
+
+
+def _budget_caveat(attack: Attack, attacks: Sequence[Attack]) -> str:
+    """For ``bpda-X`` given more work than the plain ``X`` beside it: part of the gap may be that budget."""
+    if attack.kind != "bpda" or not attack.name.startswith("bpda-"):
+        return ""
+    plain = next((a for a in attacks if a.name == attack.name[len("bpda-"):]), None)
+    if plain is None:
+        return ""
+    mine, theirs = attack_passes(attack.settings()), attack_passes(plain.settings())
+    if mine <= theirs:
+        return ""
+    return (f"; but it had a larger budget than {plain.name}, {mine:.0f} vs {theirs:.0f} passes per example, "
+            "so part of the gap may be that budget")
 
 
 def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor], n: int,
@@ -68,7 +83,7 @@ def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor
         if beats or extra[a.name] / n > margin:
             shown = f"{100 * acc:.1f} %, " if individual else ""
             offenders.append(f"{a.name} ({shown}breaks {extra[a.name]} example(s) that survive every plain "
-                             "white-box attack)")
+                             f"white-box attack{_budget_caveat(a, attacks)})")
     if not offenders:
         return MaskingFindings([], extra)
     msg = (f"gradient masking suspected: {'; '.join(offenders)}. Plain white-box attacks: "
