@@ -126,3 +126,26 @@ def test_whole_model_compiled_keeps_the_model_and_its_numbers(models, test_set):
     assert "forward" not in vars(model)
     with pytest.raises(ValueError, match="fuse must be"):
         ms.evaluate(model, x, y, eps=0.2, attacks=("apgd-ce",), progress=False, fuse="sometimes")
+
+
+def test_whole_model_falls_back_to_eager_when_compiling_fails(models, test_set, monkeypatch):
+    from meansparse.accel import whole_model
+
+    _, model = models
+    x, _ = test_set
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no backend here")
+        return call
+
+    monkeypatch.setattr(whole_model.torch, "compile", broken)
+    with torch.no_grad():
+        expected = model(x)
+    with ms.accel.whole_model_compiled(model):
+        with pytest.warns(RuntimeWarning, match="torch.compile of the whole model failed .*no backend here"):
+            out = model(x)
+        again = model(x)  # no second warning: eager from now on
+        with pytest.raises(RuntimeError, match="shape|size|channels"):
+            model(x[:, :, :3])  # the model's own error is not hidden
+    assert torch.equal(out, expected) and torch.equal(again, expected)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,16 +56,29 @@ def whole_model_compiled(model: nn.Module, mode: str = MODE) -> Iterator[nn.Modu
     first call, recompiled per new input shape or operator setting), and its own forward again after it.
 
     The block is for evaluation: parameters are frozen in it (``requires_grad=False``, restored after), so
-    that passes with and without frozen parameters share their graphs."""
+    that passes with and without frozen parameters share their graphs.  If compiling fails (no Triton, an
+    unsupported op), a RuntimeWarning says so and the model runs eagerly for the rest of the block; an error
+    the eager model raises too is raised as it is."""
     own = vars(model)
     had, previous = "forward" in own, own.get("forward")
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    compiled = torch.compile(model.forward, mode=mode)
+    eager = model.forward
+    compiled = torch.compile(eager, mode=mode)
+    failed: list[str] = []
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self is not model:  # a deep copy made inside the block runs its own (class) forward
             return type(self).forward(self, *args, **kwargs)
-        return _owned(compiled(*args, **kwargs))
+        if failed:
+            return eager(*args, **kwargs)
+        try:
+            return _owned(compiled(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - the eager forward decides whose error it was
+            out = eager(*args, **kwargs)  # the model's own error, if it has one, is raised here
+            failed.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"meansparse: torch.compile of the whole model failed ({failed[0][:300]}); the rest of "
+                          "this run uses the eager model", RuntimeWarning, stacklevel=2)
+            return out
 
     model.forward = types.MethodType(forward, model)  # deepcopy rebinds a method to the copy
     try:
