@@ -173,3 +173,58 @@ def test_calibration_keeps_batches_exact_and_merges_per_batch(build_model):
         for f in feats[i]:
             whole.update(f, -1)
         torch.testing.assert_close(op.running_var.double(), whole.var, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+def _stats(model):
+    return [(op.running_mean.clone(), op.running_var.clone(), int(op.num_samples)) for op in ms.operators(model)]
+
+
+def _interrupted(batches, at):
+    """The batches, then Ctrl-C while batch ``at`` is being fetched."""
+    for i, b in enumerate(batches):
+        if i == at:
+            raise KeyboardInterrupt
+        yield b
+
+
+def test_an_interrupted_calibration_resumes_to_the_same_statistics(build_model, tmp_path):
+    torch.manual_seed(0)
+    batches = [torch.rand(16, 3, 32, 32) for _ in range(6)]
+    reference = ms.calibrate(ms.prepare(build_model("resnet18"), example_inputs=batches[0][:2]), batches,
+                             progress=False)
+    model = ms.prepare(build_model("resnet18"), example_inputs=batches[0][:2])
+    state = tmp_path / "calibration.partial"
+    with pytest.raises(KeyboardInterrupt):
+        ms.calibrate(model, _interrupted(batches, 4), progress=False, state_path=state, save_every=100)
+    assert state.exists() and not any(op.calibrated for op in ms.operators(model))  # progress kept, nothing set
+    # a different loader (other order) is refused, and the file kept
+    with pytest.raises(ValueError, match="not the batch the interrupted calibration ended with"):
+        ms.calibrate(model, batches[::-1], progress=False, state_path=state)
+    assert state.exists()
+    ms.calibrate(model, batches, progress=False, state_path=state)
+    assert not state.exists()  # done: removed
+    for (m1, v1, n1), (m2, v2, n2) in zip(_stats(model), _stats(reference), strict=True):
+        assert torch.equal(m1, m2) and torch.equal(v1, v2) and n1 == n2
+
+
+def test_a_bad_batch_keeps_the_batches_before_it(build_model, tmp_path):
+    torch.manual_seed(0)
+    batches = [torch.rand(16, 3, 32, 32) for _ in range(4)]
+    bad = [b.clone() for b in batches]
+    bad[2][0, 0, 0, 0] = float("nan")
+    model = ms.prepare(build_model("resnet18"), example_inputs=batches[0][:2])
+    state = tmp_path / "calibration.partial"
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        ms.calibrate(model, bad, progress=False, state_path=state, check_inputs=False)
+    reference = ms.calibrate(ms.prepare(build_model("resnet18"), example_inputs=batches[0][:2]), batches,
+                             progress=False)
+    ms.calibrate(model, batches, progress=False, state_path=state)  # the two good batches are not re-run
+    for (m1, v1, n1), (m2, v2, n2) in zip(_stats(model), _stats(reference), strict=True):
+        assert torch.equal(m1, m2) and torch.equal(v1, v2) and n1 == n2
+    other = ms.prepare(build_model("preact_wrn"), example_inputs=batches[0][:2])
+    ms.calibrate(model, bad[:2], progress=False, state_path=state)  # leaves nothing behind on success
+    with pytest.raises(KeyboardInterrupt):
+        ms.calibrate(model, _interrupted(batches, 2), progress=False, state_path=state)
+    with pytest.raises(ValueError, match="other MeanSparse sites"):
+        ms.calibrate(other, batches, progress=False, state_path=state)

@@ -433,6 +433,33 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes_to_the_same_report(trained, tmp_
     assert cut.metadata["run"]["resumed_batches"] == 1
 
 
+def test_an_interrupted_calibrate_resumes_to_the_same_state(trained, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from meansparse import calibration
+
+    args = ["calibrate", "--checkpoint", trained, "--n-examples", 64, "--batch-size", 16, "--no-progress"]
+    assert cli(capsys, *args, "--out", tmp_path / "whole.safetensors")[0] == 0
+    real, calls = calibration._check_finite, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C after two finished batches
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(calibration, "_check_finite", interrupted)
+    rc, _, err = cli(capsys, *args, "--out", tmp_path / "cut.safetensors")
+    assert rc == 2 and "rerun the same command to resume" in err
+    partial = tmp_path / "cut.safetensors.partial"
+    assert partial.exists() and not (tmp_path / "cut.safetensors").exists()
+    monkeypatch.setattr(calibration, "_check_finite", real)
+    assert cli(capsys, *args, "--out", tmp_path / "cut.safetensors")[0] == 0
+    assert not partial.exists()
+    whole, cut = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "cut.safetensors")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 # --------------------------------------------------------------- 11. validated before expensive work
 def test_demo_and_sweep_validate_before_training(tmp_path, capsys):
     for argv, fragment in ((["demo", "--attacks", "apgd-ce,typo"], "unknown attack 'typo'"),

@@ -12,15 +12,18 @@ at most a fixed scratch buffer, and the finiteness check costs one device sync p
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._utils import model_device
+from ._utils import model_device, tensors_sha256
 from .core import MeanSparse, Moments, operators
 from .placement import get_record
 
@@ -106,6 +109,80 @@ def _dist_sum(value: int) -> int:
     return int(t.item())
 
 
+# ---------------------------------------------------------------------------------------------- resuming
+_FORMAT = "meansparse-calibration-progress-1"
+
+
+class _Progress:
+    """What a resumable pass has folded so far: per-site (count, mean, M2) as of the last completed batch, how
+    many batches and images that is, and a fingerprint of that batch (checked when a later call re-reads it)."""
+
+    def __init__(self, path: Path, ops: list[MeanSparse]) -> None:
+        self.path, self.ops = path, ops
+        self.names = [op.name for op in ops]
+        self.batches = self.images = 0
+        self.snapshot: dict[str, Tensor] = {}
+        self.last_input: Tensor | None = None
+        self.fingerprint: str | None = None
+
+    def load(self, device: torch.device | None) -> None:
+        """Restore the observers from a file left by an interrupted pass, if there is one."""
+        if not self.path.exists():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{self.path} is not a meansparse calibration progress file; remove it to start "
+                                 "over")
+            if json.loads(meta["sites"]) != self.names:
+                raise ValueError(f"{self.path} holds calibration progress for other MeanSparse sites than this "
+                                 "model's; remove it to start over")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        for i, op in enumerate(self.ops):
+            if f"{i}.count" in tensors:
+                op.observer = Moments.from_stats(*(tensors[f"{i}.{k}"].to(device) if device is not None else
+                                                   tensors[f"{i}.{k}"] for k in ("count", "mean", "m2")))
+        self.batches, self.images = int(meta["batches"]), int(meta["images"])
+        self.fingerprint = meta["fingerprint"]
+        self.snapshot = tensors
+
+    def check_skipped(self, x: Any, i: int) -> None:
+        """Batch ``i`` < the saved count is skipped; the last of them must be the batch the file ends with."""
+        if i == self.batches - 1 and isinstance(x, Tensor) and _fingerprint(x) != self.fingerprint:
+            raise ValueError(f"{self.path}: batch {i} is not the batch the interrupted calibration ended with; "
+                             "the loader must yield the same batches in the same order to resume (no shuffling), "
+                             "or remove the file to start over")
+
+    def completed(self, x: Any, n: int) -> None:
+        """Batch done and checked: remember the observers' state as of now (O(channels) per site)."""
+        self.batches += 1
+        self.images += n
+        self.last_input = x if isinstance(x, Tensor) else None
+        self.snapshot = {f"{i}.{k}": v.detach().clone() for i, op in enumerate(self.ops)
+                         if op.observer is not None and op.observer.count is not None
+                         for k, v in (("count", op.observer.count), ("mean", op.observer.mean_),
+                                      ("m2", op.observer.m2))}
+
+    def save(self) -> None:
+        """Write the last completed batch's state (atomically: a kill mid-write leaves the previous file)."""
+        from safetensors.torch import save_file
+
+        if self.last_input is not None:
+            self.fingerprint = _fingerprint(self.last_input)
+        meta = {"format": _FORMAT, "sites": json.dumps(self.names), "batches": str(self.batches),
+                "images": str(self.images), "fingerprint": self.fingerprint or ""}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file({k: v.cpu().contiguous() for k, v in self.snapshot.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, self.path)
+
+
+def _fingerprint(x: Tensor) -> str:
+    return tensors_sha256([("x", x)])
+
+
 def _check_finite(ops: list[MeanSparse], batch: int) -> None:
     """One device sync per batch: a non-finite input poisons its site's accumulator, so checking the
     accumulators after each batch names the first bad site and the batch without a per-site sync."""
@@ -130,6 +207,8 @@ def calibrate(
     progress: bool = True,
     *,
     check_inputs: bool = True,
+    state_path: str | os.PathLike | None = None,
+    save_every: int = 50,
 ) -> nn.Module:
     """Measure exact per-channel mean/var (ddof=0) of every operator input in one pass over ``loader``.
 
@@ -141,6 +220,13 @@ def calibrate(
     train/eval flags and the operators' modes are restored afterwards, also on error.  ``check_inputs``:
     tensor inputs must be float images in [0, 1], as :func:`meansparse.evaluate` requires (False for a model
     that takes other inputs, e.g. already normalised ones, and is evaluated on the same kind).
+
+    ``state_path``: make the pass resumable.  What has been folded in is written there every ``save_every``
+    batches and when the pass stops early (Ctrl-C, a bad batch: the batches before it); a later call with the
+    same model, the same loader (same batches, same order: the last saved batch is checked) and the same
+    ``state_path`` skips the saved batches and continues, with the statistics of one uninterrupted pass (the
+    same float64 merges in the same order; bit for bit in the tests).  The file is removed once calibration
+    succeeds.  Not under torch.distributed.
     """
     ops: list[MeanSparse] = operators(model)
     if not ops:
@@ -151,6 +237,16 @@ def calibrate(
         model.to(device)
     dev = torch.device(device) if device is not None else model_device(model)
 
+    resume = None
+    if state_path is not None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("calibrate: state_path (resuming) is not supported under torch.distributed")
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        resume = _Progress(Path(state_path), ops)
+
     modes = [(m, m.training) for m in model.modules()]
     previous = [op.observer for op in ops]
     bar = _progress(progress, _total(loader, max_batches))
@@ -160,10 +256,20 @@ def calibrate(
         model.eval()
         for op in ops:
             op.start_observing()
+        if resume is not None:
+            resume.load(dev)
+            batches, images = resume.batches, resume.images
+            if bar is not None and images:
+                bar.update(images)
         start = time.perf_counter()
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 x = _inputs(batch)
+                if resume is not None and i < resume.batches:  # folded in before the interruption
+                    resume.check_skipped(x, i)
+                    if max_batches is not None and i + 1 >= max_batches:
+                        break
+                    continue
                 if isinstance(x, Tensor):
                     if check_inputs:
                         _check_batch(x, i)
@@ -180,6 +286,10 @@ def calibrate(
                 _check_finite(ops, i)
                 batches += 1
                 images += n
+                if resume is not None:
+                    resume.completed(x, n)
+                    if batches % save_every == 0:
+                        resume.save()
                 if bar is not None:
                     bar.update(n)
                     bar.set_postfix(batches=batches, refresh=False)
@@ -205,6 +315,12 @@ def calibrate(
             rec.config["input_shape"] = input_shape
         if bar is not None and elapsed > 0:
             bar.set_postfix(images_per_s=f"{images / elapsed:.1f}", batches=batches)
+        if resume is not None and resume.path.exists():
+            resume.path.unlink()
+    except BaseException:
+        if resume is not None and resume.batches and resume.snapshot:
+            resume.save()  # nothing folded in so far is lost: a later call continues from here
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from .core import operators
 from .data import ImageSet, as_xy, first_images, holdout_split, loader, open_dataset
 from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
+from .evaluation.hashing import config_hash
 from .evaluation.report import operator_path
 from .fastpath import attack_objects, plan_fusion
 from .models import check_input_shape, checkpoint_paths, read_config
@@ -193,7 +195,7 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     model = prepare(copy.deepcopy(base), example_inputs=(first_images(hold, 2).to(device),), preset=preset)
     say(f"prepared: {len(sites(model))} MeanSparse sites")
     calibrate(model, loader(fit, cfg.batch_size, cfg.workers), max_batches=cfg.calibration_batches,
-              progress=cfg.progress)
+              progress=cfg.progress, state_path=out / "state" / f"calibration-{_calibration_key(cfg)}.partial")
     # On a GPU the fast path compiles the whole model, and every α of the sweep would recompile it: only the
     # test evaluations (one α each) run compiled there, so only they count.
     n_hold = 0 if device.type == "cuda" else len(hold)
@@ -210,6 +212,12 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     else:
         say(f"eager operator: {decision.reason}")
     return base, model, fit, hold, test
+
+
+def _calibration_key(cfg: PipelineConfig) -> str:
+    """Names an interrupted calibration's progress file: a rerun with other settings starts its own."""
+    skip = {"progress", "fuse", "fuse_decision", "workers", "attacks", "sweep_attacks", "attack_options", "alphas"}
+    return config_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip})
 
 
 def _shipped_preset(model: nn.Module) -> str | None:

@@ -41,7 +41,8 @@ _RESUMES = {"evaluate": "interrupted; rerun the same command to resume",
             "demo": "interrupted; rerun the same command to resume",
             "sweep": "interrupted; rerun the same command to resume",
             "train": "interrupted; rerun the same command to resume after the last finished epoch",
-            "calibrate": "interrupted; nothing was written, rerun to calibrate again"}
+            "calibrate": "interrupted; rerun the same command to resume (the batches done so far are kept "
+                         "in <--out>.partial; under torchrun the pass starts over)"}
 
 
 def _one_line(e: BaseException) -> str:

@@ -129,8 +129,10 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     model = prepare(model, include=args.include, exclude=args.exclude, centering=args.centering,
                     method=args.method, example_inputs=(example,), preset=preset_of(args))
     start = time.perf_counter()
+    # resumable in one process: the batches done so far survive Ctrl-C / a bad batch beside the output file
+    partial = Path(args.out).with_name(Path(args.out).name + ".partial") if world_size() == 1 else None
     calibrate(model, data_loader(args, mine, args.batch_size), device=device, max_batches=args.max_batches,
-              progress=not args.no_progress and is_main())
+              progress=not args.no_progress and is_main(), state_path=partial)
     seconds = time.perf_counter() - start
     if args.alpha is not None:
         set_alpha(model, args.alpha)
