@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from .accel import fuse as fuse_model
-from .accel import unfuse, whole_model_compiled
+from .accel import fused_sites, unfuse, whole_model_compiled
 from .accel.auto import FuseDecision, fuse_decision
-from .core import operators
 from .evaluation import Attack, Report, build_attack
 from .evaluation import evaluate as evaluate_eager
 from .evaluation.attacks import options_for
@@ -74,7 +73,7 @@ def fast_path(model: nn.Module, decision: FuseDecision) -> Iterator[nn.Module]:
         with whole_model_compiled(model):
             yield model
         return
-    fused_here = decision.fuse and not any(op.fused_activation is not None for op in operators(model))
+    fused_here = decision.fuse and not fused_sites(model)
     if fused_here:
         fuse_model(model)
     try:

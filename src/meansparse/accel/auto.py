@@ -25,6 +25,7 @@ from torch import nn
 from .._compile import compile_disabled_reason, compile_enabled
 from .._utils import model_device
 from ..core import operators
+from .fused import fused_sites
 
 __all__ = ["FuseDecision", "fuse_decision", "MIN_EAGER_SECONDS", "MIN_EAGER_SECONDS_CUDA", "BACKWARD_FACTOR"]
 
@@ -58,10 +59,6 @@ class FuseDecision:
         return asdict(self) | {"path": self.path}
 
 
-def _already_fused(model: nn.Module) -> bool:
-    return any(op.fused_activation is not None for op in operators(model))
-
-
 @torch.no_grad()
 def _seconds_per_example(model: nn.Module, example: torch.Tensor) -> float:
     device = model_device(model) or torch.device("cpu")
@@ -87,7 +84,7 @@ def fuse_decision(model: nn.Module, example: torch.Tensor, passes: float) -> Fus
     ops = operators(model)
     if not ops:
         return FuseDecision(False, "the model has no MeanSparse operators")
-    if _already_fused(model):
+    if fused_sites(model):
         return FuseDecision(True, "the model was already fused")
     device = model_device(model) or torch.device("cpu")
     if device.type not in ("cpu", "cuda"):

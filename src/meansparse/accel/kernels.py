@@ -268,8 +268,8 @@ class _FusedFunction(torch.autograd.Function):
             role = f"{info.mode}_from_output" if info.kind == "relu" else info.mode
             return kernel(info.kind, info.params, role, info.layout)(g, saved, m, t), None, None, None
         gy = ACTIVATIONS[info.kind].backward(g, saved, info.params)  # the ATen op eager autograd runs
-        if info.mode == "exact":  # over the activation's fresh gradient (the identity's is g itself: a copy)
-            role = "band_mask" if info.kind == IDENTITY or gy.data_ptr() == g.data_ptr() else "band_mask_in_place"
+        if info.mode == "exact":  # in place over the activation's fresh gradient, not over g (the identity's)
+            role = "band_mask" if gy.data_ptr() == g.data_ptr() else "band_mask_in_place"
             gy = kernel("", (), role, info.layout)(gy, saved, m, t)
         return gy, None, None, None
 
