@@ -27,12 +27,12 @@ ALLOWED: dict[str, set[str]] = {
     "accel": {"core", "placement", "_utils", "_compile"},
     "calibration": {"core", "placement", "_utils"},
     "serialization": {"core", "placement", "_utils", "version"},
-    "data": set(),
+    "data": {"_utils"},  # atomic file writes (atomic_path)
     "models": {"_utils"},  # the tensor hash checkpoints record (tensors_sha256)
     "zoo": {"core", "placement", "models"},  # core: import_reference installs statistics in the operators
     "evaluation": {"core", "placement", "_utils", "version", "distributed", "pgd"},
     "search": {"core", "placement", "evaluation", "_utils"},
-    "training": {"data", "models", "pgd", "version"},
+    "training": {"data", "models", "pgd", "version", "_utils"},
     "plots": {"core", "_utils"},
     "fastpath": {"core", "accel", "evaluation", "_utils"},
     "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",

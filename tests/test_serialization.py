@@ -114,3 +114,24 @@ def test_uncalibrated_sites_round_trip(build_model, tmp_path):
     loaded = ms.load(build_model("se"), tmp_path / "u.safetensors")
     assert [s.name for s in ms.sites(loaded)] == ["act1"]
     assert not ms.operators(loaded)[0].calibrated
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    """Every writer of a state / checkpoint / cache file goes through atomic_path: an error mid-write must
+    leave the previous file intact and no temporary behind."""
+    from meansparse._utils import atomic_path
+
+    target = tmp_path / "state.json"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError, match="killed"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    with atomic_path(tmp_path / "cache.npz", "cache.tmp.npz") as tmp:
+        assert tmp.name == "cache.tmp.npz"
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "cache.npz").read_bytes() == b"x"

@@ -128,7 +128,8 @@ def test_tar_member_tricks_are_skipped_and_nothing_is_extracted(tmp_path):
     assert ds.names == ["train/cat/0001.png", "train/dog/0001.png"] and ds.skipped == 7
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert [w for w in written if not w.startswith("cache")] == before  # nothing extracted anywhere
-    assert [Path(w).suffixes for w in written if w.startswith("cache")] == [[".index", ".npz"]]  # the index alone
+    # the index alone, and the empty file that processes building it take turns on
+    assert [Path(w).suffixes for w in written if w.startswith("cache")] == [[".index", ".npz"], [".lock"]]
     assert torch.equal(ds[0][0], ds[1][0])
 
 
@@ -146,6 +147,50 @@ def test_tgz_index_and_payload_are_built_once(tree, tmp_path, monkeypatch):
     os.utime(tgz, ns=(1, 1))  # a changed archive (mtime) is indexed again
     with pytest.raises(AssertionError, match="rescanned"):
         TarDataset(tgz, "test")
+
+
+_CONCURRENT_CHILD = """
+import sys, time
+from pathlib import Path
+from meansparse.data import TarDataset
+from meansparse.data import streams
+log, ready, go, archive = map(Path, sys.argv[1:])
+scan = streams._scan_tar
+
+def slow_scan(*a, **k):  # a wide window: without the lock the other process would scan meanwhile
+    with open(log, "a") as f:
+        f.write("scan\\n")
+    time.sleep(1.5)
+    return scan(*a, **k)
+
+streams._scan_tar = slow_scan
+ready.write_text("")
+while not go.exists():
+    time.sleep(0.01)
+print(len(TarDataset(archive, "test")))
+"""
+
+
+def test_concurrent_processes_build_a_tgz_index_once(tree, tmp_path):
+    """torchrun ranks open the same archive at the same moment: one decompresses it, the others wait and
+    read its index and payload."""
+    import subprocess
+    import sys
+    import time
+
+    tgz = make_tar(tree, tmp_path / "a.tgz", "w:gz")
+    log, go = tmp_path / "scans.log", tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    children = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_CHILD, str(log), str(r), str(go), str(tgz)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.write_text("")
+    outs = [c.communicate(timeout=120) for c in children]
+    assert all(c.returncode == 0 for c in children), [o[1][-2000:] for o in outs]
+    assert [o[0].strip() for o in outs] == [str(len(TarDataset(tgz, "test")))] * 2
+    assert log.read_text().splitlines() == ["scan"]
 
 
 def test_loader_with_workers_gives_the_same_batches(tree, tmp_path):

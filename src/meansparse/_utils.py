@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
-           "is_compiling", "tensors_sha256", "writable_dir"]
+           "is_compiling", "tensors_sha256", "writable_dir", "atomic_path",
+           "frozen_parameters"]
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -124,3 +125,33 @@ def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     except OSError as e:
         raise ValueError(f"{what} {out} is not writable ({e.strerror or e})") from None
     return out
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, tmp_name: str | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path``
+    (``os.replace`` is atomic, so a kill mid-write leaves the previous file or none, never half of one), on an
+    error it is removed.  ``tmp_name`` for writers that insist on a suffix (``np.savez`` appends ``.npz``)."""
+    path = Path(path)
+    tmp = path.with_name(tmp_name or path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def frozen_parameters(*models: nn.Module | None) -> Iterator[None]:
+    """Parameters with ``requires_grad=False`` inside the block, restored after: attacks need gradients with
+    respect to the input only (FAB calls ``backward`` and would otherwise fill ``.grad``; compiled graphs
+    are then shared by passes with and without frozen parameters)."""
+    saved = [(p, p.requires_grad) for m in models if m is not None for p in m.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)

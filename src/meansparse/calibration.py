@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import model_device, tensors_sha256
+from ._utils import atomic_path, model_device, tensors_sha256
 from .core import MeanSparse, Moments, operators
 from .placement import get_record
 
@@ -174,9 +174,8 @@ class _Progress:
         meta = {"format": _FORMAT, "sites": json.dumps(self.names), "batches": str(self.batches),
                 "images": str(self.images), "fingerprint": self.fingerprint or ""}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file({k: v.cpu().contiguous() for k, v in self.snapshot.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in self.snapshot.items()}, str(tmp), metadata=meta)
 
 
 def _fingerprint(x: Tensor) -> str:

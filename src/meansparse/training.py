@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._utils import atomic_path
 from .data import ImageSet, batches, holdout_split, load_dataset
 from .models import create_model, save_checkpoint
 from .pgd import pgd, pgd_ce
@@ -145,9 +146,8 @@ def _save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: 
         for k, v in s.items():
             if torch.is_tensor(v):
                 tensors[f"opt.{i}.{k}"] = v.detach().contiguous().cpu()
-    tmp = out / "last.tmp.safetensors"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "last.safetensors")
+    with atomic_path(out / "last.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     (out / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 

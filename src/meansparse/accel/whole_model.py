@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import frozen_parameters
+
 __all__ = ["whole_model_compiled", "MODE", "RECOMPILE_LIMIT"]
 
 #: CUDA graphs: the launch overhead of a few hundred small kernels per pass is what a GPU pays most here.
@@ -61,7 +63,6 @@ def whole_model_compiled(model: nn.Module, mode: str = MODE) -> Iterator[nn.Modu
     the eager model raises too is raised as it is."""
     own = vars(model)
     had, previous = "forward" in own, own.get("forward")
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
     eager = model.forward
     compiled = torch.compile(eager, mode=mode)
     failed: list[str] = []
@@ -82,13 +83,9 @@ def whole_model_compiled(model: nn.Module, mode: str = MODE) -> Iterator[nn.Modu
 
     model.forward = types.MethodType(forward, model)  # deepcopy rebinds a method to the copy
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        with _recompile_limit():
+        with frozen_parameters(model), _recompile_limit():
             yield model
     finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
         if had:
             model.forward = previous
         else:

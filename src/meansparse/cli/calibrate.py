@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .._utils import atomic_path
 from ..calibration import calibrate
 from ..core import operators
 from ..data import first_images, holdout_split
@@ -140,9 +140,8 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     if is_main():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        save(model, tmp)
-        os.replace(tmp, out)  # a kill mid-write never leaves a half-written state file
+        with atomic_path(out) as tmp:  # a kill mid-write never leaves a half-written state file
+            save(model, tmp)
     return {"state": str(args.out), "sites": len(operators(model)), "images": images,
             "ranks": world_size(), "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._utils import atomic_path
 from .imageset import ImageSet
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -53,9 +54,8 @@ def _cached(key: str, build) -> tuple[np.ndarray, np.ndarray, list[str]]:
                           stacklevel=3)
             path.unlink(missing_ok=True)
     images, labels, classes = build()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
-    os.replace(tmp, path)
+    with atomic_path(path, path.with_suffix(".tmp.npz").name) as tmp:  # np.savez wants the .npz suffix
+        np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
     return images, labels, classes
 
 
@@ -88,9 +88,8 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     archive = root / url.rsplit("/", 1)[1]
     if not archive.exists():
-        tmp = archive.with_suffix(".part")
-        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
-        os.replace(tmp, archive)
+        with atomic_path(archive, archive.with_suffix(".part").name) as tmp:
+            urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
     _check_md5(archive, CIFAR_MD5[archive.name])
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(root, filter="data")

@@ -33,6 +33,8 @@ import hashlib
 import os
 import tarfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._utils import atomic_path
 from .preprocessing import Preprocessing, decode_image, get_preprocessing
 
 __all__ = ["IMAGE_SUFFIXES", "SPLIT_NAMES", "ImageFolderDataset", "ImageStream", "TarDataset", "as_xy",
@@ -319,6 +322,23 @@ def _scan_tar(path: Path, payload: Path | None) -> tuple[list[str], np.ndarray, 
     return names, np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), skipped
 
 
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_file`` for the block (POSIX); elsewhere no lock (each process then
+    builds its own copy, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _tar_index(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, Path]:
     """The cached member index of ``path`` (built on first use): names, offsets, sizes, skipped members,
     and the file the offsets point into (the archive itself, or the payload copy of a compressed one)."""
@@ -327,16 +347,23 @@ def _tar_index(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, Path
     index_file = cache / f"{key}.index.npz"
     compressed = _is_compressed(path)
     data_file = cache / f"{key}.payload" if compressed else path
-    if not index_file.exists() or (compressed and not data_file.exists()):
-        tmp_payload = cache / f"{key}.payload.{os.getpid()}.tmp" if compressed else None
-        names, offsets, sizes, skipped = _scan_tar(path, tmp_payload)
-        tmp_index = cache / f"{key}.index.{os.getpid()}.tmp.npz"
-        blob = np.frombuffer("\n".join(names).encode(), dtype=np.uint8)
-        np.savez(tmp_index, names=blob, offsets=offsets, sizes=sizes, skipped=np.int64(skipped),
-                 version=np.array(_INDEX_VERSION))
-        if tmp_payload is not None:
-            os.replace(tmp_payload, data_file)
-        os.replace(tmp_index, index_file)  # the index last: it marks the payload complete
+
+    def missing() -> bool:
+        return not index_file.exists() or (compressed and not data_file.exists())
+
+    if missing():
+        # torchrun ranks (and parallel jobs) open the same archive at once: one builds, the others wait for it
+        # instead of each decompressing it too.  Temporaries per process all the same (a lock on a network
+        # file system may be advisory only); the payload lands first, the index last (it marks completion).
+        with _exclusive(cache / f"{key}.lock"):
+            if missing():
+                with (atomic_path(data_file, f"{key}.payload.{os.getpid()}.tmp") if compressed
+                      else nullcontext(None)) as tmp_payload:
+                    names, offsets, sizes, skipped = _scan_tar(path, tmp_payload)
+                with atomic_path(index_file, f"{key}.index.{os.getpid()}.tmp.npz") as tmp_index:
+                    blob = np.frombuffer("\n".join(names).encode(), dtype=np.uint8)
+                    np.savez(tmp_index, names=blob, offsets=offsets, sizes=sizes, skipped=np.int64(skipped),
+                             version=np.array(_INDEX_VERSION))
     with np.load(index_file, allow_pickle=False) as z:
         if str(z["version"]) != _INDEX_VERSION:  # pragma: no cover - keyed by version already
             raise ValueError(f"{index_file}: stale index; delete it")

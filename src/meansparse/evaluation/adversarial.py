@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._utils import atomic_path
+
 __all__ = ["AdversarialStore", "AdversarialSet", "worst_case_images", "write_adversarial", "load_adversarial",
            "rejudge"]
 
@@ -54,9 +56,8 @@ class AdversarialStore:
             self._memory[(attack, batch)] = (list(indices), x)
             return
         path = self._path(attack, batch)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"x": x, "indices": torch.tensor(indices, dtype=torch.int64)}, str(tmp))
-        os.replace(tmp, path)  # a kill mid-write leaves no half file
+        with atomic_path(path) as tmp:  # a kill mid-write leaves no half file
+            save_file({"x": x, "indices": torch.tensor(indices, dtype=torch.int64)}, str(tmp))
 
     def has(self, attack: str, batch: int) -> bool:
         return (attack, batch) in self._memory if self.folder is None else self._path(attack, batch).exists()
@@ -118,9 +119,8 @@ def write_adversarial(folder: str | os.PathLike, x: torch.Tensor, broken: dict[i
     for i, (attack, image) in broken.items():
         out[i] = image
         attacks[i] = attack
-    tmp = folder / (TENSOR_FILE + ".tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, folder / TENSOR_FILE)
+    with atomic_path(folder / TENSOR_FILE) as tmp:
+        torch.save(out, tmp)
     record = {"format": "meansparse-adversarial/1", "tensor": TENSOR_FILE, "shape": list(out.shape),
               "indices": list(indices), "attack": attacks, "clean_correct": list(clean_correct),
               "worst_case_robust": list(worst_case_robust), "n_broken": sum(a is not None for a in attacks), **meta}

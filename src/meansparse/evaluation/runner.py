@@ -12,10 +12,9 @@ Sanity checks are not run here: they evaluate again, so they sit on top (``evalu
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._utils import frozen_parameters
 from ..core import operators
 from ..distributed import all_gather_object, broadcast_object
 from ..distributed import rank as dist_rank
@@ -104,20 +104,6 @@ class Outcomes:
     library: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     resumed: int = 0
-
-
-@contextlib.contextmanager
-def _frozen(*models: nn.Module | None) -> Iterator[None]:
-    """Parameters do not need gradients during an attack; FAB calls ``backward`` and would otherwise
-    fill the model's ``.grad`` fields."""
-    saved = [(p, p.requires_grad) for m in models if m is not None for p in m.parameters()]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
 
 
 def _progress(name: str, total: int, enabled: bool) -> Any:
@@ -296,7 +282,7 @@ def run_attacks(model: nn.Module, base_model: nn.Module | None, plan: Evaluation
                 callback: Callable[[str, int], None] | None, store: AdversarialStore | None = None) -> Outcomes:
     """Every attack in order: on all clean-correct examples (individual) or on those still robust (cascade)."""
     res = Outcomes(robust=clean_correct.clone())
-    with _frozen(model, base_model):
+    with frozen_parameters(model, base_model):
         for attack in plan.attacks:
             pool = (clean_correct if plan.individual else res.robust).nonzero().flatten().tolist()
             out = run_attack(attack, model, plan, pool, res.robust, state, world=world, me=me, progress=progress,

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._utils import atomic_path
+
 FORMAT = "meansparse-evaluation-state/1"
 
 
@@ -63,6 +65,5 @@ class EvaluationState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "config": self.config, "batches": self.batches}))
-        os.replace(tmp, self.path)  # atomic: a kill mid-write leaves the previous state intact
+        with atomic_path(self.path) as tmp:  # a kill mid-write leaves the previous state intact
+            tmp.write_text(json.dumps({"format": FORMAT, "config": self.config, "batches": self.batches}))
