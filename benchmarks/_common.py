@@ -86,13 +86,27 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
         for fn in variants.values():
             fn()
     samples: dict[str, list[float]] = {k: [] for k in variants}
+    faults: dict[str, list[int]] = {k: [] for k in variants}
     for r in range(repeats):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # no fixed position bias
         for k in order:
+            f0 = _minor_faults()
             t0 = now()
             variants[k]()
             samples[k].append(now() - t0)
-    return {k: {"median": statistics.median(v), "min": min(v), "samples": v} for k, v in samples.items()}
+            faults[k].append(_minor_faults() - f0)
+    return {k: {"median": statistics.median(v), "min": min(v), "samples": v,
+                "minor_faults": statistics.median(faults[k])} for k, v in samples.items()}
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: how much of a variant's time went to the allocator handing
+    fresh pages (glibc's default returns large blocks to the OS and faults them in again)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def ratios(results: dict[str, dict], base: str, stat: str = "median") -> dict[str, float]:

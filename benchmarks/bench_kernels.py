@@ -14,6 +14,10 @@
 6. The compiled sparsify on 16.7 M elements (a Swin-tiny GELU site's hidden tensor at batch 256) into a new
    tensor vs over its private input (what a site whose input nobody else reads does), alone and followed by
    ATen's GELU: with glibc's default allocator a fresh block that size is paid in page faults.
+7. The exact-mode band mask on the same 16.7 M elements, recomputed from the site's output (what the fused
+   backward does) vs read from a mask saved in the forward, bit-packed (uint8, 8 positions a byte) or bool,
+   and the forward's cost of saving it: the alternatives issue #14 tried for the Swin/ConvNeXt exact-mode
+   step, rejected because inductor does not vectorize the bit and bool loads.
 
     python benchmarks/bench_kernels.py --threads 2
     python benchmarks/bench_kernels.py --threads 2 --cases in_place        # one case
@@ -51,11 +55,15 @@ def gelu_case(repeats: int) -> tuple[list[list[str]], dict]:
                                   fullgraph=True)
     res = interleaved({"ATen GELU": _no_grad(F.gelu, x), "compiled GELU": _no_grad(compiled_gelu, x),
                        "compiled sparsify+GELU": _no_grad(compiled_both, x, m, t)}, repeats, warmup=2)
+    compiled_erf = torch.compile(torch.erf, dynamic=True, fullgraph=True)
     with torch.no_grad():
         identical = torch.equal(compiled_gelu(x), F.gelu(x))
+        erf_identical = torch.equal(compiled_erf(x), torch.erf(x))  # the formula's one transcendental
     rows = [["GELU, 4 M elements", k, f"{1e3 * v['median']:.3f}", "" if k == "ATen GELU" else
              ("yes" if identical else "no") if k == "compiled GELU" else ""] for k, v in res.items()]
-    return rows, {"gelu": {k: v["median"] for k, v in res.items()}, "compiled_gelu_bit_identical": identical}
+    rows.append(["GELU, 4 M elements", "compiled erf (not timed)", "", "yes" if erf_identical else "no"])
+    return rows, {"gelu": {k: v["median"] for k, v in res.items()}, "compiled_gelu_bit_identical": identical,
+                  "compiled_erf_bit_identical": erf_identical}
 
 
 def relu_case(repeats: int) -> tuple[list[list[str]], dict]:
@@ -176,8 +184,57 @@ def in_place_case(repeats: int) -> tuple[list[list[str]], dict]:
     return rows, {"in_place": {k: v["median"] for k, v in res.items()} | {"bit_identical": same}}
 
 
+def saved_mask_case(repeats: int) -> tuple[list[list[str]], dict]:
+    from meansparse.core.band import band_from_output, in_band, sparsify
+
+    x = torch.randn(256, 256, 256)
+    m, t = torch.randn(256) * 0.1, torch.rand(256) * 0.5
+    bit = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+    def sparsify_bits(v, c, h, b):  # the forward saving a bit-packed mask next to the sparsified values
+        inside = in_band(v, c, h)
+        packed = (inside.reshape(-1, 8).to(torch.uint8) * b).sum(-1, dtype=torch.uint8)
+        return v.copy_(torch.where(inside, c, v)), packed
+
+    def sparsify_bool(v, c, h):
+        inside = in_band(v, c, h)
+        return v.copy_(torch.where(inside, c, v)), inside
+
+    def from_output(g, y, c, h):
+        return g.copy_(torch.where(band_from_output(y, c, h), 0.0, g))
+
+    def from_bits(g, bits, b):
+        return g.copy_(torch.where(((bits.unsqueeze(-1) & b) != 0).reshape(g.shape), 0.0, g))
+
+    def from_bool(g, inside):
+        return g.copy_(torch.where(inside, 0.0, g))
+
+    c = {f.__name__: torch.compile(f, dynamic=True, fullgraph=True)
+         for f in (sparsify_bits, sparsify_bool, from_output, from_bits, from_bool)}
+    plain = kernels.kernel("", (), "sparsify_in_place", kernels.KernelLayout("contiguous", 3, 2))
+    with torch.no_grad():
+        y, bits = c["sparsify_bits"](x.clone(), m, t, bit)
+        _, inside = c["sparsify_bool"](x.clone(), m, t)
+        g = torch.randn_like(x)
+        ref = torch.where(band_from_output(y, m, t), 0.0, g)
+        same = {"from a saved bit mask": torch.equal(c["from_bits"](g.clone(), bits, bit), ref),
+                "from a saved bool mask": torch.equal(c["from_bool"](g.clone(), inside), ref),
+                "forward: sparsify in place": torch.equal(y, sparsify(x, m, t))}
+    gg = g.clone()  # masking is idempotent: repeated rounds over the same buffer do the same work
+    res = interleaved({"forward: sparsify in place": lambda: plain(x, m, t),
+                       "forward: + bit mask": lambda: c["sparsify_bits"](x, m, t, bit),
+                       "forward: + bool mask": lambda: c["sparsify_bool"](x, m, t),
+                       "backward: from the output (fused)": lambda: c["from_output"](gg, y, m, t),
+                       "from a saved bit mask": lambda: c["from_bits"](gg, bits, bit),
+                       "from a saved bool mask": lambda: c["from_bool"](gg, inside)}, repeats, warmup=2)
+    rows = [["band mask, 16.7 M elements", k, f"{1e3 * v['median']:.2f}",
+             ("yes" if same[k] else "no") if k in same else ""] for k, v in res.items()]
+    return rows, {"saved_mask": {k: v["median"] for k, v in res.items()} | {"bit_identical": same}}
+
+
 CASES = {"gelu": gelu_case, "relu": relu_case, "call_overhead": call_overhead_case, "fx": fx_case,
-         "producer": producer_case, "in_place": in_place_case}
+         "producer": producer_case, "in_place": in_place_case,
+         "saved_mask": saved_mask_case}
 
 
 def main() -> None:

@@ -180,6 +180,8 @@ def child(args) -> dict:
             "forward_ratio_min": ratios(fwd, "base", "min"),
             "attack_step": {k: v["median"] for k, v in step.items()}, "attack_step_ratio": ratios(step, "base"),
             "attack_step_ratio_min": ratios(step, "base", "min"),
+            "minor_faults": {"forward": {k: v["minor_faults"] for k, v in fwd.items()},
+                             "attack_step": {k: v["minor_faults"] for k, v in step.items()}},
             "identical": check_identical(eager, fused, x, act),
             "whole_compile": args.whole_compile,
             "whole_compile_seconds": compile_seconds,
@@ -207,6 +209,14 @@ def report(variants: list[tuple[str, dict]]) -> str:
     out = (f"{describe(env)}, compile={variants[0][1]['compile']}\n"
            "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
            + fmt_table(rows, header))
+    faults = [[name, c.get("arch", "resnet18"), c["width"], c["batch"]]
+              + [f"{c['minor_faults'][p][k]:.0f}" for p, k in (("forward", "base"), ("forward", "fused"),
+                 ("attack_step", "base"), ("attack_step", "fused exact"), ("attack_step", "fused straight_through"))]
+              for name, res in variants for c in res["cases"] if "minor_faults" in c]
+    if faults:
+        out += ("\n\nminor page faults per call (median; the allocator's share, not the operator's):\n\n"
+                + fmt_table(faults, ["malloc", "arch", "width", "batch", "fwd base", "fwd fused", "step base",
+                                     "step fused exact", "step fused ST"]))
     whole = [(name, c) for name, res in variants for c in res["cases"] if c.get("whole_compile_identical")]
     if whole:
         rows = []

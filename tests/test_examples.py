@@ -186,3 +186,16 @@ def test_items_must_be_tensors_with_integer_labels(models, test_set):
         as_examples([(object(), 1)]).fetch([0])
     with pytest.raises(ValueError, match="one integer"):
         as_examples([(x[0], 1.5)]).fetch([0])
+
+
+def test_a_named_data_set_names_the_report(models, test_set):
+    """A meansparse data set (ImageStream) carries a name; the Python flow's report says which data it ran on,
+    as the command line's does."""
+    _, model = models
+    x, y = test_set
+    data = TensorDataset(x[:16], y[:16])
+    data.name = "my-images"
+    report = run(model, data, None, ("apgd-ce",), batch_size=16)
+    assert report.metadata["data"] == {"name": "my-images", "n": 16}
+    assert "- data: my-images: 16 images" in report.to_markdown()
+    assert "data" not in run(model, x[:16], y[:16], ("apgd-ce",), batch_size=16).metadata

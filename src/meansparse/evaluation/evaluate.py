@@ -96,6 +96,9 @@ def evaluate(
                             batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
                             device=device, individual=individual, attack_options=attack_options, callback=callback,
                             adversarial_dir=adversarial_dir, workers=workers)
+    name = getattr(x, "name", None)  # a meansparse data set (ImageSet, ImageStream) says which it is
+    if isinstance(name, str) and name:
+        report.metadata.setdefault("data", {"name": name, "n": len(x)})
     if sanity:
         examples = as_examples(x, y, workers)  # the examples that were evaluated (CPU tensors, or the data set)
         add_sanity_findings(report, model, examples, None, sanity_attacks(model, sanity), batch_size=batch_size,

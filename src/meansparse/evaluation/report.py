@@ -35,7 +35,8 @@ def attack_budget(settings: dict[str, Any]) -> str:
 
 def data_line(data: dict[str, Any]) -> str:
     """``{"name", "split", "n", "of", "seed"}`` in words."""
-    text = f"{data.get('name')}, {data.get('split')} split: {data.get('n')}"
+    split = f", {data['split']} split" if data.get("split") else ""
+    text = f"{data.get('name')}{split}: {data.get('n')}"
     if data.get("of") is not None:
         text += f" of {data['of']} images"
         if data.get("n") != data.get("of"):
