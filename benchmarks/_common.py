@@ -102,10 +102,6 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
 def _minor_faults() -> int:
     """Minor page faults of this process so far: how much of a variant's time went to the allocator handing
     fresh pages (glibc's default returns large blocks to the OS and faults them in again)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 

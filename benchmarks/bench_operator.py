@@ -7,7 +7,8 @@ presets).
 For each width and activation: eval forward (no grad) and forward+backward w.r.t. the input (the attack
 step: parameters frozen, gradient of a logsumexp loss), the latter in both gradient modes.  All variants run
 interleaved in one process, so the printed ratios are side by side.  Every measurement is done twice, in
-child processes without and with GLIBC_TUNABLES (see _common.GLIBC_TUNABLES).
+child processes without and with GLIBC_TUNABLES (see _common.GLIBC_TUNABLES); a second table gives the
+median minor page faults per call, the allocator's share of the time.
 
     python benchmarks/bench_operator.py --threads 1 --quick
     python benchmarks/bench_operator.py --threads 16 --widths 16 64 --batch 256
@@ -209,14 +210,13 @@ def report(variants: list[tuple[str, dict]]) -> str:
     out = (f"{describe(env)}, compile={variants[0][1]['compile']}\n"
            "ratios: median time of the variant / median time of the base model, same process, interleaved\n\n"
            + fmt_table(rows, header))
-    faults = [[name, c.get("arch", "resnet18"), c["width"], c["batch"]]
+    faults = [[name, c.get("arch", "resnet18"), c["width"], c["activation"], c["batch"]]
               + [f"{c['minor_faults'][p][k]:.0f}" for p, k in (("forward", "base"), ("forward", "fused"),
                  ("attack_step", "base"), ("attack_step", "fused exact"), ("attack_step", "fused straight_through"))]
-              for name, res in variants for c in res["cases"] if "minor_faults" in c]
-    if faults:
-        out += ("\n\nminor page faults per call (median; the allocator's share, not the operator's):\n\n"
-                + fmt_table(faults, ["malloc", "arch", "width", "batch", "fwd base", "fwd fused", "step base",
-                                     "step fused exact", "step fused ST"]))
+              for name, res in variants for c in res["cases"]]
+    out += ("\n\nminor page faults per call (median; the allocator's share, not the operator's):\n\n"
+            + fmt_table(faults, ["malloc", "arch", "width", "act", "batch", "fwd base", "fwd fused", "step base",
+                                 "step fused exact", "step fused ST"]))
     whole = [(name, c) for name, res in variants for c in res["cases"] if c.get("whole_compile_identical")]
     if whole:
         rows = []

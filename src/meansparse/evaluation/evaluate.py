@@ -96,7 +96,7 @@ def evaluate(
                             batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
                             device=device, individual=individual, attack_options=attack_options, callback=callback,
                             adversarial_dir=adversarial_dir, workers=workers)
-    name = getattr(x, "name", None)  # a meansparse data set (ImageSet, ImageStream) says which it is
+    name = getattr(x, "name", None)  # a meansparse stream (ImageStream) says which data set it is
     if isinstance(name, str) and name:
         report.metadata.setdefault("data", {"name": name, "n": len(x)})
     if sanity:
