@@ -65,7 +65,7 @@ def test_adaptive_with_lambda_zero_is_pgd_and_leaves_no_hooks(models, test_set):
     assert not any(op._forward_pre_hooks or op._forward_hooks for op in ms.operators(model))
     # the paper's comparison: two λ values and PGD with the same steps and step size, in one report
     r = run(model, x, y, ("pgd", AdaptivePGD(eps=EPS, steps=10, lam=0.1, name="adaptive-lam0.1"),
-                          AdaptivePGD(eps=EPS, steps=10, lam=10.0, name="adaptive-lam10")))
+                          AdaptivePGD(eps=EPS, steps=10, lam=10.0, name="adaptive-lam10")), ladder=False)
     assert set(r.robust_accuracy) == {"pgd", "adaptive-lam0.1", "adaptive-lam10"}
     assert r.metadata["attack_settings"]["adaptive-lam10"]["lam"] == 10.0
 
@@ -76,7 +76,7 @@ def test_every_attack_runs_and_stays_in_the_threat_model(models, test_set):
     for p in model.parameters():
         p.grad = None  # left over from training
     for norm, eps in (("Linf", EPS), ("L2", 1.0)):
-        r = run(model, x, y, ATTACK_NAMES, norm=norm, eps=eps, batch_size=8)
+        r = run(model, x, y, ATTACK_NAMES, norm=norm, eps=eps, batch_size=8, ladder=False, indicators=False)
         assert set(r.robust_accuracy) == set(ATTACK_NAMES)
         assert all(row["invalid_candidates"] == 0 for row in r.breakdown), r.breakdown
         assert r.robust_accuracy["clean"] == r.clean_accuracy

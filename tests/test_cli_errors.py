@@ -122,7 +122,8 @@ def test_demo_attacks_the_base_and_the_meansparse_model_alike(ckpt, tmp_path, ca
     assert rc == 0, err
     before = Report.from_json((tmp_path / "before.json").read_text())
     after = Report.from_json((tmp_path / "after.json").read_text())
-    assert before.attacks == after.attacks == ["apgd-ce", "bpda-apgd-ce", "transfer"]
+    assert before.ladder[0]["attacks"] == after.ladder[0]["attacks"] == ["apgd-ce", "bpda-apgd-ce", "transfer"]
+    assert before.attacks == after.attacks  # the same rungs of the budget ladder too
     for name in before.attacks:  # the same budgets; only the transfer source differs (itself vs the base)
         a, b = before.metadata["attack_settings"][name], after.metadata["attack_settings"][name]
         assert {k: v for k, v in a.items() if k != "base"} == {k: v for k, v in b.items() if k != "base"}

@@ -31,6 +31,7 @@ def test_cli_writes_report(tmp_path):
                "apgd-ce.steps=2", "--option", "square.queries=5", "--out", str(out), "--no-progress"])
     assert rc == 0
     report = Report.from_json((out / "report.json").read_text())
-    assert report.n_examples == 10 and report.eps == 0.1 and report.attacks == ["apgd-ce", "square"]
+    assert report.n_examples == 10 and report.eps == 0.1 and report.ladder[0]["attacks"] == ["apgd-ce", "square"]
+    assert report.attacks[:2] == ["apgd-ce", "square"] and report.converged is not None
     assert (out / "report.md").read_text().startswith("# Robustness report")
     assert (out / "state.json").exists()

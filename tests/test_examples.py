@@ -17,6 +17,7 @@ from meansparse.evaluation.hashing import example_digests, examples_hash
 pytest_plugins = ("evaluation_fixtures",)
 
 ATTACKS = ("apgd-ce", "bpda-apgd-ce", "square")
+ONE_RUNG = dict(ladder=False, indicators=False)  # the fetch counts below are the runner's alone
 
 
 class Counting(Dataset):
@@ -79,24 +80,24 @@ def test_resume_fetches_only_unfinished_batches_and_detects_other_data(models, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(model, data, None, ATTACKS, batch_size=16, state_path=state, callback=interrupt)
+        run(model, data, None, ATTACKS, batch_size=16, state_path=state, callback=interrupt, **ONE_RUNG)
     data.fetched.clear()
-    resumed = run(model, data, None, ATTACKS, batch_size=16, state_path=state)
-    full = run(model, TensorDataset(x, y), None, ATTACKS, batch_size=16)
+    resumed = run(model, data, None, ATTACKS, batch_size=16, state_path=state, **ONE_RUNG)
+    full = run(model, TensorDataset(x, y), None, ATTACKS, batch_size=16, **ONE_RUNG)
     assert strip(resumed) == strip(full) and resumed.metadata["run"]["resumed_batches"] == 2
     clean_correct = sum(resumed.clean_correct)
     attacked = len(ATTACKS) * clean_correct  # individual mode: every attack sees every clean-correct example
     # the plan's first example + the clean pass + every attacked example except the two stored batches'
     assert len(data.fetched) == 1 + len(x) + attacked - 32
     data.fetched.clear()
-    run(model, data, None, ATTACKS, batch_size=16, state_path=state)  # all stored: no attack batch is fetched
+    run(model, data, None, ATTACKS, batch_size=16, state_path=state, **ONE_RUNG)  # all stored: no attack batch
     assert len(data.fetched) == 1 + len(x)
     other = x.clone()
     other[5, 0, 3, 3] = 1 - other[5, 0, 3, 3]
     with pytest.raises(ValueError, match="different evaluation .*data_hash"):
-        run(model, TensorDataset(other, y), None, ATTACKS, batch_size=16, state_path=state)
+        run(model, TensorDataset(other, y), None, ATTACKS, batch_size=16, state_path=state, **ONE_RUNG)
     with pytest.raises(ValueError, match="data_hash"):  # the same examples in another order are other data
-        run(model, TensorDataset(x.flip(0), y.flip(0)), None, ATTACKS, batch_size=16, state_path=state)
+        run(model, TensorDataset(x.flip(0), y.flip(0)), None, ATTACKS, batch_size=16, state_path=state, **ONE_RUNG)
 
 
 @pytest.mark.parametrize("bad, value, label, match", [

@@ -30,6 +30,7 @@ from .data import ImageSet, as_xy, first_images, holdout_split, loader, open_dat
 from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
 from .evaluation.hashing import config_hash
+from .evaluation.ladder import Ladder
 from .evaluation.report import operator_path
 from .fastpath import attack_objects, plan_fusion
 from .models import check_input_shape, checkpoint_paths, read_config
@@ -298,6 +299,17 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     with whole_model_compiled(model) if whole else contextlib.nullcontext():
         after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
                          state_path=out / "state" / "after.json", **common)
+    # the budget ladder climbs until each row converges; the row that stopped lower climbs on (resumed from its
+    # state) so that both rows ran exactly the same rungs
+    rungs = max(len(before.ladder), len(after.ladder)) - 1
+    if len(before.ladder) - 1 < rungs:
+        with whole_model_compiled(base) if whole else contextlib.nullcontext():
+            before = evaluate(base, x, y, attacks=cfg.attacks, state_path=out / "state" / "before.json",
+                              ladder=Ladder(min_rungs=rungs), **common)
+    elif len(after.ladder) - 1 < rungs:
+        with whole_model_compiled(model) if whole else contextlib.nullcontext():
+            after = evaluate(model, x, y, attacks=cfg.attacks, base_model=base,
+                             state_path=out / "state" / "after.json", ladder=Ladder(min_rungs=rungs), **common)
     budgets = same_attacks(before, after)
     n_cal = calibration_images(cfg, fit)
     (out / "before.json").write_text(before.to_json())

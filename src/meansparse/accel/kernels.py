@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .._compile import COMPILE_MIN_NUMEL, COMPILED_DTYPES, CompiledKernel, compile_enabled
 from .._utils import is_compiling
-from ..core import MeanSparse
+from ..core import ATTACK_MODES, MeanSparse
 from ..core.band import band_from_output, in_band, relu_grad_from_output, sparsify
 from ..placement.record import attached
 from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec
@@ -316,7 +316,8 @@ def fused_forward(op: MeanSparse, x: Tensor, spec: ActivationSpec) -> Tensor:
     grad = torch.is_grad_enabled() and x.requires_grad
     if spec.write_back and grad:  # in-place semantics under autograd: exactly the unfused computation
         return act_eager(op.apply_band(x, in_place=True), spec, module)
-    memory = compiled_layout(x)
+    # an attack's surrogate (ATTACK_MODES) always takes the eager reference, never a compiled kernel
+    memory = None if op.gradient in ATTACK_MODES else compiled_layout(x)
     plain = ActivationSpec(spec.kind, spec.params, False)
     if memory is None:  # eager: the reference computation
         out = act_eager(op.apply_band(x, in_place=False), plain, module)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .._compile import CompiledKernel, compile_enabled
 from .._utils import is_compiling, same_versions, tensor_versions
-from ..core import MeanSparse, StraightThrough, broadcast_channel, in_band, sparsify
+from ..core import ATTACK_MODES, MeanSparse, StraightThrough, broadcast_channel, in_band, sparsify
 from ..core.band import band_from_output, relu_grad_from_output
 from ..placement.record import attach, attached
 from ..placement.registry import IDENTITY, ActivationSpec, is_add, is_inplace_add
@@ -365,7 +365,7 @@ def _eligible(op: MeanSparse, spec: ActivationSpec, bns: tuple, leaves: tuple) -
         return None
     if op._forward_hooks or op._forward_pre_hooks or _global_hooks():
         return None
-    if not op.active or not op.calibrated or op.layout is None:
+    if not op.active or not op.calibrated or op.layout is None or op.gradient in ATTACK_MODES:
         return None
     x = leaves[0]
     memory = compiled_layout(x)

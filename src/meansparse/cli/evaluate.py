@@ -87,6 +87,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     add_device_arg(p)
     add_fuse_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
+    p.add_argument("--single-rung", action="store_true",
+                   help="no budget ladder: run the attacks once (by default the masking-proof attacks are repeated "
+                        "with 2x then 4x their budget on the examples still robust until the worst case converges)")
+    p.add_argument("--no-indicators", action="store_true", help="skip the attack-failure indicators")
     p.add_argument("--save-adversarial", action="store_true",
                    help="write OUT/adversarial.pt (the per-example worst-case adversarial images, clean where "
                         "unbroken: RobustBench's external-evaluation format) and OUT/adversarial.json (split "
@@ -161,6 +165,7 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
                       norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size, seed=args.seed,
                       state_path=state, progress=not args.no_progress, device=device, individual=args.individual,
                       attack_options=parse_options(args.option), sanity=args.sanity, workers=args.workers,
+                      ladder=not args.single_rung, indicators=not args.no_indicators,
                       adversarial_dir=out if args.save_adversarial else None,
                       announce=lambda d: main and print(f"meansparse evaluate: {d.path}: {d.reason}",
                                                         file=sys.stderr))
@@ -179,6 +184,8 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
         (out / ADVERSARIAL_INDEX).write_text(json.dumps(record) + "\n")
     (out / "report.json").write_text(report.to_json() + "\n")
     (out / "report.md").write_text(report.to_markdown() + "\n")
+    for w in report.warnings:
+        print(f"meansparse evaluate: warning: {w}", file=sys.stderr)
     print(json.dumps({"clean_accuracy": report.clean_accuracy, "worst_case_accuracy": report.worst_case_accuracy,
                       "robust_accuracy": report.robust_accuracy, "warnings": len(report.warnings),
                       "report": str(out / "report.json")}))

@@ -6,10 +6,22 @@ Imports only torch and the package's small base (``_utils``, ``_compile``); ever
 from .band import StraightThrough, in_band, sparsify
 from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
 from .moments import Moments
-from .operator import CENTERINGS, GRADIENTS, MeanSparse, check_alpha, check_centering, operators
+from .operator import (
+    ATTACK_MODES,
+    CENTERINGS,
+    DEFAULT_SHARPNESS,
+    GRADIENTS,
+    MeanSparse,
+    check_alpha,
+    check_centering,
+    check_sharpness,
+    operators,
+)
 
 __all__ = [
     "CENTERINGS",
+    "ATTACK_MODES",
+    "DEFAULT_SHARPNESS",
     "GRADIENTS",
     "LAYOUTS",
     "MeanSparse",
@@ -18,6 +30,7 @@ __all__ = [
     "broadcast_channel",
     "channel_dim",
     "check_alpha",
+    "check_sharpness",
     "check_centering",
     "in_band",
     "infer_layout",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["in_band", "sparsify", "sparsify_lean", "band_from_output", "relu_grad_from_output",
-           "StraightThrough"]
+           "StraightThrough", "SurrogateGradient", "soft_sparsify", "soft_gate"]
 
 
 def _below(d: Tensor, t: Tensor) -> Tensor:
@@ -71,3 +71,47 @@ class StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return grad, None, None
+
+
+# ------------------------------------------------------------------------------------------- attack surrogates
+# The hard band has zero gradient inside and the identity outside; attacks need something in between.  The
+# surrogate written here is the soft threshold  s(x) = x - d * exp(-(|d| / t) ** k),  d = x - m: at d = 0 it
+# returns m (the band's centre), far outside the band it returns x, and k (the sharpness) sets how close it
+# is to the hard band (k -> inf is the operator itself).  Its derivative is  1 - e * (1 - k * u)  with
+# u = (|d| / t) ** k and e = exp(-u).  Hand-written: no library knows this operator.
+def soft_gate(d: Tensor, t: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """(u, e) of the soft threshold for differences ``d`` and thresholds ``t`` (``t == 0``: no band, e = 0)."""
+    safe_t = torch.where(t > 0, t, torch.ones_like(t))
+    u = (d.abs() / safe_t).pow(k)
+    e = torch.where(t > 0, torch.exp(-u), torch.zeros_like(u))
+    return u, e
+
+
+def soft_sparsify(x: Tensor, m: Tensor, t: Tensor, k: float) -> Tensor:
+    """The smooth stand-in for :func:`sparsify` (differentiable everywhere): ``x - (x - m) * exp(-(|x-m|/t)**k)``."""
+    d = x - m
+    _, e = soft_gate(d, t, k)
+    return x - d * e
+
+
+class SurrogateGradient(torch.autograd.Function):
+    """Same forward as :func:`sparsify`; backward is the derivative of :func:`soft_sparsify` (sharpness k).
+
+    The forward stays the real operator, so every value an attack sees is the real model's; only the
+    direction it follows comes from the soft threshold (BPDA with a better approximation than the identity)."""
+
+    @staticmethod
+    def forward(x: Tensor, m: Tensor, t: Tensor, k: float) -> Tensor:  # type: ignore[override]
+        return sparsify(x, m, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, m, t, k = inputs
+        ctx.save_for_backward(x, m, t)
+        ctx.k = k
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, m, t = ctx.saved_tensors
+        u, e = soft_gate(x - m, t, ctx.k)
+        return grad * (1 - e * (1 - ctx.k * u)), None, None, None

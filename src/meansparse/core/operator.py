@@ -24,14 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import is_compiling, same_versions, tensor_versions
-from .band import StraightThrough, in_band, sparsify, sparsify_lean
+from .band import StraightThrough, SurrogateGradient, in_band, soft_sparsify, sparsify, sparsify_lean
 from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
 from .moments import Moments
 
-__all__ = ["MeanSparse", "operators", "check_alpha", "check_centering", "CENTERINGS", "GRADIENTS"]
+__all__ = ["MeanSparse", "operators", "check_alpha", "check_centering", "check_sharpness", "ATTACK_MODES",
+           "CENTERINGS", "DEFAULT_SHARPNESS", "GRADIENTS"]
 
 CENTERINGS = ("channel", "zero", "global")
-GRADIENTS = ("exact", "straight_through")
+GRADIENTS = ("exact", "straight_through", "surrogate", "smooth")
+#: Modes that exist for attacks only (:func:`meansparse.placement.gradient_mode`): "surrogate" keeps the real
+#: forward and back-propagates the soft threshold's derivative; "smooth" also computes the soft threshold
+#: forward (a smooth surrogate model, whose candidates are judged on the real one).  Neither is fused.
+ATTACK_MODES = ("surrogate", "smooth")
+DEFAULT_SHARPNESS = 2.0
 
 
 def check_alpha(value: Any, site: str = "") -> float:
@@ -48,6 +54,14 @@ def check_centering(value: str) -> str:
     if value not in CENTERINGS:
         raise ValueError(f"centering must be one of {CENTERINGS}, got {value!r}")
     return value
+
+
+def check_sharpness(value: Any) -> float:
+    """``value`` as a float, or a ValueError unless it is finite and > 0 (the soft threshold's exponent k)."""
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"surrogate sharpness must be a finite number > 0, got {value!r}")
+    return v
 
 
 def operators(model: nn.Module) -> list[MeanSparse]:
@@ -94,6 +108,7 @@ class MeanSparse(nn.Module):
         self.site_name = site_name
         self.centering = check_centering(centering)
         self.gradient = gradient  # validated by the property setter
+        self.sharpness = DEFAULT_SHARPNESS  # of the soft threshold, in the attack-only modes
         self._layout: str | None = None
         if layout is not None:
             self.layout = layout
@@ -346,6 +361,9 @@ class MeanSparse(nn.Module):
         needed, the result reuses the ``x - m`` buffer (or ``x`` itself when in place)."""
         m, t = self.center_threshold_for(x)
         write_back = in_place and self.inplace
+        if self._gradient in ATTACK_MODES:
+            out = self._attack_band(x, m, t)
+            return x.copy_(out) if write_back else out
         if is_compiling():  # keep the traced graph plain
             out = StraightThrough.apply(x, m, t) if self._gradient == "straight_through" else sparsify(x, m, t)
             return x.copy_(out) if write_back else out
@@ -358,6 +376,15 @@ class MeanSparse(nn.Module):
                 out = torch.where(inside, m, x)
             return x.copy_(out) if write_back else out
         return sparsify_lean(x, m, t, write_back)
+
+    def _attack_band(self, x: Tensor, m: Tensor, t: Tensor) -> Tensor:
+        """The attack-only modes: the soft threshold forward ("smooth"), or the real forward with the soft
+        threshold's derivative ("surrogate", which without autograd is the real operator)."""
+        if self._gradient == "smooth":
+            return soft_sparsify(x, m, t, self.sharpness)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return SurrogateGradient.apply(x, m, t, self.sharpness)
+        return sparsify(x, m, t)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._layout is None or self._channels is None:

@@ -19,12 +19,16 @@ from .attacks import (
     Clean,
     FABTargeted,
     Square,
+    SquareWarm,
+    Surrogate,
     Transfer,
     build_attack,
     zero_alphas,
 )
 from .evaluate import evaluate
 from .hashing import derive_seed, model_hash
+from .indicators import attack_failure_indicators
+from .ladder import Ladder
 from .masking import masking_findings
 from .report import Report, attack_budget
 from .sanity import SanityFinding, sanity_checks
@@ -33,7 +37,8 @@ from .validation import check_attack_names
 __all__ = [
     "AdversarialSet", "load_adversarial", "rejudge",
     "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "PGD", "APGDTargeted", "AdaptivePGD",
-    "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Report", "SanityFinding", "Square", "Transfer",
-    "attack_budget", "build_attack", "check_attack_names", "derive_seed", "evaluate", "masking_findings",
+    "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Ladder", "Report", "SanityFinding", "Square",
+    "SquareWarm", "Surrogate", "Transfer", "attack_budget", "attack_failure_indicators", "build_attack",
+    "check_attack_names", "derive_seed", "evaluate", "masking_findings",
     "model_hash", "sanity_checks", "zero_alphas"
 ]

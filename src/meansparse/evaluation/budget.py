@@ -20,8 +20,11 @@ QUERY_COST = 1 / 3
 
 def attack_passes(settings: Mapping[str, Any]) -> float:
     """Forward + backward passes one example costs under the attack with these ``settings``."""
-    if "inner" in settings:  # BPDA: the inner attack, with another backward
-        return attack_passes(settings["inner"])
+    if "inner" in settings:  # BPDA / surrogates: the inner attack per sharpness (twice for an ensemble)
+        per = 2 if settings.get("surrogate") == "ens" else 1
+        return attack_passes(settings["inner"]) * per * len(settings.get("sharpness", [1]))
+    if isinstance(settings.get("start"), Mapping):  # warm-started Square: its start, then the queries
+        return attack_passes(settings["start"]) + float(settings.get("queries", 0)) * QUERY_COST
     if "sources" in settings:  # transfer: its crafting attacks
         return sum(attack_passes(s) for s in settings["sources"])
     if settings.get("name") == "clean":

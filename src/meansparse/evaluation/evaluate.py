@@ -10,17 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import frozen_parameters
 from ..core import operators
 from ..distributed import broadcast_object
 from ..distributed import rank as dist_rank
 from .attacks import DEFAULT_ATTACKS, Attack
 from .examples import as_examples
+from .indicators import INDICATOR_PROBE_N, attack_failure_indicators
+from .ladder import Ladder
 from .report import RUN_KEY, Report
 from .runner import run_evaluation
 from .sanity import sanity_checks
 from .validation import evaluation_device
 
-__all__ = ["add_sanity_findings", "evaluate", "sanity_attacks"]
+__all__ = ["add_indicators", "add_sanity_findings", "evaluate", "sanity_attacks"]
 
 
 def sanity_attacks(model: nn.Module, sanity: bool | Sequence[str]) -> list[str]:
@@ -48,6 +51,25 @@ def add_sanity_findings(report: Report, model: nn.Module, x: Any, y: Any, names:
         report.warnings += failed
 
 
+def add_indicators(report: Report, model: nn.Module, examples: Any, *, base_model: nn.Module | None, seed: int,
+                   device: torch.device, n: int = INDICATOR_PROBE_N) -> None:
+    """The attack-failure indicators on the first ``n`` clean-correct examples; each failed one becomes a
+    warning.  Under torch.distributed rank 0 computes them and shares the result."""
+    found = None
+    if dist_rank() == 0:
+        idx = [i for i, ok in enumerate(report.clean_correct) if ok][:n]
+        if idx:
+            (xb, yb), = list(examples.batches([idx]))
+        else:
+            xb, yb = torch.empty(0), torch.empty(0, dtype=torch.long)
+        counted = torch.tensor([report.worst_case_robust[i] for i in idx], dtype=torch.bool)
+        found = attack_failure_indicators(model, xb.to(device), yb.to(device), counted, eps=report.eps,
+                                          norm=report.norm, base_model=base_model, seed=seed)
+    report.indicators = broadcast_object(found)
+    report.warnings += [f"attack-failure indicator failed: {i['name']}: {i['value']} ({i['detail']})"
+                        for i in report.indicators if i["verdict"] == "FAIL"]
+
+
 def evaluate(
     model: nn.Module,
     x: Any,
@@ -68,6 +90,8 @@ def evaluate(
     callback: Callable[[str, int], None] | None = None,
     adversarial_dir: str | PathLike | None = None,
     workers: int = 0,
+    ladder: Ladder | bool = True,
+    indicators: bool = True,
 ) -> Report:
     """Per-example worst-case robust accuracy of ``model`` on (x, y) over ``attacks``.
 
@@ -87,6 +111,11 @@ def evaluate(
     ``sanity``: also run ``sanity_checks`` (True: APGD-CE, plus BPDA-APGD-CE on a MeanSparse model; or a
     list of attack names); failures become warnings.
     ``callback(attack, batch)`` runs after every newly computed batch has been saved.
+    ``ladder``: after the attacks, repeat the masking-proof ones with 2x then 4x the budget on the examples
+    still robust until a rung breaks at most 0.5 % of them (``report.converged``; a :class:`Ladder` sets
+    other factors or share; False: a single rung).
+    ``indicators``: attack-failure indicators on the first clean-correct examples (``report.indicators``;
+    a failed one is also a warning).
     ``adversarial_dir``: write the per-example worst-case adversarial images there (``adversarial.pt`` in
     RobustBench's external-evaluation format, ``adversarial.json``; :mod:`meansparse.evaluation.adversarial`);
     with ``state_path`` the breaking candidates are kept per batch under it, so a resumed run has them too.
@@ -95,13 +124,17 @@ def evaluate(
     report = run_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
                             batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
                             device=device, individual=individual, attack_options=attack_options, callback=callback,
-                            adversarial_dir=adversarial_dir, workers=workers)
+                            adversarial_dir=adversarial_dir, workers=workers, ladder=ladder)
     name = getattr(x, "name", None)  # a meansparse stream (ImageStream) says which data set it is
     if isinstance(name, str) and name:
         report.metadata.setdefault("data", {"name": name, "n": len(x)})
+    examples = as_examples(x, y, workers)  # the examples that were evaluated (CPU tensors, or the data set)
+    if indicators:
+        with frozen_parameters(model, base_model):
+            add_indicators(report, model, examples, base_model=base_model, seed=seed,
+                           device=evaluation_device(model, device))
     if sanity:
-        examples = as_examples(x, y, workers)  # the examples that were evaluated (CPU tensors, or the data set)
         add_sanity_findings(report, model, examples, None, sanity_attacks(model, sanity), batch_size=batch_size,
                             seed=seed, device=evaluation_device(model, device), attack_options=attack_options)
-        report.metadata[RUN_KEY]["wall_time_s"] = time.perf_counter() - started  # the checks are part of the run
+    report.metadata[RUN_KEY]["wall_time_s"] = time.perf_counter() - started  # the checks are part of the run
     return report

@@ -15,7 +15,7 @@ __all__ = ["ADAPTIVE_KINDS", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "
 
 MASKING_MARGIN = 0.01  # 1 point
 WHITE_BOX = "white-box"
-ADAPTIVE_KINDS = ("bpda", "transfer", "black-box", "adaptive")
+ADAPTIVE_KINDS = ("bpda", "surrogate", "transfer", "black-box", "adaptive")
 
 
 class MaskingFindings(NamedTuple):
@@ -32,7 +32,7 @@ def effective_kind(attack: Attack, has_operators: bool) -> str:
     white-box attacks there (comparing them with white-box attacks compares equals, not masking)."""
     if has_operators:
         return attack.kind
-    if attack.kind in ("bpda", "adaptive") or (attack.kind == "transfer"
+    if attack.kind in ("bpda", "surrogate", "adaptive") or (attack.kind == "transfer"
                                                 and getattr(attack, "base_model", None) is None):
         return WHITE_BOX
     return attack.kind

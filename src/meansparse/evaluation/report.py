@@ -11,7 +11,12 @@ from typing import Any
 
 __all__ = ["RUN_KEY", "Report", "attack_budget", "data_line", "model_line", "operator_path"]
 
-_BUDGET_KEYS = ("steps", "restarts", "queries", "n_target_classes", "lam", "step_size")
+_BUDGET_KEYS = ("steps", "restarts", "queries", "n_target_classes", "lam", "step_size", "loss")
+_SURROGATES = {
+    "sg": "surrogate-gradient BPDA (soft-threshold backward, real forward)",
+    "smooth": "the smooth surrogate model (soft threshold forward and backward; judged on the real model)",
+    "ens": "the real model's values with the mean of the surrogate's and the base model's gradients",
+}
 
 
 def attack_budget(settings: dict[str, Any]) -> str:
@@ -19,7 +24,14 @@ def attack_budget(settings: dict[str, Any]) -> str:
     an AutoAttack is the standard one."""
     if "inner" in settings:
         inner = settings["inner"]
-        return f"BPDA (identity gradient through the operators) of {inner.get('name')}: {attack_budget(inner)}"
+        how = _SURROGATES.get(settings.get("surrogate"), "BPDA (identity gradient through the operators)")
+        if "sharpness" in settings:
+            how += f", sharpness {', '.join(f'{k:g}' for k in settings['sharpness'])} in turn"
+        return f"{how} of {inner.get('name')}: {attack_budget(inner)}"
+    if isinstance(settings.get("start"), dict):
+        start = settings["start"]
+        return (f"Square from the candidates of {start.get('name')} ({attack_budget(start)}): "
+                f"queries {settings.get('queries')}, p init {settings.get('p_init'):.4g}")
     if "sources" in settings:
         base = "the base model" if settings.get("base") == "base_model" else "the model itself at α = 0"
         return f"crafted on {base} with " + " then ".join(f"{s.get('name')} ({attack_budget(s)})"
@@ -103,6 +115,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     sanity: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    ladder: list[dict[str, Any]] = field(default_factory=list)
+    converged: bool | None = None
+    indicators: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------------ serialise
     def to_dict(self) -> dict[str, Any]:
@@ -159,8 +174,9 @@ class Report:
                 f"| {row['attack']} | {row['kind']} | {row['n_attacked']} | {row['n_broken']} | "
                 f"{pct(row['robust_accuracy'])} | {pct(row['cumulative_accuracy'])} |"
             )
-        lines += ["", f"Robust accuracy is {column_note} ({self.mode} mode), over all {self.n_examples} examples.",
-                  ""]
+        lines += ["", f"Robust accuracy is {column_note} ({self.mode} mode), over all {self.n_examples} examples"
+                  + ("; rung rows (@xF) are cumulative." if self.ladder and len(self.ladder) > 1 else "."), ""]
+        lines += self._ladder_lines(pct) + self._indicator_lines()
         settings = meta.get("attack_settings")
         if settings:
             lines += ["## Attacks and budgets", ""]
@@ -176,3 +192,28 @@ class Report:
         if versions:
             lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
         return "\n".join(lines)
+
+    def _ladder_lines(self, pct: Any) -> list[str]:
+        if not self.ladder:
+            return []
+        verdict = {True: "**converged**", False: "**not converged**", None: "single rung"}[self.converged]
+        lines = [f"## Budget ladder: {verdict}", "",
+                 "| rung | budget | attacks | examples attacked | broken | worst case after |",
+                 "|---:|---:|---|---:|---:|---:|"]
+        for r in self.ladder:
+            lines.append(f"| {r['rung']} | x{r['factor']} | {', '.join(r['attacks'])} | {r['n_attacked']} | "
+                         f"{r['n_broken']} | {pct(r['worst_case_after'])} |")
+        share = (self.metadata.get("ladder") or {}).get("share")
+        if share is not None:
+            lines.append("")
+            lines.append(f"Each rung repeats the masking-proof attacks with a larger budget on the examples still "
+                         f"robust; converged means the last rung broke at most {100 * share:g} % of the examples.")
+        return lines + [""]
+
+    def _indicator_lines(self) -> list[str]:
+        if not self.indicators:
+            return []
+        lines = ["## Attack-failure indicators", ""]
+        for i in self.indicators:
+            lines.append(f"- [{i['verdict']}] {i['name']}: {i['value']} — {i['detail']}")
+        return lines + [""]

@@ -34,6 +34,7 @@ from .attacks import Attack
 from .examples import ExampleSource, as_examples, chunk_indices
 from .hashing import config_hash, example_digests, examples_hash, model_hash
 from .judge import attack_batch, check_finite
+from .ladder import Ladder, ladder_findings, resolve_ladder
 from .masking import masking_findings
 from .messages import library_warnings
 from .report import RUN_KEY, Report
@@ -62,6 +63,7 @@ class EvaluationPlan:
     seed: int
     warnings: list[str] = field(default_factory=list)
     data_hash: str | None = None
+    ladder: Ladder | None = None
 
     @property
     def n(self) -> int:
@@ -104,6 +106,8 @@ class Outcomes:
     library: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     resumed: int = 0
+    ran: list[Attack] = field(default_factory=list)
+    rungs: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _progress(name: str, total: int, enabled: bool) -> Any:
@@ -118,7 +122,7 @@ def _progress(name: str, total: int, enabled: bool) -> Any:
 def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, attacks: Sequence[str | Attack],
                     base_model: nn.Module | None, batch_size: int, seed: int, device: str | torch.device | None,
                     individual: bool | None, attack_options: Mapping[str, Mapping[str, Any]] | None,
-                    workers: int = 0) -> EvaluationPlan:
+                    workers: int = 0, ladder: Ladder | bool | None = None) -> EvaluationPlan:
     """Validate every argument (a ValueError before any attack runs) and fix the mode.  ``x, y``: tensors, or
     a data set of (image, label) with ``y`` None (see :func:`as_examples`); a streamed source's batches are
     validated as they are fetched, before anything about them is counted."""
@@ -136,7 +140,7 @@ def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, 
     built = build_attacks(attacks, norm, eps, base_model, attack_options, n_classes)
     individual = len(examples) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
     plan = EvaluationPlan(examples, norm, eps, device, n_classes, built, individual, batch_size, int(seed),
-                          data_hash=examples.data_hash())
+                          data_hash=examples.data_hash(), ladder=resolve_ladder(ladder))
     vacuous = vacuous_eps(norm, eps, first_x)
     if vacuous:
         plan.warnings.append(vacuous)
@@ -153,6 +157,7 @@ def run_config(plan: EvaluationPlan, model: nn.Module, base_model: nn.Module | N
         "eps": plan.eps, "norm": plan.norm, "n_examples": plan.n, "seed": plan.seed, "batch_size": plan.batch_size,
         "mode": plan.mode,
         "attacks": [a.settings() for a in plan.attacks],
+        "ladder": plan.ladder.settings() if plan.ladder is not None else None,
         "model_hash": model_hash(model),
         "base_model_hash": model_hash(base_model) if base_model is not None else None,
         "data_hash": plan.data_hash,
@@ -277,26 +282,56 @@ def breakdown_row(attack: Attack, out: AttackOutcome, robust: torch.Tensor, plan
     }
 
 
+def _run_one(attack: Attack, model: nn.Module, plan: EvaluationPlan, pool: list[int], res: Outcomes,
+             state: EvaluationState, rung: int, **kw: Any) -> None:
+    """``attack`` on ``pool``; its mask, time, messages and report row go into ``res``."""
+    out = run_attack(attack, model, plan, pool, res.robust, state, **kw)
+    res.masks[attack.name] = out.mask
+    res.robust &= out.mask != 0
+    res.attack_seconds[attack.name] = out.seconds
+    res.resumed += out.resumed
+    res.ran.append(attack)
+    if out.messages:
+        res.library[attack.name] = out.messages
+    if out.invalid:
+        res.warnings.append(f"{attack.name}: {out.invalid} candidate(s) outside the threat model "
+                            "were rejected (not counted as breaks)")
+    row = breakdown_row(attack, out, res.robust, plan)
+    if rung > 1:  # a rung always runs as a cascade: its number is the worst case after it
+        row.update(rung=rung, robust_accuracy=row["cumulative_accuracy"])
+    res.breakdown.append(row)
+
+
+def _rung_record(rung: int, factor: int, attacks: list[Attack], before: torch.Tensor, res: Outcomes,
+                 n: int) -> dict[str, Any]:
+    return {"rung": rung, "factor": factor, "attacks": [a.name for a in attacks],
+            "n_attacked": int(before.sum()), "n_broken": int((before & ~res.robust).sum()),
+            "worst_case_after": float(res.robust.sum()) / n}
+
+
 def run_attacks(model: nn.Module, base_model: nn.Module | None, plan: EvaluationPlan, clean_correct: torch.Tensor,
                 state: EvaluationState, *, world: int, me: int, progress: bool,
                 callback: Callable[[str, int], None] | None, store: AdversarialStore | None = None) -> Outcomes:
-    """Every attack in order: on all clean-correct examples (individual) or on those still robust (cascade)."""
+    """Every attack in order: on all clean-correct examples (individual) or on those still robust (cascade);
+    then the ladder's rungs, each on the examples still robust, until one breaks few enough."""
     res = Outcomes(robust=clean_correct.clone())
+    kw = dict(world=world, me=me, progress=progress, callback=callback, store=store)
     with frozen_parameters(model, base_model):
         for attack in plan.attacks:
             pool = (clean_correct if plan.individual else res.robust).nonzero().flatten().tolist()
-            out = run_attack(attack, model, plan, pool, res.robust, state, world=world, me=me, progress=progress,
-                             callback=callback, store=store)
-            res.masks[attack.name] = out.mask
-            res.robust &= out.mask != 0
-            res.attack_seconds[attack.name] = out.seconds
-            res.resumed += out.resumed
-            if out.messages:
-                res.library[attack.name] = out.messages
-            if out.invalid:
-                res.warnings.append(f"{attack.name}: {out.invalid} candidate(s) outside the threat model "
-                                    "were rejected (not counted as breaks)")
-            res.breakdown.append(breakdown_row(attack, out, res.robust, plan))
+            _run_one(attack, model, plan, pool, res, state, 1, **kw)
+        res.rungs.append(_rung_record(1, 1, plan.attacks, clean_correct, res, plan.n))
+        ladder = plan.ladder
+        for r, factor in enumerate(ladder.factors if ladder is not None else (), start=2):
+            rung = ladder.rung(plan.attacks, factor)
+            if not rung:
+                break
+            before = res.robust.clone()
+            for attack in rung:
+                _run_one(attack, model, plan, res.robust.nonzero().flatten().tolist(), res, state, r, **kw)
+            res.rungs.append(_rung_record(r, factor, rung, before, res, plan.n))
+            if ladder.done(res.rungs, plan.n):
+                break
     return res
 
 
@@ -305,8 +340,10 @@ def build_report(model: nn.Module, plan: EvaluationPlan, config: Mapping[str, An
                  res: Outcomes) -> Report:
     """The report (without ``metadata["run"]``): numbers, masks, masking and library warnings, metadata."""
     n = plan.n
-    findings = masking_findings(plan.attacks, res.masks, n, plan.individual,
-                                has_operators=bool(operators(model)))
+    # rung-1 attacks only: a rung's cascade masks are not comparable, and the ladder reports its own breaks
+    findings = masking_findings(plan.attacks, res.masks, n, plan.individual, has_operators=bool(operators(model)))
+    converged, ladder_warnings = (ladder_findings(res.rungs, plan.ladder, n) if plan.ladder is not None
+                                  else (None, []))
     for row in res.breakdown:
         if row["attack"] in findings.extra_breaks:
             row["extra_breaks_vs_white_box"] = findings.extra_breaks[row["attack"]]
@@ -314,18 +351,21 @@ def build_report(model: nn.Module, plan: EvaluationPlan, config: Mapping[str, An
         clean_accuracy=float(clean_correct.sum()) / n,
         robust_accuracy={row["attack"]: row["robust_accuracy"] for row in res.breakdown},
         worst_case_accuracy=float(res.robust.sum()) / n,
-        n_examples=n, norm=plan.norm, eps=plan.eps, attacks=[a.name for a in plan.attacks],
+        n_examples=n, norm=plan.norm, eps=plan.eps, attacks=[a.name for a in res.ran],
         mode=plan.mode,
         clean_correct=[bool(v) for v in clean_correct],
         robust_masks={k: [int(v) for v in m] for k, m in res.masks.items()},
         worst_case_robust=[bool(v) for v in res.robust],
         breakdown=res.breakdown,
-        warnings=plan.warnings + res.warnings + findings.warnings + library_warnings(res.library),
+        warnings=(plan.warnings + res.warnings + findings.warnings + ladder_warnings
+                  + library_warnings(res.library)),
+        ladder=res.rungs, converged=converged,
         metadata={
             "seed": plan.seed, "eps": plan.eps, "norm": plan.norm, "n_examples": n, "n_classes": plan.n_classes,
             "batch_size": plan.batch_size, "model_hash": config["model_hash"],
             "base_model_hash": config["base_model_hash"], "data_hash": config["data_hash"],
-            "attack_settings": {a.name: a.settings() for a in plan.attacks},
+            "attack_settings": {a.name: a.settings() for a in res.ran},
+            "ladder": plan.ladder.settings() if plan.ladder is not None else None,
             "meansparse_operators": len(operators(model)),
             "versions": package_versions(), "device": str(plan.device),
             "seed_rule": "batch b of attack a uses derive_seed(seed, a, b) (bpda-X shares X's seeds)",
@@ -339,13 +379,14 @@ def run_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float,
                    attack_options: Mapping[str, Mapping[str, Any]] | None, base_model: nn.Module | None = None,
                    state_path: str | PathLike | None = None,
                    callback: Callable[[str, int], None] | None = None,
-                   adversarial_dir: str | PathLike | None = None, workers: int = 0) -> Report:
+                   adversarial_dir: str | PathLike | None = None, workers: int = 0,
+                   ladder: Ladder | bool | None = None) -> Report:
     """``evaluate`` without its sanity checks; the arguments mean the same."""
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     plan = plan_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
                            batch_size=batch_size, seed=seed, device=device, individual=individual,
-                           attack_options=attack_options, workers=workers)
+                           attack_options=attack_options, workers=workers, ladder=ladder)
     world, me = dist_world_size(), dist_rank()
 
     def open_state() -> tuple[dict[str, Any], EvaluationState]:
@@ -368,7 +409,7 @@ def run_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float,
                       progress=progress and me == 0, callback=callback, store=store)
     report = build_report(model, plan, config, clean_correct, res)
     if store is not None and me == 0:
-        broken = worst_case_images(store, [a.name for a in plan.attacks], res.masks)
+        broken = worst_case_images(store, [a.name for a in res.ran], res.masks)
         clean = torch.cat([xb for xb, _ in plan.examples.batches(chunk_indices(plan.n, plan.batch_size))])
         write_adversarial(adversarial_dir, clean, broken, list(range(plan.n)), report.clean_correct,
                           report.worst_case_robust, {"norm": plan.norm, "eps": plan.eps,

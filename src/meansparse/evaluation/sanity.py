@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks import build_attack, options_for
+from .attacks import build_attack, options_for, split_wrapper
+from .attacks.registry import WRAPPER_OPTIONS
 from .examples import as_examples
 from .runner import run_evaluation
 from .validation import vacuous_eps
@@ -43,10 +44,10 @@ def large_eps(norm: str, x: Any) -> float:
 
 
 def _budget_key(attack: str) -> str | None:
-    base = attack.removeprefix("bpda-")
+    base = split_wrapper(attack)[1]
     if base == "clean":
         return None
-    return "queries" if base == "square" else "steps"
+    return "queries" if base.startswith("square") else "steps"
 
 
 def _monotone(check: str, title: str, key: str, shown: list[str], keys: list[str], accs: list[float],
@@ -82,7 +83,8 @@ def sanity_checks(model: nn.Module, x: Any, y: Any = None, *, norm: str = "Linf"
     options = dict(attack_options or {})
     base_opts = options_for(attack, options)
     if budgets is None:
-        default = getattr(build_attack(attack.removeprefix("bpda-"), norm=norm, eps=eps, **base_opts), key)
+        inner_opts = {k: v for k, v in base_opts.items() if k not in WRAPPER_OPTIONS}
+        default = getattr(build_attack(split_wrapper(attack)[1], norm=norm, eps=eps, **inner_opts), key)
         budgets = sorted({max(1, default // 5), default})
     cache: dict[tuple[float, int | None], float] = {}
 

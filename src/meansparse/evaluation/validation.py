@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 from .._utils import model_device
-from .attacks import ATTACK_NAMES, Attack, build_attack, options_for
+from .attacks import ATTACK_NAMES, Attack, build_attack, options_for, split_wrapper
+from .attacks.registry import WARM_START
 from .judge import check_finite
 
 __all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
            "check_settings", "check_tensors", "evaluation_device", "vacuous_eps"]
 
 #: attacks whose DLR loss or target classes need at least 4 classes
-NEED_4_CLASSES = ("apgd-t", "apgd-dlr", "fab-t", "aa", "transfer")
+NEED_4_CLASSES = ("apgd-t", "apgd-mt", "apgd-dlr", "fab-t", "aa", "transfer")
 
 
 class Examples(NamedTuple):
@@ -125,12 +126,14 @@ def build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_m
         if not isinstance(a, str) or a not in ATTACK_NAMES:
             raise ValueError(f"unknown attack {a!r}; valid attacks: {', '.join(ATTACK_NAMES)}")
         opts = options_for(a, options)
+        if a == "square-warm":  # its start attack takes that attack's options
+            opts.setdefault("start_options", options_for(opts.get("start", WARM_START), options))
         built.append(build_attack(a, norm=norm, eps=eps, base_model=base_model, **opts))
     names = [a.name for a in built]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"attack names must be unique, repeated: {dupes}")
-    needs_dlr = [a.name for a in built if a.name.removeprefix("bpda-") in NEED_4_CLASSES]
+    needs_dlr = [a.name for a in built if split_wrapper(a.name)[1] in NEED_4_CLASSES]
     if needs_dlr and n_classes < 4:
         raise ValueError(f"{needs_dlr} need at least 4 classes (DLR loss / targets); the model has {n_classes}")
     return built
@@ -164,5 +167,4 @@ def check_attack_names(names: Sequence[str], attack_options: Mapping[str, Mappin
     for name in [*names, *options]:
         if name not in ATTACK_NAMES:
             raise ValueError(f"unknown attack {name!r} in {what}; valid attacks: {', '.join(ATTACK_NAMES)}")
-        own = options.get(name, options.get(name[5:], {})) if name.startswith("bpda-") else options.get(name, {})
-        build_attack(name, norm=norm, eps=eps, **dict(own))
+        build_attack(name, norm=norm, eps=eps, **options_for(name, options))

@@ -10,7 +10,7 @@ from .prepare import FxPrepared, fx_class, prepare, prepare_from_config, remove
 from .presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .record import PreparedRecord, find_prepared, get_record
 from .registry import ActivationSpec, register_activation
-from .sites import Site, set_alpha, sites, straight_through
+from .sites import Site, gradient_mode, set_alpha, sites, straight_through
 from .wrappers import MeanSparseActivation, MeanSparseOutput
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "resolve_preset",
     "set_alpha",
     "sites",
+    "gradient_mode",
     "straight_through",
 ]

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..core import MeanSparse, check_alpha, operators
+from ..core import MeanSparse, check_alpha, check_sharpness, operators
 from .prepare import prepare
 from .record import get_record
 
-__all__ = ["Site", "sites", "set_alpha", "straight_through"]
+__all__ = ["Site", "gradient_mode", "sites", "set_alpha", "straight_through"]
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,23 @@ def set_alpha(model: nn.Module, alpha: float | Mapping[str | int, float]) -> nn.
 
 
 @contextmanager
-def straight_through(model: nn.Module) -> Iterator[nn.Module]:
-    """Use the straight-through (identity) backward in every operator inside the block (BPDA attacks)."""
+def gradient_mode(model: nn.Module, mode: str, sharpness: float | None = None) -> Iterator[nn.Module]:
+    """Every operator in ``mode`` (see ``GRADIENTS``) inside the block, as it was after: ``straight_through``
+    for BPDA, ``surrogate`` / ``smooth`` (soft threshold of ``sharpness``) for the surrogate attacks."""
     ops = operators(model)
-    previous = [o.gradient for o in ops]
+    previous = [(o.gradient, o.sharpness) for o in ops]
+    k = check_sharpness(sharpness) if sharpness is not None else None
     try:
         for o in ops:
-            o.gradient = "straight_through"
+            o.gradient = mode
+            if k is not None:
+                o.sharpness = k
         yield model
     finally:
-        for o, g in zip(ops, previous, strict=True):
-            o.gradient = g
+        for o, (g, s) in zip(ops, previous, strict=True):
+            o.gradient, o.sharpness = g, s
+
+
+def straight_through(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Use the straight-through (identity) backward in every operator inside the block (BPDA attacks)."""
+    return gradient_mode(model, "straight_through")

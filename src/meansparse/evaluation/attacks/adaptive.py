@@ -37,6 +37,9 @@ class AdaptivePGD(Attack):
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
         self.random_start = bool(random_start)
 
+    def _rescale(self, factor: int) -> None:
+        self.step_size /= factor  # the same total path length as the default rule 2.5·eps/steps
+
     def params(self):
         return {"lam": self.lam, "steps": self.steps, "step_size": self.step_size,
                 "random_start": self.random_start}

@@ -6,6 +6,7 @@ that leave the threat model, so a wrapper can never inflate a success rate.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ __all__ = ["KINDS", "LIBRARY_LOGGER", "NORMS", "Attack", "SuccessTracker", "num_
 NORMS = ("Linf", "L2")
 #: logger handed to pyautoattack's APGD so its zero-gradient alarms end up in the report
 LIBRARY_LOGGER = "meansparse.evaluation.pyautoattack"
-KINDS = ("clean", "white-box", "bpda", "transfer", "black-box", "adaptive")
+KINDS = ("clean", "white-box", "bpda", "surrogate", "transfer", "black-box", "adaptive")
 
 
 def require_pyautoattack() -> Any:
@@ -66,6 +67,23 @@ class Attack:
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "norm": self.norm, "eps": self.eps, **self.params()}
+
+    #: budget attributes that ``scaled`` multiplies (each attack's own; wrappers scale what they wrap)
+    scalable: tuple[str, ...] = ("steps", "queries")
+
+    def scaled(self, factor: int) -> Attack:
+        """A copy with ``factor`` times the budget (steps, queries) under the name ``<name>@x<factor>``, so it
+        draws its own seeds: a rung of the budget ladder (:mod:`meansparse.evaluation.ladder`)."""
+        new = copy.copy(self)
+        for key in self.scalable:
+            if hasattr(new, key):
+                setattr(new, key, int(getattr(new, key)) * int(factor))
+        new._rescale(factor)
+        new.name = f"{self.name}@x{factor}"
+        return new
+
+    def _rescale(self, factor: int) -> None:
+        """What else a larger budget changes (a step size derived from the steps, a wrapped attack)."""
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         """Adversarial candidates for (x, y); same shape as x, detached."""

@@ -26,6 +26,9 @@ class BPDA(Attack):
     def seed_key(self) -> str:
         return self.inner.seed_key
 
+    def _rescale(self, factor: int) -> None:
+        self.inner = self.inner.scaled(factor)
+
     def params(self):
         return {"inner": self.inner.settings()}
 

@@ -16,11 +16,12 @@ from .bpda import BPDA
 from .clean import Clean
 from .fab import FABTargeted
 from .pgd import PGD
-from .square import Square
+from .square import Square, SquareWarm
+from .surrogate import SURROGATE_PREFIXES, Surrogate
 from .transfer import Transfer
 
-__all__ = ["ATTACK_NAMES", "BPDA_ATTACKS", "COUNT_OPTIONS", "DEFAULT_ATTACKS", "build_attack", "check_options",
-           "options_for"]
+__all__ = ["ATTACK_NAMES", "BPDA_ATTACKS", "COUNT_OPTIONS", "DEFAULT_ATTACKS", "SURROGATE_ATTACKS", "WRAPPERS",
+           "build_attack", "check_options", "options_for", "split_wrapper"]
 
 _FACTORIES: dict[str, Callable[..., Attack]] = {
     "clean": Clean,
@@ -28,15 +29,26 @@ _FACTORIES: dict[str, Callable[..., Attack]] = {
     "apgd-ce": lambda **kw: APGD(loss="ce", **kw),
     "apgd-dlr": lambda **kw: APGD(loss="dlr", **kw),
     "apgd-t": APGDTargeted,
+    "apgd-margin": lambda **kw: APGD(loss="margin", **kw),
+    "apgd-mt": lambda **kw: APGDTargeted(loss="margin", **kw),
     "fab-t": FABTargeted,
     "square": Square,
+    "square-warm": SquareWarm,
     "aa": AutoAttackStandard,
     "transfer": Transfer,
     "adaptive": AdaptivePGD,
 }
 #: attacks that use gradients, hence have a meaningful BPDA variant
-BPDA_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "aa", "adaptive")
-ATTACK_NAMES: tuple[str, ...] = tuple(_FACTORIES) + tuple(f"bpda-{a}" for a in BPDA_ATTACKS)
+BPDA_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "apgd-margin", "apgd-mt", "fab-t", "aa", "adaptive")
+#: gradient attacks with surrogate variants (sg-X, smooth-X, ens-X; see .surrogate)
+SURROGATE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "apgd-margin", "apgd-mt", "fab-t")
+#: the wrappers a name can start with, and the attacks each wraps
+WRAPPERS = {"bpda": BPDA_ATTACKS, **{p: SURROGATE_ATTACKS for p in SURROGATE_PREFIXES}}
+ATTACK_NAMES: tuple[str, ...] = tuple(_FACTORIES) + tuple(f"{w}-{a}" for w, inner in WRAPPERS.items() for a in inner)
+#: the attack whose candidates square-warm starts from (option ``start``)
+WARM_START = "sg-apgd-mt"
+#: options that belong to a surrogate wrapper, not to the attack it wraps
+WRAPPER_OPTIONS = ("sharpness", "weight")
 DEFAULT_ATTACKS = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
 
 
@@ -61,14 +73,33 @@ def check_options(name: str, options: dict[str, Any]) -> None:
             raise ValueError(f"bad option {name}.{key}={value!r}: must be a finite number")
 
 
+def split_wrapper(name: str) -> tuple[str | None, str]:
+    """(wrapper, inner) for a wrapped name such as ``sg-apgd-t``; (None, name) for a plain one."""
+    head, _, rest = name.partition("-")
+    if head in WRAPPERS and rest in WRAPPERS[head]:
+        return head, rest
+    return None, name
+
+
 def build_attack(name: str, *, norm: str = "Linf", eps: float = 8 / 255, base_model: nn.Module | None = None,
                  **options: Any) -> Attack:
     """The attack called ``name`` (see ``ATTACK_NAMES``) with ``options`` overriding its defaults."""
     if name not in ATTACK_NAMES:
         raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACK_NAMES)}")
     check_options(name, options)
-    if name.startswith("bpda-"):
-        return BPDA(build_attack(name[5:], norm=norm, eps=eps, **options))
+    wrapper, inner = split_wrapper(name)
+    if wrapper == "bpda":
+        return BPDA(build_attack(inner, norm=norm, eps=eps, **options))
+    if wrapper is not None:
+        own = {k: options.pop(k) for k in WRAPPER_OPTIONS if k in options}
+        try:
+            return Surrogate(build_attack(inner, norm=norm, eps=eps, **options), wrapper, base_model=base_model,
+                             **own)
+        except TypeError as e:
+            raise ValueError(f"bad options for attack {name!r}: {e}") from e
+    if name == "square-warm":
+        options["start"] = build_attack(options.pop("start", WARM_START), norm=norm, eps=eps,
+                                        base_model=base_model, **options.pop("start_options", {}))
     if name == "transfer":
         options["base_model"] = base_model
     try:
@@ -78,6 +109,6 @@ def build_attack(name: str, *, norm: str = "Linf", eps: float = 8 / 255, base_mo
 
 
 def options_for(name: str, attack_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
-    """The options of attack ``name``: its own entry, else (``bpda-X``) X's, else none."""
+    """The options of attack ``name``: its own entry, else (``bpda-X``, ``sg-X``, ...) X's, else none."""
     options = attack_options or {}
-    return dict(options.get(name, options.get(name.removeprefix("bpda-"), {})))
+    return dict(options.get(name, options.get(split_wrapper(name)[1], {})))

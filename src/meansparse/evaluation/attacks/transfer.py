@@ -49,6 +49,9 @@ class Transfer(Attack):
         self.sources = (APGD(norm=norm, eps=eps, loss="ce", steps=steps),
                         APGDTargeted(norm=norm, eps=eps, steps=steps, n_target_classes=n_target_classes))
 
+    def _rescale(self, factor: int) -> None:
+        self.sources = tuple(s.scaled(factor) for s in self.sources)
+
     def params(self):
         return {"base": "base_model" if self.base_model is not None else "alpha=0",
                 "sources": [s.settings() for s in self.sources]}

@@ -1,0 +1,203 @@
+"""The strongest known attack in the worst case (issue #25): the old default, the new default and the union of
+every attack this tool has at a large budget, on the reference checkpoints, on the same test images.
+
+    python experiments/strongest.py --models relu-pgd --alphas 0.35,0.2,0 --n 200 --threads 2
+
+Per (checkpoint, α):
+  A  ``ms.evaluate`` with its defaults: the default attack list, the budget ladder, the indicators;
+  B  the attacks of the old default (before this change: aa, bpda-apgd-ce, bpda-apgd-t, transfer, square)
+     that A does not run, every one on every clean-correct image (individual mode, one rung);
+  C  large-budget extras (EXTRAS) on the images that A and B both leave robust.
+Old default = A's aa and transfer ∧ B; union = A ∧ B ∧ C (per image: robust only if nothing broke it).
+Every run is resumable (state files under results/cache/state/strongest/); the table and the per-image
+verdicts go to experiments/results/strongest/{table.md, results.json}.  ``--report`` only rebuilds the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import meansparse as ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablations import MODELS, RESULTS, Ctx  # noqa: E402
+from paired_ci import paired  # noqa: E402
+
+OUT = RESULTS / "strongest"
+STATE = RESULTS / "cache" / "state" / "strongest"
+#: the default attack list before issue #25
+OLD_DEFAULT = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
+#: the large-budget extras of the union (name, options); each runs individually on what A and B leave robust
+EXTRAS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sg-apgd-mt-300": ("sg-apgd-mt", {"steps": 300, "sharpness": [2, 4, 8, 16]}),
+    "sg-apgd-margin-300": ("sg-apgd-margin", {"steps": 300, "sharpness": [4, 8, 16], "restarts": 2}),
+    "sg-apgd-ce-300": ("sg-apgd-ce", {"steps": 300, "sharpness": [1, 4, 16]}),
+    "ens-apgd-mt-300": ("ens-apgd-mt", {"steps": 300, "sharpness": [4]}),
+    "smooth-apgd-margin-300": ("smooth-apgd-margin", {"steps": 300, "sharpness": [2, 8]}),
+    "bpda-apgd-t-300": ("bpda-apgd-t", {"steps": 300}),
+    "transfer-300": ("transfer", {"steps": 300}),
+    "square-warm-5000": ("square-warm", {"queries": 5000, "start": "sg-apgd-margin",
+                                         "start_options": {"steps": 300, "sharpness": [8]}}),
+}
+
+
+def _attack(label: str, base: torch.nn.Module) -> ms.evaluation.Attack:
+    name, opts = EXTRAS[label]
+    a = ms.evaluation.build_attack(name, eps=8 / 255, base_model=base, **json.loads(json.dumps(opts)))
+    a.name = label
+    return a
+
+
+def _robust_vector(report: ms.Report, names: list[str] | None = None) -> list[bool]:
+    """Per image: clean-correct and broken by none of ``names`` (all of the report's attacks when None)."""
+    names = report.attacks if names is None else names
+    return [bool(c) and all(report.robust_masks[a][i] != 0 for a in names)
+            for i, c in enumerate(report.clean_correct)]
+
+
+def run_one(ctx: Ctx, key: str, alpha: float, progress: bool) -> dict[str, Any]:
+    base, model = ctx.prepared(key)
+    ms.set_alpha(model, alpha)
+    tag = f"{key}-{alpha:g}-n{ctx.n}"
+    STATE.mkdir(parents=True, exist_ok=True)
+    common = dict(base_model=base, batch_size=ctx.batch, seed=0, progress=progress)
+    t0 = time.time()
+    a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common)
+    t_a = time.time() - t0
+    missing = [n for n in OLD_DEFAULT if n not in a.attacks]
+    b = ms.evaluate(model, ctx.x, ctx.y, attacks=missing, individual=True, ladder=False, indicators=False,
+                    state_path=STATE / f"{tag}-B.json", **common) if missing else None
+    old_names_a = [n for n in OLD_DEFAULT if n in a.attacks]
+    old = [x and (b is None or y) for x, y in zip(_robust_vector(a, old_names_a),
+                                                  _robust_vector(b) if b is not None else _robust_vector(a, []))]
+    new = list(a.worst_case_robust)
+    both = [x and y for x, y in zip(old, new)]
+    idx = [i for i, r in enumerate(both) if r]
+    c = None
+    if idx:
+        c = ms.evaluate(model, ctx.x[idx], ctx.y[idx], attacks=[_attack(k, base) for k in EXTRAS], individual=True,
+                        ladder=False, indicators=False, state_path=STATE / f"{tag}-C.json", **common)
+    union = list(both)
+    broke_extra: dict[str, list[int]] = {}
+    if c is not None:
+        for j, i in enumerate(idx):
+            hit = [k for k in EXTRAS if c.robust_masks[k][j] == 0]
+            union[i] = not hit
+            for k in hit:
+                broke_extra.setdefault(k, []).append(i)
+    # which attack broke what: per attack of A and B, the images it broke that the old default did not
+    old_broken = [c0 and not r for c0, r in zip(a.clean_correct, old)]
+    broke = {}
+    for rep in filter(None, (a, b)):
+        for name in rep.attacks:
+            broke[name] = [i for i, m in enumerate(rep.robust_masks[name]) if m == 0]
+    return {
+        "model": key, "alpha": alpha, "n": ctx.n, "clean": a.clean_accuracy,
+        "old": old, "new": new, "union": union,
+        "old_acc": sum(old) / ctx.n, "new_acc": sum(new) / ctx.n, "union_acc": sum(union) / ctx.n,
+        "ladder": a.ladder, "converged": a.converged, "indicators": a.indicators,
+        "broke": broke, "broke_extra": broke_extra,
+        "beyond_old": {k: sum(1 for i in v if not old_broken[i]) for k, v in broke.items()},
+        "seconds": {"A": t_a, "A_attacks": a.metadata["run"]["attack_seconds"],
+                    "B_attacks": b.metadata["run"]["attack_seconds"] if b is not None else {}},
+        "attacks_new": a.attacks,
+    }
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _ci(x: list[bool], y: list[bool]) -> str:
+    d = paired([int(v) for v in x], [int(v) for v in y])
+    return f"{100 * d['delta']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def _old_cost(r: dict[str, Any]) -> float:
+    s = {**r["seconds"]["A_attacks"], **r["seconds"]["B_attacks"]}
+    return sum(s.get(n, 0.0) for n in OLD_DEFAULT)
+
+
+def table(results: list[dict[str, Any]], command: str) -> str:
+    lines = ["# The strongest known attack in the worst case", "",
+             f"Command: `{command}`", "",
+             "Same images in every column (random test images, seed 0). Old default: aa, bpda-apgd-ce, "
+             "bpda-apgd-t, transfer, square (individual). New default: `ms.evaluate`'s defaults (attack list, "
+             "budget ladder). Union: both, plus the large-budget extras below on the images both leave robust. "
+             "Δ columns are paired (95 % interval).", "",
+             "| model | α | clean % | old default % | new default % | union % | new − union | old − union | "
+             "ladder | cost new / old |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in results:
+        rungs = " → ".join(f"x{x['factor']}: −{x['n_broken']}" for x in r["ladder"][1:]) or "-"
+        verdict = "converged" if r["converged"] else "not converged"
+        ratio = r["seconds"]["A"] / max(_old_cost(r), 1e-9)
+        lines.append(f"| {r['model']} | {r['alpha']:g} | {_pct(r['clean'])} | {_pct(r['old_acc'])} | "
+                     f"**{_pct(r['new_acc'])}** | {_pct(r['union_acc'])} | {_ci(r['new'], r['union'])} | "
+                     f"{_ci(r['old'], r['union'])} | {rungs} ({verdict}) | {ratio:.2f} |")
+    lines += ["", "## MeanSparse against its own base model (same attack set on both, paired)", "",
+              "| model | α | old default Δ | new default Δ | union Δ |", "|---|---:|---:|---:|---:|"]
+    base = {(r["model"]): r for r in results if r["alpha"] == 0}
+    for r in results:
+        if r["alpha"] == 0 or r["model"] not in base:
+            continue
+        b = base[r["model"]]
+        lines.append(f"| {r['model']} | {r['alpha']:g} | {_ci(r['old'], b['old'])} | {_ci(r['new'], b['new'])} | "
+                     f"{_ci(r['union'], b['union'])} |")
+    lines += ["", "## Which attack broke what", "",
+              "Images each attack broke that the whole old default left robust (first rung attacks of the new "
+              "default and the old default's own), and images each large-budget extra broke that both defaults "
+              "left robust.", ""]
+    for r in results:
+        beyond = ", ".join(f"{k} {v}" for k, v in sorted(r["beyond_old"].items(), key=lambda kv: -kv[1]) if v)
+        extra = ", ".join(f"{k} {len(v)}" for k, v in sorted(r["broke_extra"].items(), key=lambda kv: -len(kv[1])))
+        lines.append(f"- {r['model']} α = {r['alpha']:g}: beyond the old default: {beyond or 'none'}; "
+                     f"extras beyond both: {extra or 'none'}")
+    lines += ["", "## Large-budget extras", ""] + [f"- {k}: {n} {json.dumps(o)}" for k, (n, o) in EXTRAS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="relu-pgd", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--alphas", default="0.35,0.2,0")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
+    args = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/strongest.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    store = OUT / "results.json"
+    done = json.loads(store.read_text()) if store.exists() else {"results": []}
+    if not args.report:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        ctx = Ctx(argparse.Namespace(n=args.n, batch_size=args.batch_size, device="cpu", steps=100, queries=5000,
+                                     progress=args.progress))
+        for key in args.models.split(","):
+            for alpha in (float(a) for a in args.alphas.split(",")):
+                t0 = time.time()
+                r = run_one(ctx, key, alpha, args.progress)
+                done["results"] = [x for x in done["results"]
+                                   if (x["model"], x["alpha"], x["n"]) != (key, alpha, args.n)] + [r]
+                done["command"] = command
+                store.write_text(json.dumps(done) + "\n")
+                print(f"[{key} α={alpha:g}] old {_pct(r['old_acc'])} new {_pct(r['new_acc'])} union "
+                      f"{_pct(r['union_acc'])} ({time.time() - t0:.0f} s)", flush=True)
+    results = sorted(done["results"], key=lambda r: (r["model"], r["n"], r["alpha"]))
+    (OUT / "table.md").write_text(table(results, done.get("command", command)))
+    print((OUT / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The MeanSparse-aware attacks: the soft-threshold surrogate, its gradient modes, the surrogate / smooth /
+ensemble wrappers, the margin losses and warm-started Square."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from evaluation_helpers import EPS, FAST, run
+
+import meansparse as ms
+from meansparse.core.band import SurrogateGradient, soft_sparsify, sparsify
+from meansparse.evaluation import build_attack
+from meansparse.evaluation.attacks import GradientMix, SquareWarm, margin_loss, zero_alphas
+from meansparse.evaluation.budget import attack_passes
+from meansparse.placement import gradient_mode
+
+pytest_plugins = ["evaluation_fixtures"]
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0, 2.0, 4.0])
+def test_surrogate_gradient_is_the_soft_thresholds_and_forward_is_real(k):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64).view(1, 3, 1, 1)  # channel 0: no band
+    y = SurrogateGradient.apply(x, m, t, k)
+    assert torch.equal(y, sparsify(x, m, t))
+    (gs,) = torch.autograd.grad(y.sum(), x)
+    (gsoft,) = torch.autograd.grad(soft_sparsify(x, m, t, k).sum(), x)
+    torch.testing.assert_close(gs, gsoft)
+    assert torch.equal(gs[:, 0], torch.ones_like(gs[:, 0]))  # t = 0: the identity
+    # the soft threshold: m at the centre, close to x far outside the band
+    far = m + 50 * t.clamp_min(1e-3)
+    soft = soft_sparsify(torch.cat([m, far]).expand(2, 3, 5, 5), m, t, k)
+    assert torch.allclose(soft[0, 1:], m[0, 1:].expand(2, 5, 5))
+    torch.testing.assert_close(soft[1, 1:], far[0, 1:].expand(2, 5, 5), rtol=2e-3, atol=1e-6)
+
+
+def test_gradient_mode_sets_and_restores_every_operator(models):
+    _, model = models
+    ops = ms.operators(model)
+    before = [(o.gradient, o.sharpness) for o in ops]
+    with gradient_mode(model, "smooth", 3.0):
+        assert all(o.gradient == "smooth" and o.sharpness == 3.0 for o in ops)
+    assert [(o.gradient, o.sharpness) for o in ops] == before
+    with pytest.raises(ValueError, match="sharpness"):
+        with gradient_mode(model, "surrogate", -1):
+            pass
+    assert [(o.gradient, o.sharpness) for o in ops] == before
+
+
+def test_surrogate_modes_on_the_real_model(models, test_set):
+    """surrogate: same logits, other gradient than exact; smooth: other logits; the fused model agrees."""
+    _, model = models
+    x, y = test_set[0][:16], test_set[1][:16]
+
+    def logits_and_grad(m, mode):
+        xg = x.clone().requires_grad_(True)
+        with gradient_mode(m, mode, 2.0):
+            out = m(xg)
+            (gr,) = torch.autograd.grad(F.cross_entropy(out, y), xg)
+        return out.detach(), gr
+
+    exact_out, exact_g = logits_and_grad(model, "exact")
+    sg_out, sg_g = logits_and_grad(model, "surrogate")
+    smooth_out, _ = logits_and_grad(model, "smooth")
+    assert torch.equal(exact_out, sg_out)
+    assert not torch.equal(exact_g, sg_g)
+    assert not torch.equal(exact_out, smooth_out)
+    ms.fuse(model)
+    try:
+        fused_out, fused_g = logits_and_grad(model, "surrogate")
+    finally:
+        ms.accel.unfuse(model)
+    assert torch.equal(fused_out, sg_out) and torch.equal(fused_g, sg_g)
+
+
+def test_gradient_mix_has_real_values_and_mixed_gradient(models, test_set):
+    _, model = models
+    x = test_set[0][:8]
+    mix = GradientMix(model, None, 0.25, 2.0)
+    xg = x.clone().requires_grad_(True)
+    out = mix(xg)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-6)
+    (g_mix,) = torch.autograd.grad(out.sum(), xg)
+    with gradient_mode(model, "surrogate", 2.0):
+        (g_sur,) = torch.autograd.grad(model(xg).sum(), xg)
+    with zero_alphas(model):
+        (g_base,) = torch.autograd.grad(model(xg).sum(), xg)
+    torch.testing.assert_close(g_mix, 0.25 * g_sur + 0.75 * g_base, rtol=1e-5, atol=1e-6)
+
+
+def test_margin_loss():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
+    y = torch.tensor([0, 2])
+    assert torch.equal(margin_loss(logits, y), torch.tensor([-1.0, 4.0]))
+    assert torch.equal(margin_loss(logits, y, torch.tensor([1, 0])), torch.tensor([-2.0, -1.0]))
+
+
+def test_wrapped_names_options_and_budget():
+    a = build_attack("sg-apgd-mt", eps=EPS, steps=7, n_target_classes=3, sharpness=[1, 2, 8])
+    assert a.name == "sg-apgd-mt" and a.kind == "surrogate" and a.sharpness == (1.0, 2.0, 8.0)
+    assert a.inner.steps == 7 and a.inner.loss == "margin"
+    assert attack_passes(a.settings()) == 7 * 3 * 3
+    ens = build_attack("ens-apgd-ce", eps=EPS, steps=5, sharpness=2)
+    assert attack_passes(ens.settings()) == 5 * 2
+    with pytest.raises(ValueError, match="sharpness"):
+        build_attack("smooth-apgd-ce", eps=EPS, sharpness=0)
+    with pytest.raises(ValueError, match="weight"):
+        build_attack("ens-apgd-ce", eps=EPS, weight=2)
+    with pytest.raises(ValueError, match="unknown attack"):
+        build_attack("sg-square", eps=EPS)
+
+
+def test_scaled_attacks_double_the_budget_under_their_own_seeds():
+    a = build_attack("sg-apgd-ce", eps=EPS, steps=10)
+    b = a.scaled(2)
+    assert b.name == "sg-apgd-ce@x2" and b.inner.steps == 20 and a.inner.steps == 10
+    assert b.seed_key != a.seed_key
+    t = build_attack("transfer", eps=EPS, steps=10).scaled(4)
+    assert [s.steps for s in t.sources] == [40, 40]
+    p = build_attack("pgd", eps=EPS, steps=10).scaled(2)
+    assert p.steps == 20 and p.step_size == pytest.approx(2.5 * EPS / 20)
+    w = build_attack("square-warm", eps=EPS, queries=10, start="sg-apgd-ce", start_options={"steps": 3}).scaled(3)
+    assert w.queries == 30 and w.start.inner.steps == 9
+
+
+def test_surrogate_attacks_beat_bpda_on_the_masked_model(models, test_set):
+    """On the masked digits model the soft-threshold gradient breaks more than the identity (BPDA) and the
+    plain gradient; the smooth model's candidates, judged on the real one, break examples too."""
+    _, model = models
+    r = run(model, *test_set, ("apgd-ce", "bpda-apgd-ce", "sg-apgd-ce", "smooth-apgd-ce", "ens-apgd-ce"),
+            batch_size=32, ladder=False, indicators=False)
+    acc = r.robust_accuracy
+    assert acc["sg-apgd-ce"] < acc["bpda-apgd-ce"] < acc["apgd-ce"]
+    assert acc["smooth-apgd-ce"] < acc["apgd-ce"] and acc["ens-apgd-ce"] < acc["apgd-ce"]
+    assert r.breakdown[2]["kind"] == "surrogate"
+
+
+def test_square_warm_starts_from_its_start(models, test_set):
+    """A start candidate that already fools the model is where the search starts and ends (Linf); under L2
+    Square searches from scratch and stays in the ball."""
+    _, model = models
+    x, y = test_set[0][:24], test_set[1][:24]
+    start = build_attack("sg-apgd-ce", eps=EPS, steps=10)
+    begin = start.run(model, x, y, seed=3)
+    with torch.no_grad():
+        fooled = model(begin).argmax(1) != y
+    assert fooled.any()
+    out = SquareWarm(eps=EPS, queries=5, start=start).run(model, x, y, seed=3)
+    assert torch.allclose(out[fooled], begin[fooled], atol=1e-6)  # x + eps * (begin - x) / eps, rounded
+    with torch.no_grad():
+        assert (model(out[fooled]).argmax(1) != y[fooled]).all()
+    assert (out - x).abs().max() <= EPS + 1e-6
+    l2 = SquareWarm(norm="L2", eps=1.0, queries=5, start=build_attack("sg-apgd-ce", norm="L2", eps=1.0, steps=5))
+    out2 = l2.run(model, x, y, seed=3)
+    assert (out2 - x).flatten(1).norm(dim=1).max() <= 1.0 + 1e-4
+
+
+def test_square_warm_takes_its_start_attacks_options(models, test_set):
+    _, model = models
+    opts = dict(FAST, **{"square-warm": {"queries": 5, "start": "sg-apgd-margin"}, "apgd-margin": {"steps": 3}})
+    r = run(model, test_set[0][:8], test_set[1][:8], ("square-warm",), attack_options=opts, ladder=False,
+            indicators=False)
+    start = r.metadata["attack_settings"]["square-warm"]["start"]
+    assert start["name"] == "sg-apgd-margin" and start["inner"]["steps"] == 3
