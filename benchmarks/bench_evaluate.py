@@ -20,6 +20,13 @@ that the two reports are identical.
     python benchmarks/bench_evaluate.py --threads 2 --checkpoint checkpoints/cifar10-resnet18-gelu-pgd \
         --attack apgd-ce --steps 50 --n 128 --batch-size 64 --fused-vs-eager
 
+``--defaults`` compares the default worst case (``ms.evaluate``'s defaults: the default attack list, the budget
+ladder and the attack-failure indicators) with the old default (aa, bpda-apgd-ce, bpda-apgd-t, transfer,
+square; one rung, no indicators) on the same images, interleaved, and prints both worst cases and the cost ratio.
+
+    python benchmarks/bench_evaluate.py --threads 2 --checkpoint checkpoints/cifar10-resnet18-relu-pgd \
+        --alpha 0.35 --n 64 --batch-size 64 --repeats 1 --defaults
+
 ``--whole-compile MODE`` (with ``--fused-vs-eager``) adds a third variant: the eager-operator model wrapped in
 ``torch.compile(model, mode=MODE)`` (``reduce-overhead``: CUDA graphs on a GPU), whose report is compared too.
 """
@@ -74,6 +81,8 @@ def main() -> None:
     p.add_argument("--attack", choices=["aa", "apgd-ce"], default="aa")
     p.add_argument("--fused-vs-eager", action="store_true",
                    help="time ms.evaluate on the eager-operator model vs the fused model (identical reports)")
+    p.add_argument("--defaults", action="store_true",
+                   help="time the default worst case (attacks, ladder, indicators) against the old default")
     p.add_argument("--whole-compile", default=None, metavar="MODE",
                    help="with --fused-vs-eager: also the eager-operator model under torch.compile(mode=MODE)")
     args = p.parse_args()
@@ -147,6 +156,9 @@ def main() -> None:
         last[key] = ms.evaluate(net, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
                                 progress=False, state_path=path, fuse=fuse)
 
+    if args.defaults:
+        defaults(args, model, base, x, y, eps, state_dir)
+        return
     if args.fused_vs_eager:
         variants = {"evaluate, eager operator": lambda: ours(eager_model, "eager", fuse=False),
                     "evaluate, fused": ours}
@@ -188,6 +200,40 @@ def main() -> None:
     print(f"\nratio ours / reference: {ratio:.3f} (medians), {ratio_min:.3f} (minima); "
           f"{args.n / res['meansparse.evaluate']['median']:.3g} images/s (ours, all {args.n} test images)")
     write_json(args.json, {"environment": env, "results": res, "ratio": ratio})
+
+
+OLD_DEFAULT = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
+
+
+def defaults(args, model, base, x, y, eps, state_dir) -> None:
+    """The default worst case against the old default, interleaved on the same images and budgets."""
+    options = {} if args.steps == 100 and args.queries == 5000 else {
+        name: {"steps": args.steps} for name in ("apgd-ce", "apgd-t", "apgd-mt", "apgd-margin", "transfer")}
+    if options:
+        options.update(aa={"steps": args.steps, "queries": args.queries}, square={"queries": args.queries},
+                       **{"square-warm": {"queries": max(1, args.queries // 5)}})
+    last: dict = {}
+
+    def run(key, **kw):
+        last["n"] = last.get("n", 0) + 1
+        last[key] = ms.evaluate(model, x, y, eps=eps, base_model=base, batch_size=args.batch_size, progress=False,
+                                attack_options=options, state_path=f"{state_dir}/d-{last['n']}.json", **kw)
+
+    res = interleaved({"old default": lambda: run("old", attacks=OLD_DEFAULT, ladder=False, indicators=False),
+                       "default": lambda: run("new")}, args.repeats, warmup=0)
+    old, new = last["old"], last["new"]
+    ratio = res["default"]["median"] / res["old default"]["median"]
+    print(f"{describe(environment(args.threads))}\nmodel: {args.checkpoint or 'digits small_cnn'}, alpha "
+          f"{args.alpha}; {len(x)} test images, eps={eps:.4g}, batch {args.batch_size}; budgets "
+          f"{'standard' if not options else options}\n")
+    rows = [[k, f"{v['median']:.1f}", f"{100 * r.worst_case_accuracy:.2f}", ", ".join(r.attacks)]
+            for (k, v), r in zip(res.items(), (old, new))]
+    print(fmt_table(rows, ["variant", "median s", "worst case %", "attacks run"]))
+    print(f"\nratio default / old default: {ratio:.2f}; ladder: "
+          + " ".join(f"x{r['factor']} broke {r['n_broken']}" for r in new.ladder[1:])
+          + f" ({'converged' if new.converged else 'not converged'})")
+    write_json(args.json, {"environment": environment(args.threads), "results": res, "ratio": ratio,
+                           "worst_case": {"old": old.worst_case_accuracy, "default": new.worst_case_accuracy}})
 
 
 def fused_vs_eager(args, variants: dict, last: dict) -> None:

@@ -36,13 +36,11 @@ STATE = RESULTS / "cache" / "state" / "strongest"
 OLD_DEFAULT = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
 #: the large-budget extras of the union (name, options); each runs individually on what A and B leave robust
 EXTRAS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sg-apgd-mt-300": ("sg-apgd-mt", {"steps": 300, "sharpness": [2, 4, 8, 16]}),
-    "sg-apgd-margin-300": ("sg-apgd-margin", {"steps": 300, "sharpness": [4, 8, 16], "restarts": 2}),
-    "sg-apgd-ce-300": ("sg-apgd-ce", {"steps": 300, "sharpness": [1, 4, 16]}),
-    "ens-apgd-mt-300": ("ens-apgd-mt", {"steps": 300, "sharpness": [4]}),
-    "smooth-apgd-margin-300": ("smooth-apgd-margin", {"steps": 300, "sharpness": [2, 8]}),
+    "sg-apgd-mt-300": ("sg-apgd-mt", {"steps": 300, "sharpness": [16]}),
+    "sg-apgd-margin-300": ("sg-apgd-margin", {"steps": 300, "sharpness": [2, 16], "restarts": 2}),
     "bpda-apgd-t-300": ("bpda-apgd-t", {"steps": 300}),
-    "transfer-300": ("transfer", {"steps": 300}),
+    "ens-apgd-margin-300": ("ens-apgd-margin", {"steps": 300, "sharpness": [8]}),
+    "smooth-apgd-margin-300": ("smooth-apgd-margin", {"steps": 300, "sharpness": [8]}),
     "square-warm-5000": ("square-warm", {"queries": 5000, "start": "sg-apgd-margin",
                                          "start_options": {"steps": 300, "sharpness": [8]}}),
 }

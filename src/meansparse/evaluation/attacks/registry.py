@@ -46,10 +46,13 @@ SURROGATE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "apgd-margin", "apg
 WRAPPERS = {"bpda": BPDA_ATTACKS, **{p: SURROGATE_ATTACKS for p in SURROGATE_PREFIXES}}
 ATTACK_NAMES: tuple[str, ...] = tuple(_FACTORIES) + tuple(f"{w}-{a}" for w, inner in WRAPPERS.items() for a in inner)
 #: the attack whose candidates square-warm starts from (option ``start``)
-WARM_START = "sg-apgd-mt"
+WARM_START = "sg-apgd-margin"
 #: options that belong to a surrogate wrapper, not to the attack it wraps
 WRAPPER_OPTIONS = ("sharpness", "weight")
-DEFAULT_ATTACKS = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
+#: the default worst case: AutoAttack, the two strongest MeanSparse-aware attacks (surrogate gradient with the
+#: untargeted and the targeted logit margin), transfer from the base model and Square started from the surrogate
+#: attack's candidates (chosen with experiments/attack_probe.py; docs/evaluation.md)
+DEFAULT_ATTACKS = ("aa", "sg-apgd-margin", "sg-apgd-mt", "transfer", "square-warm")
 
 
 #: options that count something (iterations, restarts, queries, classes): integers >= 1

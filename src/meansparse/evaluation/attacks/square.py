@@ -59,7 +59,7 @@ def _warm_square(base: type) -> type:
 
 class SquareWarm(Attack):
     """Square started from the candidates of a white-box attack (``start``, default the surrogate-gradient
-    targeted margin APGD) instead of from random stripes: the black-box search continues where the gradient
+    margin APGD) instead of from random stripes: the black-box search continues where the gradient
     search stopped, on the real model.  Under L2 the library's start cannot be given a point: Square then
     starts from scratch and a start candidate that already fools the model is kept as it is."""
 
