@@ -5,8 +5,14 @@ Tiny checkpoints, tiny image trees in tmp_path, tiny budgets."""
 
 from __future__ import annotations
 
+import errno
+import json
+from pathlib import Path
+
 import pytest
-from test_cli_errors import _checkpoint, cli, one_line_error
+import torch
+from safetensors.torch import load_file
+from test_cli_errors import FAST, _checkpoint, cli, one_line_error
 
 from meansparse import calibration
 
@@ -14,6 +20,19 @@ from meansparse import calibration
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEANSPARSE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits CNN trained for a few seconds, so that attacks have clean-correct examples to attack."""
+    from meansparse.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 8}, dataset="digits",
+                      method="standard", epochs=3, batch_size=64, lr=0.05, n_holdout=100, eval_n=50, eval_steps=0,
+                      augment=False)
+    train(cfg, out, progress=False)
+    return out / "best"
 
 
 def _interrupt_after(monkeypatch, batches: int) -> None:
@@ -43,3 +62,64 @@ def test_calibrate_refuses_the_progress_of_another_model(tmp_path, capsys, monke
     rc, _, err = cli(capsys, *args, "--model", a, "--batch-size", 8)  # other batches: refused as well
     one_line_error(rc, err, "calibrate", "other batch settings")
     assert cli(capsys, *args, "--model", a)[0] == 0  # the command it belongs to resumes it
+
+
+# ------------------------------------------------------------------ 9. an output that is an input
+def test_calibrate_refuses_to_overwrite_its_inputs(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m")
+    weights = tmp_path / "m.safetensors"
+    before = weights.read_bytes()
+    args = ["calibrate", "--model", ckpt, "--n-examples", 16, "--no-progress", "--device", "cpu"]
+    for out, fragment in ((weights, "--model (weights)"), (tmp_path / "m.json", "--model (config)"),
+                          (tmp_path / "." / "m.safetensors", "--model (weights)")):
+        rc, _, err = cli(capsys, *args, "--out", out)
+        one_line_error(rc, err, "calibrate", fragment, "an input of this command")
+    assert weights.read_bytes() == before
+    data = tmp_path / "data.tar"
+    data.write_bytes(b"\0" * 1024)
+    rc, _, err = cli(capsys, *args, "--data", data, "--out", data)
+    one_line_error(rc, err, "calibrate", "--data")
+    assert data.read_bytes() == b"\0" * 1024
+
+
+# ------------------------------------------------------------------ 10. a full disk loses nothing
+def _disk_full(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_calibrates_final_save_keeps_the_calibration(tmp_path, capsys, monkeypatch):
+    from meansparse.cli import calibrate as calibrate_cli
+
+    ckpt = _checkpoint(tmp_path / "m")
+    args = ["calibrate", "--model", ckpt, "--n-examples", 48, "--batch-size", 16, "--no-progress", "--device", "cpu"]
+    assert cli(capsys, *args, "--out", tmp_path / "whole.safetensors")[0] == 0
+    out = tmp_path / "s.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(calibrate_cli, "save", _disk_full)
+        rc, _, err = cli(capsys, *args, "--out", out)
+    one_line_error(rc, err, "calibrate", f"cannot write {out}", "No space left on device", "s.safetensors.partial",
+                   "rerun the same command")
+    assert not out.exists() and (tmp_path / "s.safetensors.partial").exists()
+    with monkeypatch.context() as m:  # the rerun computes no batch again
+        m.setattr(calibration, "_check_finite", _disk_full)
+        assert cli(capsys, *args, "--out", out)[0] == 0
+    whole, cut = load_file(tmp_path / "whole.safetensors"), load_file(out)
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert not (tmp_path / "s.safetensors.partial").exists()
+
+
+def test_a_full_disk_at_evaluates_last_writes_keeps_every_batch(trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", trained, "--n-examples", 8, *FAST, "--save-adversarial", "--out", out]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", _disk_full)
+        rc, _, err = cli(capsys, *args)
+    one_line_error(rc, err, "evaluate", "adversarial.pt", "No space left on device", "state.json",
+                   "nothing is attacked again")
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", _disk_full)
+        rc, _, err = cli(capsys, *args)
+    one_line_error(rc, err, "evaluate", "No space left on device", "state.json")
+    assert cli(capsys, *args)[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metadata"]["run"]["resumed_batches"] >= 1 and (out / "adversarial.pt").exists()

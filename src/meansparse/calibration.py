@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, model_device, tensors_sha256
+from ._utils import atomic_path, model_device, tensors_sha256, writing
 from .core import MeanSparse, Moments, operators
 from .placement import get_record
 
@@ -219,7 +219,7 @@ class _Progress:
                 "images": str(self.images), "fingerprint": self.fingerprint or "", "first": self.first or "",
                 "model": self.model_hash, "plan": json.dumps(self.plan, sort_keys=True)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
+        with writing(self.path, "the previous progress file, if any, is kept"), atomic_path(self.path) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in self.snapshot.items()}, str(tmp), metadata=meta)
 
 
@@ -236,8 +236,7 @@ def _save_progress(resume: _Progress, cause: BaseException) -> None:
     try:
         resume.save()
     except OSError as e:
-        cause.add_note(f"the progress could not be written to {resume.path} ({e.strerror or e}); "
-                       "the previous progress file, if any, is kept")
+        cause.add_note(str(e.strerror or e))
 
 
 def _fingerprint(x: Tensor) -> str:

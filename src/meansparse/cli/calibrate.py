@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .._utils import atomic_path
+from .._utils import WriteError, atomic_path, writing
 from ..calibration import calibrate
 from ..core import operators
 from ..data import first_images, holdout_split
@@ -36,6 +38,7 @@ from .common import (
     add_threads_arg,
     check_data_fits,
     check_device,
+    check_not_input,
     check_regexes,
     checkpoint_config,
     clamp_count,
@@ -105,8 +108,15 @@ def _check_args(args: argparse.Namespace) -> None:
     check_regexes(args.exclude, "--exclude")
     if args.alpha is not None and not (args.alpha >= 0 and args.alpha != float("inf")):
         raise ValueError(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    check_not_input(args.out, args)
+    check_not_input(partial_path(args.out), args, "--out's progress file")
     if is_main():
         writable_file(args.out)
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where the resumable progress of ``--out`` is kept: ``<out>.partial`` beside it."""
+    return Path(out).with_name(Path(out).name + ".partial")
 
 
 def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -130,22 +140,48 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
                     method=args.method, example_inputs=(example,), preset=preset_of(args))
     start = time.perf_counter()
     # resumable in one process: the batches done so far survive Ctrl-C / a bad batch beside the output file
-    partial = Path(args.out).with_name(Path(args.out).name + ".partial") if world_size() == 1 else None
+    partial = partial_path(args.out) if world_size() == 1 else None
     calibrate(model, data_loader(args, mine, args.batch_size), device=device, max_batches=args.max_batches,
-              progress=not args.no_progress and is_main(), state_path=partial)
+              progress=not args.no_progress and is_main(), state_path=partial, keep_state=partial is not None)
     seconds = time.perf_counter() - start
     if args.alpha is not None:
         set_alpha(model, args.alpha)
     images = sum(all_gather_object(_seen(len(mine), args.batch_size, args.max_batches)))
     if is_main():
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:  # a kill mid-write never leaves a half-written state file
-            save(model, tmp)
+        _write_state(model, Path(args.out), partial)
     return {"state": str(args.out), "sites": len(operators(model)), "images": images,
             "ranks": world_size(), "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
             "data": {"name": name, "split": args.split, "holdout": args.holdout}}
+
+
+def _write_state(model: Any, out: Path, partial: Path | None) -> None:
+    """Save the calibrated state to ``out``, then drop the progress file; a failed write (a full disk) is one
+    error saying where the calibration was kept: the progress file (a rerun skips every batch), or, without
+    one (torchrun), a copy in the temporary folder."""
+    if partial is None:
+        try:
+            with writing(out), atomic_path(out) as tmp:
+                save(model, tmp)
+        except WriteError as e:
+            raise WriteError(e.errno, f"{e.strerror}; {_save_elsewhere(model, out)}") from e
+        return
+    kept = f"the calibration is kept in {partial}: free space and rerun the same command (no batch is computed again)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out, kept), atomic_path(out) as tmp:  # a kill mid-write never leaves a half-written state file
+        save(model, tmp)
+    partial.unlink(missing_ok=True)
+
+
+def _save_elsewhere(model: Any, out: Path) -> str:
+    """Save the state in the temporary folder instead; says where (or that this failed too)."""
+    spare = Path(tempfile.gettempdir()) / f"meansparse-{os.getpid()}-{out.name}"
+    try:
+        with writing(spare), atomic_path(spare) as tmp:
+            save(model, tmp)
+    except WriteError as e:
+        return f"saving it to {spare} failed too ({e.strerror}); nothing is kept"
+    return f"the calibrated state is saved to {spare} instead: move it to {out}"
 
 
 def _seen(n: int, batch_size: int, max_batches: int | None) -> int:

@@ -48,6 +48,8 @@ __all__ = [
     "check_regexes",
     "writable_dir",
     "writable_file",
+    "input_paths",
+    "check_not_input",
     "clamp_count",
     "check_data_fits",
     "checkpoint_config",
@@ -190,6 +192,49 @@ def writable_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{flag} {out} exists and is not writable")
     return out
+
+
+def input_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The files a command reads, by the option that names them: the checkpoint's weights and JSON (or a
+    ``python:`` model's source file), ``--weights``, ``--meansparse`` and a ``--data`` / ``--data-root`` path."""
+    from ..zoo.spec import parse_model_spec
+
+    found: dict[str, Path] = {}
+    spec_text = getattr(args, "checkpoint", None) or getattr(args, "model", None)
+    if spec_text:
+        try:
+            spec = parse_model_spec(spec_text)
+        except ValueError:
+            spec = None
+        if spec is not None and spec.kind == "checkpoint":
+            weights, config = checkpoint_paths(spec.name)
+            found.update({"--model (weights)": weights, "--model (config)": config})
+        elif spec is not None and spec.kind == "python":
+            found["--model (source)"] = Path(spec.name)
+    for flag in ("weights", "meansparse", "data", "data_root"):
+        value = getattr(args, flag, None)
+        if value and Path(value).exists():
+            found["--" + flag.replace("_", "-")] = Path(value)
+    return found
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (a link or another spelling included)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_not_input(out: str | os.PathLike, args: argparse.Namespace, flag: str = "--out") -> None:
+    """A ValueError when an output path is a file the command reads: writing it would overwrite
+    the model's weights, the data or the state the command loads."""
+    for source, path in input_paths(args).items():
+        if _same(Path(out), path):
+            raise ValueError(f"{flag} {out} is {source} {path}, an input of this command: writing it would "
+                             "overwrite it; choose another path")
 
 
 def notice(command: str, text: str) -> None:

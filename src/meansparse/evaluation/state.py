@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._utils import atomic_path
+from .._utils import atomic_path, writing
 
 FORMAT = "meansparse-evaluation-state/1"
 
@@ -65,5 +65,6 @@ class EvaluationState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:  # a kill mid-write leaves the previous state intact
+        # a kill mid-write leaves the previous state intact, and so does a failed write (a full disk)
+        with writing(self.path, "the previous state file is kept"), atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps({"format": FORMAT, "config": self.config, "batches": self.batches}))
