@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_cli_errors import FAST, _checkpoint, cli, one_line_error
 
@@ -123,3 +124,39 @@ def test_a_full_disk_at_evaluates_last_writes_keeps_every_batch(trained, tmp_pat
     assert cli(capsys, *args)[0] == 0
     report = json.loads((out / "report.json").read_text())
     assert report["metadata"]["run"]["resumed_batches"] >= 1 and (out / "adversarial.pt").exists()
+
+
+# ------------------------------------------------------------------ 3. data whose classes are not the model's
+def _cifar_like_tree(root: Path, classes: tuple[str, ...], split: str = "test") -> Path:
+    for c, cls in enumerate(classes):
+        (root / split / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * c, 60 * i, 90)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_data_classes_that_are_not_the_models_are_an_error_or_a_named_warning(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m", normalization="none", dataset="custom")  # 10 logits, RGB input
+    tree = _cifar_like_tree(tmp_path / "cats", ("cat",))
+    args = ["evaluate", "--model", ckpt, "--data", tree, "--n-examples", 2, *FAST, "--out", tmp_path / "e"]
+    rc, _, err = cli(capsys, *args)
+    one_line_error(rc, err, "evaluate", "1 classes (cat)", "10 logits", "--allow-class-mismatch")
+    rc, _, err = cli(capsys, "calibrate", "--model", ckpt, "--data", tree, "--split", "test", "--device", "cpu",
+                     "--no-progress", "--out", tmp_path / "s.safetensors")
+    one_line_error(rc, err, "calibrate", "1 classes (cat)", "10 logits")
+    rc, _, err = cli(capsys, *args, "--allow-class-mismatch")
+    assert rc == 0 and "warning: --data " in err and "has 1 classes (cat) but" in err and "10 logits" in err
+
+
+def test_class_names_the_checkpoint_recorded_must_be_the_datas(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m", normalization="none", dataset="custom")
+    config = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps({**config, "classes": [f"c{i}" for i in range(10)]}))
+    tree = _cifar_like_tree(tmp_path / "other", tuple(f"d{i}" for i in range(10)))
+    rc, _, err = cli(capsys, "evaluate", "--model", ckpt, "--data", tree, "--n-examples", 2, *FAST,
+                     "--out", tmp_path / "e")
+    one_line_error(rc, err, "evaluate", "the classes d0, d1", "was trained on c0, c1")
+
+
+def test_training_records_the_classes_it_was_trained_on(trained):
+    assert json.loads(trained.with_suffix(".json").read_text())["classes"] == [str(i) for i in range(10)]

@@ -235,18 +235,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, prog
         key = "holdout_clean" if cfg.method == "standard" else "holdout_pgd"
         if state["best"] is None or metrics[key] >= state["best"][key]:
             state["best"] = record
-            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record, list(full.images.shape[1:])))
+            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record, list(full.images.shape[1:]),
+                                                                    full.classes))
         _save_state(out, model, opt, state)
     return out / "best.safetensors"
 
 
 def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any],
-                       input_shape: list[int] | None = None) -> dict[str, Any]:
+                       input_shape: list[int] | None = None, classes: list[str] | None = None) -> dict[str, Any]:
     return {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "dataset": cfg.dataset,
         "input_shape": input_shape,  # (C, H, W) of the training images: what the model takes
+        "classes": list(classes) if classes else None,  # label i is classes[i]: evaluate checks the data's
         "training": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "model_kwargs")},
         "command": command,
         "best_epoch": record,

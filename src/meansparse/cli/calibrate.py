@@ -31,6 +31,7 @@ from ..placement import prepare, set_alpha
 from ..serialization import save
 from .common import (
     add_checkpoint_arg,
+    add_class_mismatch_arg,
     add_data_args,
     add_device_arg,
     add_preset_arg,
@@ -66,6 +67,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     add_preset_arg(p)
     add_data_args(p)
     add_stream_args(p)
+    add_class_mismatch_arg(p)
     p.add_argument("--split", default="train", choices=["train", "test", "val"], help="split to calibrate on")
     p.add_argument("--holdout", type=non_negative_int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses; "
@@ -126,7 +128,7 @@ def calibrate_checkpoint(args: argparse.Namespace, device: str) -> dict[str, Any
     config = checkpoint_config(args.checkpoint)
     name = data_name(args, config)
     data = open_data(args, args.split, args.checkpoint, name=name)  # a named set in memory, a path streamed
-    check_data_fits(model, data, name, config, args.checkpoint)
+    check_data_fits(model, data, name, config, args.checkpoint, args)
     if args.data is None and is_main():
         notice("calibrate", f"--data {name} (the data set recorded in {args.checkpoint})")
     if args.holdout:

@@ -31,6 +31,7 @@ from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
     add_checkpoint_arg,
+    add_class_mismatch_arg,
     add_data_args,
     add_device_arg,
     add_fuse_args,
@@ -76,6 +77,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="set every operator's alpha (after --meansparse; default: as stored in the state)")
     add_data_args(p)
     add_stream_args(p)
+    add_class_mismatch_arg(p)
     p.add_argument("--split", default="test", choices=["train", "test", "val"], help="split to evaluate on")
     p.add_argument("--n-examples", type=positive_int, default=1000,
                    help="N examples drawn at random (--seed) from the split; more than the split holds is clamped")
@@ -172,7 +174,7 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     config = checkpoint_config(args.checkpoint)
     name = data_name(args, config)
     data, indices, available = _load_data(args, name)
-    check_data_fits(base, data, name, config, args.checkpoint)
+    check_data_fits(base, data, name, config, args.checkpoint, args)
     if args.data is None and main:
         notice("evaluate", f"--data {name} (the data set recorded in {args.checkpoint})")
     x, y = as_xy(data)
