@@ -507,7 +507,7 @@ def test_every_option_has_help_with_its_default():
     for name, p in sub.choices.items():
         assert p.formatter_class is HelpFormatter or name == "models", name
         for action in p._actions:
-            if isinstance(action, argparse._HelpAction):
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:  # hidden: refused
                 continue
             assert action.help, f"{name} {action.option_strings} has no help"
             shown = p._get_formatter()._get_help_string(action)

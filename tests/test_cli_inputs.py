@@ -160,3 +160,173 @@ def test_class_names_the_checkpoint_recorded_must_be_the_datas(tmp_path, capsys)
 
 def test_training_records_the_classes_it_was_trained_on(trained):
     assert json.loads(trained.with_suffix(".json").read_text())["classes"] == [str(i) for i in range(10)]
+
+
+# ------------------------------------------------------------------ 11. a user's model or value that fails
+TINY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def build():
+    return Net()
+'''
+BROKEN = {
+    "raises at import": ("raise RuntimeError('no GPU here')\n", "importing", "RuntimeError: no GPU here"),
+    "syntax error": ("def build(:\n", "is not valid Python", "SyntaxError"),
+    "factory raises": ("def build():\n    raise KeyError('depth')\n", "build() fails", "KeyError"),
+    "factory needs arguments": ("def build(depth):\n    return Net()\n", "called without arguments", "depth"),
+    "forward raises": ("Net.forward = lambda self, x: x.view(-1, 5)\n", "forward fails", "RuntimeError"),
+    "returns a tuple": ("_f = Net.forward\nNet.forward = lambda self, x: (_f(self, x), x)\n", "returns a tuple",
+                        "logits tensor"),
+    "returns a dict": ("_f = Net.forward\nNet.forward = lambda self, x: {'logits': _f(self, x)}\n", "returns a dict",
+                       "logits tensor"),
+    "active dropout": ("_f = Net.forward\nNet.forward = lambda self, x: torch.nn.functional.dropout(_f(self, x), "
+                       "0.5, training=True)\n", "not deterministic in eval mode", "dropout"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_python_model_that_fails_is_one_error_line(case, tmp_path, capsys):
+    extra, *fragments = BROKEN[case]
+    source = tmp_path / "user_model.py"
+    source.write_text(TINY + extra if "def build(" not in extra else TINY.split("def build")[0] + extra)
+    tree = _cifar_like_tree(tmp_path / "data", ("a", "b", "c"), split="train")
+    rc, _, err = cli(capsys, "calibrate", "--model", f"python:{source}:build", "--pretrained", "false", "--data",
+                     tree, "--device", "cpu", "--no-progress", "--out", tmp_path / "s.safetensors")
+    one_line_error(rc, err, "calibrate", *fragments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_in_another_float_type_is_cast_with_a_note(dtype, tmp_path, capsys):
+    source = tmp_path / "user_model.py"
+    source.write_text(TINY.replace("return Net()", f"return Net().to(torch.{str(dtype).split('.')[1]})"))
+    tree = _cifar_like_tree(tmp_path / "data", ("a", "b", "c"), split="train")
+    rc, _, err = cli(capsys, "calibrate", "--model", f"python:{source}:build", "--pretrained", "false", "--data",
+                     tree, "--device", "cpu", "--no-progress", "--out", tmp_path / "s.safetensors")
+    assert rc == 0, err
+    assert f"warning: python:{source}:build: weights in {str(dtype).split('.')[1]}; cast to float32" in err
+
+
+def test_a_worker_error_is_the_workers_one_line(tmp_path, capsys):
+    tree = _cifar_like_tree(tmp_path / "data", ("a", "b", "c"), split="train")
+    (tree / "train" / "c" / "0.png").write_bytes(b"not a png")  # decoded by a worker only (4th of the sample)
+    rc, _, err = cli(capsys, "calibrate", "--model", _three_class_checkpoint(tmp_path / "m"), "--data", tree,
+                     "--workers", 2, "--batch-size", 2,
+                     "--device", "cpu", "--no-progress", "--out", tmp_path / "s.safetensors")
+    last = one_line_error(rc, err, "calibrate", "c/0.png", "cannot decode")
+    assert "DataLoader" not in last and "File " not in last
+
+
+def _three_class_checkpoint(path: Path) -> Path:
+    from meansparse.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"width": 4, "normalization": "none", "num_classes": 3}
+    save_checkpoint(create_model("small_cnn", **kwargs).eval(), path,
+                    {"model": "small_cnn", "dataset": "custom", "model_kwargs": kwargs})
+    return path
+
+
+def test_train_refuses_a_learning_rate_that_is_not_a_finite_positive_number(tmp_path, capsys):
+    for lr in ("nan", "inf", "0", "-0.1"):
+        rc, _, err = cli(capsys, "train", "--lr", lr, "--out", tmp_path / "run")
+        assert rc == 2 and "argument --lr: must be a finite number > 0" in err, err
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from meansparse.cli import calibrate as calibrate_cli
+
+    def bug(*a, **k):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(calibrate_cli, "calibrate_checkpoint", bug)
+    args = ["calibrate", "--model", _checkpoint(tmp_path / "m"), "--out", tmp_path / "s.safetensors"]
+    rc, _, err = cli(capsys, *args)
+    one_line_error(rc, err, "calibrate", "KeyError: 'internal'", "--debug")
+    with pytest.raises(KeyError):
+        cli(capsys, *args, "--debug")
+
+
+# ------------------------------------------------------------------ 12. smaller ones
+def test_weights_that_are_a_folder_or_do_not_fit_say_why_in_full(tmp_path, capsys):
+    source = tmp_path / "user_model.py"
+    source.write_text(TINY)
+    args = ["calibrate", "--model", f"python:{source}:build", "--device", "cpu", "--out", tmp_path / "s.safetensors"]
+    rc, _, err = cli(capsys, *args, "--weights", tmp_path)
+    one_line_error(rc, err, "calibrate", "is a folder")
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(5, 4), "extra": torch.zeros(1)},
+              tmp_path / "w.safetensors")
+    rc, _, err = cli(capsys, *args, "--weights", tmp_path / "w.safetensors")
+    last = one_line_error(rc, err, "calibrate", "missing key(s) in state_dict: conv.bias, fc.bias",
+                          "unexpected key(s) in state_dict: extra", "size mismatch for fc.weight")
+    assert last.endswith("torch.Size([3, 4])"), last
+
+
+def test_state_files_that_are_not_states_or_are_outputs(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m")
+    args = ["evaluate", "--model", ckpt, "--n-examples", 4, *FAST, "--out", tmp_path / "e"]
+    for content in (b"\x89PNG\r\n\x1a\n\0\0", b"[1, 2]", b"not json"):
+        (tmp_path / "bad.json").write_bytes(content)
+        rc, _, err = cli(capsys, *args, "--state", tmp_path / "bad.json")
+        one_line_error(rc, err, "evaluate", str(tmp_path / "bad.json"))
+    rc, _, err = cli(capsys, *args, "--state", tmp_path / "e" / "report.json")
+    one_line_error(rc, err, "evaluate", "--state", "report.json", "choose another path")
+
+
+def test_split_validation_is_a_split_the_loader_knows(tmp_path, capsys):
+    tree = _cifar_like_tree(tmp_path / "data", ("a", "b", "c"), split="validation")
+    rc, _, err = cli(capsys, "calibrate", "--model", _three_class_checkpoint(tmp_path / "m"), "--data", tree,
+                     "--split", "validation", "--device", "cpu", "--no-progress", "--out", tmp_path / "s.safetensors")
+    assert rc == 0, err
+
+
+def test_train_says_when_it_clamps_the_held_out_part(tmp_path, capsys, monkeypatch):
+    from meansparse import training
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "build_model", stop)  # the warning is all this test needs
+    rc, _, err = cli(capsys, "train", "--data", "digits", "--model", "small_cnn", "--n-holdout", 100000,
+                     "--out", tmp_path / "run")
+    assert "warning: n_holdout 100000 is more than a fifth of the" in err and "holding out" in err, err
+
+
+@pytest.mark.parametrize("option, fragment", [
+    ("pgd.steps=3", "options for pgd, which is not among the attacks run"),
+    ("apgd-ce.rho=7", "apgd-ce.rho=7: must be a fraction in (0, 1]"),
+    ("square.p_init=5", "square.p_init=5: must be a fraction in (0, 1]"),
+])
+def test_attack_options_that_would_be_ignored_or_are_out_of_range(option, fragment, tmp_path, capsys):
+    rc, _, err = cli(capsys, "evaluate", "--model", "nowhere", "--attacks", "apgd-ce,square,adaptive",
+                     "--option", option, "--out", tmp_path / "e")
+    one_line_error(rc, err, "evaluate", fragment)
+    rc, _, err = cli(capsys, "demo", "--sweep-attacks", "apgd-ce", "--attacks", "square", "--option", option,
+                     "--out", tmp_path / "d")
+    one_line_error(rc, err, "demo", fragment)
+
+
+def test_a_negative_adaptive_lambda_stays_allowed():
+    from meansparse.evaluation import build_attack
+
+    assert build_attack("adaptive", lam=-3).params()["lam"] == -3
+
+
+def test_a_huge_seed_is_refused_by_name_and_sweep_help_lists_only_its_options(capsys):
+    rc, _, err = cli(capsys, "evaluate", "--model", "x", "--seed", str(2**64), "--out", "o")
+    assert rc == 2 and "argument --seed: must be below 2**63" in err, err
+    rc, out, _ = cli(capsys, "sweep", "--help")
+    assert rc == 0 and "--sweep-attacks" in out and "--n-test" not in out and "--attacks " not in out

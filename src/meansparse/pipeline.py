@@ -31,6 +31,7 @@ from .evaluation import Report, attack_budget, check_attack_names, evaluate
 from .evaluation.budget import estimated_passes
 from .evaluation.hashing import config_hash
 from .evaluation.report import operator_path
+from .evaluation.validation import check_options_used
 from .fastpath import attack_objects, plan_fusion
 from .models import check_input_shape, checkpoint_paths, read_config
 from .models import load as load_checkpoint
@@ -112,6 +113,8 @@ def check_config(cfg: PipelineConfig, out: str | Path, *, test_evaluation: bool 
                        what="the sweep attacks (--sweep-attacks)")
     if test_evaluation:
         check_attack_names(cfg.attacks, cfg.attack_options, norm=cfg.norm, eps=eps, what="the attacks (--attacks)")
+    run = [*cfg.sweep_attacks, *(cfg.attacks if test_evaluation else ())]
+    check_options_used(cfg.attack_options, run, "--sweep-attacks" + (" and --attacks" if test_evaluation else ""))
     if not cfg.model and cfg.data != "digits":
         raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
     return writable_dir(out, "output folder")

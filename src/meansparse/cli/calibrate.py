@@ -25,7 +25,7 @@ from typing import Any
 from .._utils import WriteError, atomic_path, writing
 from ..calibration import calibrate
 from ..core import operators
-from ..data import first_images, holdout_split
+from ..data import SPLIT_NAMES, first_images, holdout_split
 from ..distributed import all_gather_object, is_main, launch, shard, world_size
 from ..placement import prepare, set_alpha
 from ..serialization import save
@@ -52,6 +52,7 @@ from .common import (
     open_data,
     positive_int,
     preset_of,
+    seed_int,
     set_threads,
     writable_file,
 )
@@ -68,7 +69,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     add_data_args(p)
     add_stream_args(p)
     add_class_mismatch_arg(p)
-    p.add_argument("--split", default="train", choices=["train", "test", "val"], help="split to calibrate on")
+    p.add_argument("--split", default="train", choices=SPLIT_NAMES,
+                   help="split to calibrate on")
     p.add_argument("--holdout", type=non_negative_int, default=0,
                    help="leave out this many held-out images (holdout_split with --seed, as the α search uses; "
                         "default 0: none)")
@@ -84,7 +86,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="what values inside the band are replaced by")
     p.add_argument("--method", default="auto", choices=["auto", "fx", "modules"], help="insertion strategy")
     p.add_argument("--alpha", type=float, default=None, help="alpha stored in the file (default 0: unchanged)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the sample")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the held-out split and of the sample")
     add_device_arg(p)
     add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

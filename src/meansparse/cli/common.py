@@ -21,6 +21,7 @@ from .._utils import resolve_device
 from .._utils import writable_dir as _writable_dir
 from ..data import first_images
 from ..evaluation import check_attack_names
+from ..evaluation.validation import check_options_used
 from ..models import check_input_shape, checkpoint_paths, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
 
@@ -31,6 +32,9 @@ __all__ = [
     "parse_eps",
     "parse_options",
     "positive_int",
+    "positive_float",
+    "non_negative_float",
+    "seed_int",
     "non_negative_int",
     "comma_list",
     "parse_alphas",
@@ -125,6 +129,40 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+#: seeds torch.Generator.manual_seed takes without overflow, whatever the platform
+SEED_LIMIT = 2**63
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**63) (a larger one overflows torch's generator)."""
+    value = _int_at_least(text, 0, "an integer >= 0")
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be below 2**63 = {SEED_LIMIT}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate: nan or inf would train nothing, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a loss weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """['apgd-ce.steps=20', 'adaptive.lam=10'] -> {'apgd-ce': {'steps': 20}, 'adaptive': {'lam': 10}}."""
     out: dict[str, dict[str, Any]] = {}
@@ -163,6 +201,7 @@ def check_attacks(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]
     """Every attack name and ``--option`` checked now (nothing runs; see
     :func:`meansparse.evaluation.check_attack_names`), before any data is loaded or any model trained."""
     check_attack_names(names, options, norm=norm, eps=eps, what=flag)
+    check_options_used(options, list(names), flag)
 
 
 def check_device(name: str | None) -> str | None:

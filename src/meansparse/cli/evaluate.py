@@ -21,7 +21,7 @@ from typing import Any
 
 from .._utils import WriteError, atomic_path, writing
 from ..core import operators
-from ..data import as_xy
+from ..data import SPLIT_NAMES, as_xy
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
@@ -52,6 +52,7 @@ from .common import (
     parse_options,
     positive_int,
     resolve_preprocessing,
+    seed_int,
     writable_dir,
     writable_file,
 )
@@ -78,7 +79,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     add_data_args(p)
     add_stream_args(p)
     add_class_mismatch_arg(p)
-    p.add_argument("--split", default="test", choices=["train", "test", "val"], help="split to evaluate on")
+    p.add_argument("--split", default="test", choices=SPLIT_NAMES,
+                   help="split to evaluate on")
     p.add_argument("--n-examples", type=positive_int, default=1000,
                    help="N examples drawn at random (--seed) from the split; more than the split holds is clamped")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2); default 8/255")
@@ -95,7 +97,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                       help="each attack only sees examples still robust (AutoAttack style, cheaper; default above "
                            "1000 examples)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per attacked batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of every attack batch")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sample and of every attack batch")
     add_device_arg(p)
     add_fuse_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")

@@ -38,10 +38,12 @@ class EvaluationState:
         assert self.path is not None
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read evaluation state {self.path}: {e}") from e
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a meansparse evaluation state (format {data.get('format')!r})")
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
+            raise ValueError(f"cannot read evaluation state {self.path}: not a JSON state file ({e})") from e
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found != FORMAT:
+            raise ValueError(f"{self.path} is not a meansparse evaluation state (format {found!r}); use another "
+                             "--state / state_path or delete the file")
         stored = data.get("config", {})
         diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
         if diff:

@@ -15,6 +15,7 @@ from .attacks import ATTACK_NAMES, Attack, build_attack, options_for
 from .judge import check_finite
 
 __all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
+           "check_options_used",
            "check_settings", "check_tensors", "evaluation_device", "vacuous_eps"]
 
 #: attacks whose DLR loss or target classes need at least 4 classes
@@ -166,3 +167,14 @@ def check_attack_names(names: Sequence[str], attack_options: Mapping[str, Mappin
             raise ValueError(f"unknown attack {name!r} in {what}; valid attacks: {', '.join(ATTACK_NAMES)}")
         own = options.get(name, options.get(name[5:], {})) if name.startswith("bpda-") else options.get(name, {})
         build_attack(name, norm=norm, eps=eps, **dict(own))
+
+
+def check_options_used(attack_options: Mapping[str, Mapping[str, Any]] | None, names: Sequence[str],
+                       what: str = "--attacks") -> None:
+    """A ValueError for options of an attack that does not run (``pgd.steps=3`` without ``pgd``): they would be
+    ignored, and the report would show another budget than the one asked for.  ``X`` options also serve
+    ``bpda-X`` (see :func:`options_for`)."""
+    unused = [k for k in (attack_options or {}) if k not in names and f"bpda-{k}" not in names]
+    if unused:
+        raise ValueError(f"options for {', '.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not among "
+                         f"the attacks run ({what}: {', '.join(names)}); add the attack or drop the option")

@@ -16,6 +16,7 @@ from .registry import (
     read_weights,
     register_model,
     save_checkpoint,
+    state_dict_mismatch,
     weights_sha256,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "create_model",
     "input_channels",
     "list_models",
+    "state_dict_mismatch",
     "load",
     "make_activation",
     "read_config",

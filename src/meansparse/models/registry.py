@@ -166,6 +166,29 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                          "is it truncated, or a pickle (torch.save)?") from None
 
 
+def state_dict_mismatch(e: RuntimeError, shown: int = 3) -> str:
+    """``load_state_dict``'s error in one complete line: each kind of problem (missing keys, unexpected keys,
+    shape mismatches) with its first few entries and how many more, never cut off mid-sentence."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    if not lines:
+        return str(e).strip()
+    parts, sizes = [], []
+    for line in lines:
+        head, sep, rest = line.partition(": ")
+        if head.startswith(("Missing key", "Unexpected key")) and sep:
+            keys = [k.strip().strip('"') for k in rest.rstrip(".").split(", ") if k.strip()]
+            more = f" … {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{head.lower()}: {', '.join(keys[:shown])}{more}")
+        elif line.startswith("size mismatch"):
+            sizes.append(line.rstrip("."))
+        else:
+            parts.append(line.rstrip("."))
+    if sizes:
+        more = f" (… {len(sizes) - shown} more size mismatches)" if len(sizes) > shown else ""
+        parts.append("; ".join(sizes[:shown]) + more)
+    return "; ".join(parts)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from `save_checkpoint` output: eval mode, inputs in [0, 1]. A recorded weights hash
     is verified (checkpoints written before hashes were recorded load unverified)."""
@@ -191,7 +214,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise ValueError(f"{weights} does not fit the architecture in {meta.name} ({config['model']}, "
-                         f"{config['model_kwargs']}): {first}") from None
+                         f"{config['model_kwargs']}): {state_dict_mismatch(e)}") from None
     return model.to(device).eval()
