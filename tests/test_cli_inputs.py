@@ -330,3 +330,12 @@ def test_a_huge_seed_is_refused_by_name_and_sweep_help_lists_only_its_options(ca
     assert rc == 2 and "argument --seed: must be below 2**63" in err, err
     rc, out, _ = cli(capsys, "sweep", "--help")
     assert rc == 0 and "--sweep-attacks" in out and "--n-test" not in out and "--attacks " not in out
+
+
+def test_sweep_and_demo_check_the_datas_classes_too(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m", normalization="none", dataset="custom")
+    tree = _cifar_like_tree(tmp_path / "cats", ("cat",), split="train")
+    _cifar_like_tree(tmp_path / "cats", ("cat",), split="test")
+    rc, _, err = cli(capsys, "sweep", "--model", ckpt, "--data", tree, "--n-holdout", 1, "--quiet",
+                     "--out", tmp_path / "s")
+    one_line_error(rc, err, "sweep", "1 classes (cat)", "10 logits", "--allow-class-mismatch")

@@ -22,7 +22,7 @@ from .._utils import writable_dir as _writable_dir
 from ..data import first_images
 from ..evaluation import check_attack_names
 from ..evaluation.validation import check_options_used
-from ..models import check_input_shape, checkpoint_paths, read_config
+from ..models import CLASS_ADVICE, check_input_shape, checkpoint_paths, class_mismatch, probe_model, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "check_not_input",
     "clamp_count",
     "check_data_fits",
-    "probe_model",
     "check_classes",
     "add_class_mismatch_arg",
     "checkpoint_config",
@@ -316,72 +315,21 @@ def check_data_fits(model: torch.nn.Module, data: Any, data_name: str, config: M
         check_classes(data, data_name, logits, config, args)
 
 
-def probe_model(model: torch.nn.Module, x: torch.Tensor, spec: str, source: str) -> int:
-    """Run the model twice on ``x`` in eval mode and return its number of logits; a ValueError when its
-    forward fails, returns something else than one logits row per image, or is not deterministic (active
-    dropout or other randomness: every attack and every statistic would measure noise)."""
-    was = model.training
-    model.eval()
-    try:
-        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-        with torch.no_grad():
-            try:
-                first, second = model(x.to(device)), model(x.to(device))
-            except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
-                raise ValueError(f"{spec}: the model's forward fails on images of {source} "
-                                 f"({type(e).__name__}: {_first_line(e)})") from e
-    finally:
-        model.train(was)
-    if not isinstance(first, torch.Tensor):
-        raise ValueError(f"{spec}: the model returns a {type(first).__name__}, not a logits tensor; wrap it so "
-                         "that forward returns the (N, classes) logits")
-    if first.ndim != 2 or first.shape[0] != x.shape[0] or not first.is_floating_point():
-        raise ValueError(f"{spec}: the model returns a {first.dtype} tensor of shape {tuple(first.shape)} for "
-                         f"{x.shape[0]} images; expected float logits of shape ({x.shape[0]}, classes)")
-    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5, equal_nan=True):  # GPU kernels: float noise only
-        raise ValueError(f"{spec}: the model is not deterministic in eval mode (two forward passes on the same "
-                         "images differ: an active dropout or other randomness?); attacks and calibration need "
-                         "a deterministic model")
-    return int(first.shape[1])
-
-
-def _first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-
-
 def check_classes(data: Any, data_name: str, logits: int, config: Mapping[str, Any] | None,
                   args: argparse.Namespace) -> None:
-    """The data's classes are the model's: as many as its logits, and the names the checkpoint recorded
-    (``classes``; a robustbench CIFAR-10 model's are known).  Labels are class positions, so a folder holding
-    some classes only (or others) would be scored against the wrong logits: an error, or with
-    ``--allow-class-mismatch`` a warning naming both sides."""
-    classes = [str(c) for c in (getattr(data, "classes", None) or [])]
-    count = len(classes) or int(getattr(data, "num_classes", 0) or 0)
+    """The data's classes are the model's (:func:`meansparse.models.class_mismatch`; a robustbench CIFAR-10
+    model's classes are known): an error, or with ``--allow-class-mismatch`` a warning naming both sides."""
     recorded = (config or {}).get("classes")
     if recorded is None and str(args.checkpoint).startswith("robustbench:"):
         recorded = KNOWN_CLASSES.get(getattr(args, "dataset", ""))
-    problem = None
-    if count and count != logits:
-        problem = (f"--data {data_name} has {count} classes ({_names(classes)}) but {args.checkpoint} has {logits} "
-                   "logits")
-    elif recorded and classes and [str(c) for c in recorded] != classes:
-        problem = (f"--data {data_name} has the classes {_names(classes)} but {args.checkpoint} was trained on "
-                   f"{_names(recorded)}")
+    problem = class_mismatch(data, f"--data {data_name}", logits, recorded, str(args.checkpoint))
     if problem is None:
         return
     if getattr(args, "allow_class_mismatch", False):
         warnings.warn(f"{problem}; labels are class positions, so scores may be against the wrong logits "
                       "(--allow-class-mismatch)", stacklevel=2)
         return
-    raise ValueError(f"{problem}: labels are class positions (sorted folder names), so they would be scored "
-                     "against the wrong logits; give the data set the model was trained on (missing classes can "
-                     "be empty folders), or pass --allow-class-mismatch to go on with a warning")
-
-
-def _names(classes: Sequence[Any], shown: int = 4) -> str:
-    """A few class names, and how many more."""
-    head = ", ".join(map(str, classes[:shown]))
-    return head + (f", … {len(classes) - shown} more" if len(classes) > shown else "") if classes else "unnamed"
+    raise ValueError(f"{problem}: {CLASS_ADVICE}, or pass --allow-class-mismatch to go on with a warning")
 
 
 def add_class_mismatch_arg(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from ..search import DEFAULT_SEARCH_ATTACKS
 from ..zoo.spec import SPEC_HELP
 from .common import (
     HelpFormatter,
+    add_class_mismatch_arg,
     add_fuse_args,
     add_model_spec_args,
     add_preset_arg,
@@ -77,6 +78,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_fuse_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     add_stream_args(p)
+    add_class_mismatch_arg(p)
     add_split_args(p)
     p.add_argument("--out", required=True, help="report directory")
 
@@ -129,7 +131,8 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                          dataset=args.dataset, threat_model=args.threat_model, weights=args.weights,
                          pretrained=args.pretrained, preset=preset_of(args),
                          workers=args.workers, preprocessing=resolve_preprocessing(args, args.model),
-                         train_split=args.train_split, test_split=args.test_split)
+                         train_split=args.train_split, test_split=args.test_split,
+                         allow_class_mismatch=args.allow_class_mismatch)
     if args.alphas is not None:
         cfg.alphas = tuple(parse_alphas(args.alphas))
     if args.attacks is not None:
