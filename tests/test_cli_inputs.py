@@ -225,7 +225,7 @@ def test_a_worker_error_is_the_workers_one_line(tmp_path, capsys):
                      "--workers", 2, "--batch-size", 2,
                      "--device", "cpu", "--no-progress", "--out", tmp_path / "s.safetensors")
     last = one_line_error(rc, err, "calibrate", "c/0.png", "cannot decode")
-    assert "DataLoader" not in last and "File " not in last
+    assert "DataLoader" not in last and "File " not in last and "_io.BytesIO" not in last
 
 
 def _three_class_checkpoint(path: Path) -> Path:

@@ -231,6 +231,15 @@ def _describe(plan: dict[str, Any]) -> str:
     return f"{images} images in batches of {size}{cap}"
 
 
+def _stop_workers(items: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now.  After an error torch's re-raise leaves the iterator
+    in a reference cycle, and when the garbage collector finally ends it the workers no longer get the stop
+    message and each is waited for 5 s: the caller (a test, a notebook) would stall ten seconds."""
+    stop = getattr(items, "_shutdown_workers", None)
+    if callable(stop):
+        stop()
+
+
 def _save_progress(resume: _Progress, cause: BaseException) -> None:
     """Save progress after ``cause`` stopped the pass; a failing write (a full disk) must not hide ``cause``."""
     try:
@@ -315,6 +324,7 @@ def calibrate(
     bar = _progress(progress, _total(loader, max_batches))
     batches = images = 0
     input_shape = None
+    items = None
     try:
         model.eval()
         for op in ops:
@@ -326,7 +336,8 @@ def calibrate(
                 bar.update(images)
         start = time.perf_counter()
         with torch.no_grad():
-            for i, batch in enumerate(loader):
+            items = iter(loader)
+            for i, batch in enumerate(items):
                 x = _inputs(batch)
                 if resume is not None and i < resume.batches:  # folded in before the interruption
                     resume.check_skipped(x, i)
@@ -387,6 +398,7 @@ def calibrate(
             _save_progress(resume, e)  # nothing folded in so far is lost: a later call continues from here
         raise
     finally:
+        _stop_workers(items)
         if bar is not None:
             bar.close()
         for op, obs in zip(ops, previous, strict=True):

@@ -127,7 +127,8 @@ class ImageStream(Dataset):
         try:
             x = decode_image(data, self.preprocessing)
         except Exception as e:  # a corrupt file names itself instead of failing somewhere in a worker
-            raise ValueError(f"{self.source}: cannot decode {self.names[i]!r}: {e}") from e
+            why = str(e).split(" <_io.")[0]  # PIL names the in-memory buffer, not the file
+            raise ValueError(f"{self.source}: cannot decode {self.names[i]!r}: {type(e).__name__}: {why}") from e
         return x, int(self._labels[i])
 
     def _read(self, i: int) -> bytes:
