@@ -6,7 +6,8 @@ tar archive laid out the same way.  Both are ``torch.utils.data.Dataset``\\ s re
 processes decodes in parallel and memory holds only the batches in flight, however many images there are.
 
 Order and labels follow :func:`~meansparse.data.load_jpeg_archive` / :func:`~meansparse.data.load_image_folder`:
-classes are the sorted class-folder names (label = position), images sorted by path within a class; so index
+classes are the sorted class-folder names (label = position; an empty class folder is a class too, in a folder
+tree and in an archive alike, so it shifts no label), images sorted by path within a class; so index
 ``i`` of a stream is image ``i`` of the in-memory set, and ``sample(n, seed)`` / ``subset`` / ``holdout_split``
 / ``distributed.shard`` pick the same images from either.
 
