@@ -8,6 +8,7 @@ from torch import nn
 
 import meansparse as ms
 from meansparse import Moments
+from meansparse.data import Batches, ImageSet
 
 
 def captured_reference(model, batches):
@@ -200,7 +201,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_statistics(build_model, 
     assert state.exists() and not any(op.calibrated for op in ms.operators(model))  # progress kept, nothing set
     # a different loader (other order) is refused, and the file kept
     with pytest.raises(ValueError, match="not the batch the interrupted calibration ended with"):
-        ms.calibrate(model, batches[::-1], progress=False, state_path=state)
+        ms.calibrate(model, batches[:3] + batches[3:5][::-1] + batches[5:], progress=False, state_path=state)
     assert state.exists()
     ms.calibrate(model, batches, progress=False, state_path=state)
     assert not state.exists()  # done: removed
@@ -228,3 +229,31 @@ def test_a_bad_batch_keeps_the_batches_before_it(build_model, tmp_path):
         ms.calibrate(model, _interrupted(batches, 2), progress=False, state_path=state)
     with pytest.raises(ValueError, match="other MeanSparse sites"):
         ms.calibrate(other, batches, progress=False, state_path=state)
+
+
+def test_progress_of_another_model_data_or_batching_is_refused(build_model, tmp_path):
+    """Issue #22.1: a progress file resumes only onto the model (weights hash), sites, data and batch settings
+    it was measured with; anything else is refused and the file kept (the statistics would be mixed)."""
+    torch.manual_seed(0)
+    batches = [torch.rand(8, 3, 16, 16) for _ in range(4)]
+    state = tmp_path / "calibration.partial"
+    model_a = ms.prepare(build_model("resnet18"), example_inputs=batches[0][:2])
+    with pytest.raises(KeyboardInterrupt):
+        ms.calibrate(model_a, _interrupted(batches, 2), progress=False, state_path=state)
+    model_b = ms.prepare(build_model("resnet18"), example_inputs=batches[0][:2])
+    with torch.no_grad():
+        next(model_b.parameters()).add_(0.01)  # same architecture and sites, other weights
+    with pytest.raises(ValueError, match="another model"):
+        ms.calibrate(model_b, batches, progress=False, state_path=state)
+    other_data = [torch.rand(8, 3, 16, 16) for _ in range(4)]
+    with pytest.raises(ValueError, match="batch 0 is not the first batch"):
+        ms.calibrate(model_a, other_data, progress=False, state_path=state)
+    with pytest.raises(ValueError, match="other batch settings"):
+        ms.calibrate(model_a, Batches(ImageSet(torch.zeros(32, 3, 16, 16, dtype=torch.uint8),
+                                               torch.zeros(32, dtype=torch.long)), 16),
+                     progress=False, state_path=state)
+    with pytest.raises(ValueError, match="other batch settings"):
+        ms.calibrate(model_a, batches, progress=False, state_path=state, max_batches=3)
+    assert state.exists() and not any(op.calibrated for op in ms.operators(model_b))
+    ms.calibrate(model_a, batches, progress=False, state_path=state)  # the right call still resumes
+    assert not state.exists()

@@ -90,10 +90,15 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def fake_cifar(tmp_path, monkeypatch):
-    """A six-image-per-split CIFAR-shaped JPEG archive standing in for cifar10-jpg."""
+    """A six-image-per-split CIFAR-shaped JPEG archive standing in for cifar10-jpg (the other eight CIFAR-10
+    classes are empty folders, so that the labels are CIFAR-10's)."""
     archive = tmp_path / "cifar10-jpg.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for split in ("train", "test"):
+            for cls in ("bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+                folder = tarfile.TarInfo(f"{split}/{cls}")
+                folder.type = tarfile.DIRTYPE
+                tar.addfile(folder)
             for c, cls in enumerate(("airplane", "automobile")):
                 for i in range(3):
                     buf = io.BytesIO()
@@ -503,7 +508,7 @@ def test_every_option_has_help_with_its_default():
     for name, p in sub.choices.items():
         assert p.formatter_class is HelpFormatter or name == "models", name
         for action in p._actions:
-            if isinstance(action, argparse._HelpAction):
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:  # hidden: refused
                 continue
             assert action.help, f"{name} {action.option_strings} has no help"
             shown = p._get_formatter()._get_help_string(action)

@@ -26,10 +26,10 @@ def setup(tmp_path):
     tree = make_tree(tmp_path / "tree", per_class=6)
     tar = make_tar(tree, tmp_path / "data.tar")
     torch.manual_seed(0)
-    net = create_model("small_cnn", width=4).eval()
+    net = create_model("small_cnn", width=4, num_classes=3).eval()  # the tree's three classes
     with torch.no_grad():  # random weights, but class 0 ("cat", a third of the images) mostly wins: examples to attack
         [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1].bias[0] += 2.0
-    save_checkpoint(net, tmp_path / "ckpt", {"model": "small_cnn", "model_kwargs": {"width": 4}})
+    save_checkpoint(net, tmp_path / "ckpt", {"model": "small_cnn", "model_kwargs": {"width": 4, "num_classes": 3}})
     return tree, tar, str(tmp_path / "ckpt.safetensors")
 
 

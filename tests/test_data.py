@@ -200,3 +200,24 @@ def test_sample_is_unbiased_deterministic_and_prefix_safe():
     _, hold = holdout_split(data, 200, seed=0)
     assert hold.head(50).labels.unique().numel() >= 5
     assert len(data.sample(None)) == len(data)
+
+
+def test_in_memory_archives_keep_empty_classes_and_refuse_truncation(tmp_path):
+    """Issue #22.2 / #22.4 for the in-memory loader: an empty class folder is a class (labels as in the
+    streamed folder), a truncated archive an error naming it."""
+    tree = tmp_path / "tree"
+    _make_tree(tree, classes=("cat", "dog"))
+    (tree / "test" / "bird").mkdir()
+    archive = tmp_path / "tiny.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree / "train", arcname="train")
+        tar.add(tree / "test", arcname="test")
+    for source in (tree, archive):
+        data = load_jpeg_archive(source, "test")
+        assert data.classes == ["bird", "cat", "dog"] and data.labels.tolist() == [1, 1, 1, 2, 2, 2]
+    with tarfile.open(archive) as tar:
+        end = max(-(-(m.offset_data + m.size) // 512) * 512 for m in tar.getmembers())
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[:end])
+    with pytest.raises(ValueError, match="cut.tar.*truncated"):
+        load_jpeg_archive(cut, "test")

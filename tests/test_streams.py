@@ -4,6 +4,7 @@ stream equals calibration over the same images in memory."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -262,3 +263,34 @@ def test_calibration_over_a_stream_equals_calibration_in_memory(build_model, tre
     for (m1, v1), (m2, v2) in zip(in_memory, stats(loader(ds, 7)), strict=True):
         torch.testing.assert_close(m2, m1, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(v2, v1, rtol=1e-6, atol=1e-7)
+
+
+def test_an_empty_class_folder_keeps_the_labels_in_an_archive_as_in_a_folder(tmp_path):
+    """Issue #22.2: classes come from one rule for folders and archives: an empty class folder is a class
+    (dropping it would shift every later label)."""
+    root = make_tree(tmp_path / "tree", per_class=2, splits=("test",))
+    (root / "test" / "bird").mkdir()  # sorts first: every label would shift by one
+    folder = ImageFolderDataset(root, "test")
+    for archive in (make_tar(root, tmp_path / "t.tar"), make_tar(root, tmp_path / "t.tgz", "w:gz")):
+        ds = TarDataset(archive, "test")
+        assert ds.classes == folder.classes == ["bird", *CLASSES]
+        assert torch.equal(ds.labels, folder.labels) and torch.equal(stack(ds), stack(folder))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_truncated_archive_is_an_error_naming_it(tree, tmp_path, compressed):
+    """Issue #22.4: an archive cut at a 512-byte block boundary (or anywhere) is an error, never the images
+    before the cut read as the whole set."""
+    with tarfile.open(make_tar(tree, tmp_path / "whole.tar")) as tar:
+        ends = [-(-(m.offset_data + m.size) // 512) * 512 for m in tar.getmembers() if m.isfile()]
+    whole = (tmp_path / "whole.tar").read_bytes()
+    cuts = [ends[len(ends) // 2], ends[-1], ends[-1] - 512]  # after a member, before the end marker, mid-member
+    for k, cut in enumerate(cuts):
+        path = tmp_path / f"cut{k}.tar"
+        data = whole[:cut]
+        if compressed:
+            path, data = tmp_path / f"cut{k}.tar.gz", gzip.compress(data)
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{path.name}.*(truncated|not a readable)"):
+            TarDataset(path, "train")
+    assert len(TarDataset(tmp_path / "whole.tar", "train")) == 12  # the whole archive still reads

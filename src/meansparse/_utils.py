@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 __all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
            "is_compiling", "tensors_sha256", "writable_dir", "atomic_path",
-           "frozen_parameters"]
+           "frozen_parameters", "WriteError", "writing"]
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -140,6 +140,27 @@ def atomic_path(path: str | os.PathLike, tmp_name: str | None = None) -> Iterato
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class WriteError(OSError):
+    """A result that could not be written (a full disk, a quota, an I/O error): one error type whatever the
+    writer (``torch.save`` reports a failed write as RuntimeError, safetensors as its own error type), so a
+    caller can say what it kept."""
+
+
+@contextmanager
+def writing(path: str | os.PathLike, kept: str = "") -> Iterator[None]:
+    """Turn an error raised by the writer in the block into a :class:`WriteError` naming ``path`` and, when
+    given, what was kept instead (``kept``).  Wrap only the write itself: every error there is a write error."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - writers report a full disk as OSError, RuntimeError or their own type
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e)
+                  else type(e).__name__)
+        raise WriteError(getattr(e, "errno", None), f"cannot write {path}: {reason}"
+                         + (f"; {kept}" if kept else "")) from e
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, model_device, tensors_sha256
+from ._utils import atomic_path, model_device, tensors_sha256, writing
 from .core import MeanSparse, Moments, operators
 from .placement import get_record
 
@@ -110,53 +110,97 @@ def _dist_sum(value: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- resuming
-_FORMAT = "meansparse-calibration-progress-1"
+_FORMAT = "meansparse-calibration-progress-2"
+
+
+def _model_sha256(model: nn.Module) -> str:
+    """sha256 of the model's own tensors (the operators' buffers left out: they change while calibrating), so
+    progress is only ever resumed onto the model it was measured on."""
+    skip = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MeanSparse) and name)
+    return tensors_sha256(("", t) for k, t in model.state_dict().items() if not k.startswith(skip))
+
+
+def _plan(loader: Any, max_batches: int | None) -> dict[str, Any]:
+    """The batch settings a resume must share: images in the pass, the batch size and ``max_batches``."""
+    size = getattr(loader, "batch_size", None)
+    return {"images": _total(loader, max_batches), "batch_size": size if isinstance(size, int) else None,
+            "max_batches": max_batches}
 
 
 class _Progress:
     """What a resumable pass has folded so far: per-site (count, mean, M2) as of the last completed batch, how
-    many batches and images that is, and a fingerprint of that batch (checked when a later call re-reads it)."""
+    many batches and images that is, and what it belongs to (the model's weights hash, the sites, the batch
+    settings, fingerprints of the first and the last batch), all checked before a later call continues it."""
 
-    def __init__(self, path: Path, ops: list[MeanSparse]) -> None:
+    def __init__(self, path: Path, ops: list[MeanSparse], model_hash: str, plan: dict[str, Any]) -> None:
         self.path, self.ops = path, ops
         self.names = [op.name for op in ops]
+        self.model_hash, self.plan = model_hash, plan
         self.batches = self.images = 0
         self.snapshot: dict[str, Tensor] = {}
         self.last_input: Tensor | None = None
         self.fingerprint: str | None = None
+        self.first: str | None = None
+
+    def _refuse(self, why: str) -> None:
+        raise ValueError(f"{self.path}: {why}; resuming would mix its statistics into this pass: remove the file "
+                         "to start over (or rerun with the settings it was written with)")
 
     def load(self, device: torch.device | None) -> None:
-        """Restore the observers from a file left by an interrupted pass, if there is one."""
+        """Restore the observers from a file left by an interrupted pass, if there is one and it belongs to
+        this model, these sites and these batch settings (else a ValueError naming what differs)."""
         if not self.path.exists():
             return
         from safetensors import safe_open
 
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{self.path} is not a meansparse calibration progress file; remove it to start "
-                                 "over")
-            if json.loads(meta["sites"]) != self.names:
-                raise ValueError(f"{self.path} holds calibration progress for other MeanSparse sites than this "
-                                 "model's; remove it to start over")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+            raise ValueError(f"{self.path} is not a readable calibration progress file ({e}); remove it to start "
+                             "over") from None
+        self._check(meta)
         for i, op in enumerate(self.ops):
             if f"{i}.count" in tensors:
                 op.observer = Moments.from_stats(*(tensors[f"{i}.{k}"].to(device) if device is not None else
                                                    tensors[f"{i}.{k}"] for k in ("count", "mean", "m2")))
         self.batches, self.images = int(meta["batches"]), int(meta["images"])
-        self.fingerprint = meta["fingerprint"]
+        self.fingerprint, self.first = meta["fingerprint"], meta["first"]
         self.snapshot = tensors
 
+    def _check(self, meta: dict[str, str]) -> None:
+        """The file's model, sites and batch settings are this call's."""
+        if meta.get("format") != _FORMAT:
+            self._refuse("not a calibration progress file of this meansparse version (it does not record which "
+                         "model and data it belongs to)")
+        if json.loads(meta["sites"]) != self.names:
+            self._refuse("holds calibration progress for other MeanSparse sites than this model's")
+        if meta["model"] != self.model_hash:
+            self._refuse(f"holds calibration progress of another model (weights sha256 {meta['model'][:12]}… in "
+                         f"the file, {self.model_hash[:12]}… here)")
+        saved = json.loads(meta["plan"])
+        if saved != self.plan:
+            self._refuse(f"was written for other batch settings ({_describe(saved)}; this call: "
+                         f"{_describe(self.plan)})")
+
     def check_skipped(self, x: Any, i: int) -> None:
-        """Batch ``i`` < the saved count is skipped; the last of them must be the batch the file ends with."""
-        if i == self.batches - 1 and isinstance(x, Tensor) and _fingerprint(x) != self.fingerprint:
+        """Batch ``i`` < the saved count is skipped; the first and the last of them must be the batches the file
+        was measured on (other data, another sample or another order is refused)."""
+        if not isinstance(x, Tensor):
+            return
+        if i == 0 and self.first and _fingerprint(x) != self.first:
+            raise ValueError(f"{self.path}: batch 0 is not the first batch of the interrupted calibration (other "
+                             "data, another sample or another order); remove the file to start over")
+        if i == self.batches - 1 and _fingerprint(x) != self.fingerprint:
             raise ValueError(f"{self.path}: batch {i} is not the batch the interrupted calibration ended with; "
                              "the loader must yield the same batches in the same order to resume (no shuffling), "
                              "or remove the file to start over")
 
     def completed(self, x: Any, n: int) -> None:
         """Batch done and checked: remember the observers' state as of now (O(channels) per site)."""
+        if self.batches == 0 and isinstance(x, Tensor):
+            self.first = _fingerprint(x)
         self.batches += 1
         self.images += n
         self.last_input = x if isinstance(x, Tensor) else None
@@ -172,10 +216,36 @@ class _Progress:
         if self.last_input is not None:
             self.fingerprint = _fingerprint(self.last_input)
         meta = {"format": _FORMAT, "sites": json.dumps(self.names), "batches": str(self.batches),
-                "images": str(self.images), "fingerprint": self.fingerprint or ""}
+                "images": str(self.images), "fingerprint": self.fingerprint or "", "first": self.first or "",
+                "model": self.model_hash, "plan": json.dumps(self.plan, sort_keys=True)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
+        with writing(self.path, "the previous progress file, if any, is kept"), atomic_path(self.path) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in self.snapshot.items()}, str(tmp), metadata=meta)
+
+
+def _describe(plan: dict[str, Any]) -> str:
+    """Batch settings in words."""
+    images = "an unknown number of" if plan.get("images") is None else plan["images"]
+    size = plan.get("batch_size") or "?"
+    cap = f", at most {plan['max_batches']} batches" if plan.get("max_batches") else ""
+    return f"{images} images in batches of {size}{cap}"
+
+
+def _stop_workers(items: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now.  After an error torch's re-raise leaves the iterator
+    in a reference cycle, and when the garbage collector finally ends it the workers no longer get the stop
+    message and each is waited for 5 s: the caller (a test, a notebook) would stall ten seconds."""
+    stop = getattr(items, "_shutdown_workers", None)
+    if callable(stop):
+        stop()
+
+
+def _save_progress(resume: _Progress, cause: BaseException) -> None:
+    """Save progress after ``cause`` stopped the pass; a failing write (a full disk) must not hide ``cause``."""
+    try:
+        resume.save()
+    except OSError as e:
+        cause.add_note(str(e.strerror or e))
 
 
 def _fingerprint(x: Tensor) -> str:
@@ -208,6 +278,7 @@ def calibrate(
     check_inputs: bool = True,
     state_path: str | os.PathLike | None = None,
     save_every: int = 50,
+    keep_state: bool = False,
 ) -> nn.Module:
     """Measure exact per-channel mean/var (ddof=0) of every operator input in one pass over ``loader``.
 
@@ -225,7 +296,9 @@ def calibrate(
     same model, the same loader (same batches, same order: the last saved batch is checked) and the same
     ``state_path`` skips the saved batches and continues, with the statistics of one uninterrupted pass (the
     same float64 merges in the same order; bit for bit in the tests).  The file is removed once calibration
-    succeeds.  Not under torch.distributed.
+    succeeds, unless ``keep_state``: then it is updated to hold the whole pass, for a caller that removes it
+    only after writing its own result (a failed write then loses nothing: a rerun skips every batch).  Not
+    under torch.distributed.
     """
     ops: list[MeanSparse] = operators(model)
     if not ops:
@@ -244,13 +317,14 @@ def calibrate(
             raise ValueError("calibrate: state_path (resuming) is not supported under torch.distributed")
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        resume = _Progress(Path(state_path), ops)
+        resume = _Progress(Path(state_path), ops, _model_sha256(model), _plan(loader, max_batches))
 
     modes = [(m, m.training) for m in model.modules()]
     previous = [op.observer for op in ops]
     bar = _progress(progress, _total(loader, max_batches))
     batches = images = 0
     input_shape = None
+    items = None
     try:
         model.eval()
         for op in ops:
@@ -262,7 +336,8 @@ def calibrate(
                 bar.update(images)
         start = time.perf_counter()
         with torch.no_grad():
-            for i, batch in enumerate(loader):
+            items = iter(loader)
+            for i, batch in enumerate(items):
                 x = _inputs(batch)
                 if resume is not None and i < resume.batches:  # folded in before the interruption
                     resume.check_skipped(x, i)
@@ -314,13 +389,16 @@ def calibrate(
             rec.config["input_shape"] = input_shape
         if bar is not None and elapsed > 0:
             bar.set_postfix(images_per_s=f"{images / elapsed:.1f}", batches=batches)
-        if resume is not None and resume.path.exists():
+        if resume is not None and keep_state:
+            resume.save()  # the whole pass: the caller removes it once its own result is written
+        elif resume is not None and resume.path.exists():
             resume.path.unlink()
-    except BaseException:
+    except BaseException as e:
         if resume is not None and resume.batches and resume.snapshot:
-            resume.save()  # nothing folded in so far is lost: a later call continues from here
+            _save_progress(resume, e)  # nothing folded in so far is lost: a later call continues from here
         raise
     finally:
+        _stop_workers(items)
         if bar is not None:
             bar.close()
         for op, obs in zip(ops, previous, strict=True):

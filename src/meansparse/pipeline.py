@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,9 @@ from .evaluation.budget import estimated_passes
 from .evaluation.hashing import config_hash
 from .evaluation.ladder import Ladder
 from .evaluation.report import operator_path
+from .evaluation.validation import check_options_used
 from .fastpath import attack_objects, plan_fusion
-from .models import check_input_shape, checkpoint_paths, read_config
+from .models import CLASS_ADVICE, check_input_shape, checkpoint_paths, class_mismatch, probe_model, read_config
 from .models import load as load_checkpoint
 from .placement import find_prepared, prepare, remove, set_alpha, sites
 from .plots import plot_alpha_curve, plot_feature_histogram
@@ -81,6 +83,7 @@ class PipelineConfig:
     preprocessing: str | None = None  # RobustBench preprocessing name of a streamed data path (None: ToTensor)
     train_split: str = "train"        # splits of a data path ("val" for an ImageNet-style tree)
     test_split: str = "test"
+    allow_class_mismatch: bool = False  # data whose classes are not the model's: a warning instead of an error
 
 
 def _count(cfg: PipelineConfig, name: str, optional: bool = False) -> None:
@@ -113,6 +116,8 @@ def check_config(cfg: PipelineConfig, out: str | Path, *, test_evaluation: bool 
                        what="the sweep attacks (--sweep-attacks)")
     if test_evaluation:
         check_attack_names(cfg.attacks, cfg.attack_options, norm=cfg.norm, eps=eps, what="the attacks (--attacks)")
+    run = [*cfg.sweep_attacks, *(cfg.attacks if test_evaluation else ())]
+    check_options_used(cfg.attack_options, run, "--sweep-attacks" + (" and --attacks" if test_evaluation else ""))
     if not cfg.model and cfg.data != "digits":
         raise ValueError("--model is required for data sets other than digits (e.g. checkpoints/...)")
     return writable_dir(out, "output folder")
@@ -182,6 +187,7 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
         config = read_config(cfg.model) if checkpoint_paths(cfg.model)[1].exists() else {}
         check_input_shape(base, config, tuple(first_images(hold, 1).shape[1:]), f"--data {cfg.data}",
                           str(cfg.model))
+        _check_classes(cfg, base.to(device), hold, config)
     else:
         base = _train_digits_model(out / "model", cfg, cfg.progress)
     base = base.to(device).eval()
@@ -215,9 +221,23 @@ def _calibrated(cfg: PipelineConfig, out: Path, final: bool = False
     return base, model, fit, hold, test
 
 
+def _check_classes(cfg: PipelineConfig, base: nn.Module, data: Any, config: dict[str, Any]) -> None:
+    """The model runs on the data's images and its logits are the data's classes (an error, or a warning
+    with ``allow_class_mismatch``): labels are class positions, so other classes would be scored wrongly."""
+    logits = probe_model(base, first_images(data, 2).to(resolve_device(cfg.device)), str(cfg.model),
+                         f"--data {cfg.data}")
+    problem = class_mismatch(data, f"--data {cfg.data}", logits, config.get("classes"), str(cfg.model))
+    if problem is not None and cfg.allow_class_mismatch:
+        warnings.warn(f"{problem}; labels are class positions, so scores may be against the wrong logits "
+                      "(--allow-class-mismatch)", stacklevel=2)
+    elif problem is not None:
+        raise ValueError(f"{problem}: {CLASS_ADVICE}, or pass --allow-class-mismatch to go on with a warning")
+
+
 def _calibration_key(cfg: PipelineConfig) -> str:
     """Names an interrupted calibration's progress file: a rerun with other settings starts its own."""
-    skip = {"progress", "fuse", "fuse_decision", "workers", "attacks", "sweep_attacks", "attack_options", "alphas"}
+    skip = {"progress", "fuse", "fuse_decision", "workers", "attacks", "sweep_attacks", "attack_options", "alphas",
+            "allow_class_mismatch"}
     return config_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip})
 
 

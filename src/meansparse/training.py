@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, prog
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     full = train_data if train_data is not None else load_dataset(cfg.dataset, "train", root=cfg.data_root)
-    fit, hold = holdout_split(full, min(cfg.n_holdout, len(full) // 5), seed=cfg.seed)
+    fit, hold = holdout_split(full, _holdout_size(cfg.n_holdout, len(full)), seed=cfg.seed)
     model = build_model(cfg, full).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -235,18 +236,30 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = True, prog
         key = "holdout_clean" if cfg.method == "standard" else "holdout_pgd"
         if state["best"] is None or metrics[key] >= state["best"][key]:
             state["best"] = record
-            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record, list(full.images.shape[1:])))
+            save_checkpoint(model, out / "best", _checkpoint_config(cfg, command, record, list(full.images.shape[1:]),
+                                                                    full.classes))
         _save_state(out, model, opt, state)
     return out / "best.safetensors"
 
 
+def _holdout_size(n_holdout: int, available: int) -> int:
+    """At most a fifth of the training split is held out (the rest trains); more is clamped with a warning."""
+    cap = available // 5
+    if n_holdout > cap:
+        warnings.warn(f"n_holdout {n_holdout} is more than a fifth of the {available} training images; holding out "
+                      f"{cap}", stacklevel=3)
+        return cap
+    return n_holdout
+
+
 def _checkpoint_config(cfg: TrainConfig, command: str, record: dict[str, Any],
-                       input_shape: list[int] | None = None) -> dict[str, Any]:
+                       input_shape: list[int] | None = None, classes: list[str] | None = None) -> dict[str, Any]:
     return {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "dataset": cfg.dataset,
         "input_shape": input_shape,  # (C, H, W) of the training images: what the model takes
+        "classes": list(classes) if classes else None,  # label i is classes[i]: evaluate checks the data's
         "training": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "model_kwargs")},
         "command": command,
         "best_epoch": record,

@@ -24,6 +24,8 @@ def _run_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``meansparse`` parser with every sub-command (each sets ``func``, which runs it)."""
     parser = argparse.ArgumentParser(prog="meansparse", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (anywhere on the command line; or MEANSPARSE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     sub.add_parser("models", help="list registered architectures").set_defaults(func=_run_models)
@@ -45,19 +47,39 @@ _RESUMES = {"evaluate": "interrupted; rerun the same command to resume",
                          "in <--out>.partial; under torchrun the pass starts over)"}
 
 
+#: the exceptions a user's input causes in the ordinary course (a bad value, a file, a missing extra): their
+#: message alone is the error line; anything else is named by its type too
+_USER_ERRORS = (ValueError, OSError, ImportError)
+
+
 def _one_line(e: BaseException) -> str:
-    """The exception as one line (several lines joined; an OSError with its file)."""
+    """The exception as one line (several lines joined; an OSError with its file; a DataLoader worker's error
+    as the worker's own message, without the traceback the DataLoader wraps it in)."""
     if isinstance(e, OSError) and e.strerror:
         text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     else:
         text = str(e)
-    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and "DataLoader worker" in lines[0] and any(ln.startswith("Original Traceback") for ln in lines):
+        lines = [lines[-1].removeprefix(f"{type(e).__name__}: ")]
+    return " ".join(lines) or type(e).__name__
+
+
+def _debug(argv: list[str] | None) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (accepted anywhere, before or after the sub-command), and whether it was
+    there or ``MEANSPARSE_DEBUG`` is set."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    given = "--debug" in args
+    return [a for a in args if a != "--debug"], given or bool(os.environ.get("MEANSPARSE_DEBUG"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A user error (bad value, missing or unreadable file, unavailable device, missing
-    extra) ends with one line ``meansparse <command>: error: ...`` on stderr and exit code 2; Ctrl-C with one
-    line saying how to resume and exit code 2 as well. ``MEANSPARSE_DEBUG=1`` re-raises with the traceback."""
+    """Run one command. An error (bad value, missing or unreadable file, unavailable device, missing extra,
+    a user's model that fails) ends with one line ``meansparse <command>: error: ...`` on stderr and exit code
+    2 (an error of another type than ValueError / OSError / ImportError is named by its type); Ctrl-C with one
+    line saying how to resume and exit code 2 as well. ``--debug`` or ``MEANSPARSE_DEBUG=1`` re-raises with the
+    traceback."""
+    argv, debug = _debug(argv)
     args = build_parser().parse_args(argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -69,14 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        if os.environ.get("MEANSPARSE_DEBUG"):
+        if debug:
             raise
         print(f"\nmeansparse {args.command}: {_RESUMES.get(args.command, 'interrupted')}", file=sys.stderr)
         return INTERRUPTED
-    except (ValueError, OSError, ImportError) as e:
-        if os.environ.get("MEANSPARSE_DEBUG"):
+    except Exception as e:  # noqa: BLE001 - every error ends as one line; --debug shows the traceback
+        if debug:
             raise
-        print(f"meansparse {args.command}: error: {_one_line(e)}", file=sys.stderr)  # a sub-command is required
+        text = _one_line(e) if isinstance(e, _USER_ERRORS) else (f"{type(e).__name__}: {_one_line(e)} (--debug "
+                                                                 "shows the traceback)")
+        print(f"meansparse {args.command}: error: {text}", file=sys.stderr)  # a sub-command is required
         return 2
     finally:
         warnings.showwarning = shown

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -20,7 +21,8 @@ from .._utils import resolve_device
 from .._utils import writable_dir as _writable_dir
 from ..data import first_images
 from ..evaluation import check_attack_names
-from ..models import check_input_shape, checkpoint_paths, read_config
+from ..evaluation.validation import check_options_used
+from ..models import CLASS_ADVICE, check_input_shape, checkpoint_paths, class_mismatch, probe_model, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "parse_eps",
     "parse_options",
     "positive_int",
+    "positive_float",
+    "non_negative_float",
+    "seed_int",
     "non_negative_int",
     "comma_list",
     "parse_alphas",
@@ -48,8 +53,12 @@ __all__ = [
     "check_regexes",
     "writable_dir",
     "writable_file",
+    "input_paths",
+    "check_not_input",
     "clamp_count",
     "check_data_fits",
+    "check_classes",
+    "add_class_mismatch_arg",
     "checkpoint_config",
     "notice",
     "data_name",
@@ -119,6 +128,40 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+#: seeds torch.Generator.manual_seed takes without overflow, whatever the platform
+SEED_LIMIT = 2**63
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**63) (a larger one overflows torch's generator)."""
+    value = _int_at_least(text, 0, "an integer >= 0")
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be below 2**63 = {SEED_LIMIT}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate: nan or inf would train nothing, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a loss weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """['apgd-ce.steps=20', 'adaptive.lam=10'] -> {'apgd-ce': {'steps': 20}, 'adaptive': {'lam': 10}}."""
     out: dict[str, dict[str, Any]] = {}
@@ -157,6 +200,7 @@ def check_attacks(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]
     """Every attack name and ``--option`` checked now (nothing runs; see
     :func:`meansparse.evaluation.check_attack_names`), before any data is loaded or any model trained."""
     check_attack_names(names, options, norm=norm, eps=eps, what=flag)
+    check_options_used(options, list(names), flag)
 
 
 def check_device(name: str | None) -> str | None:
@@ -192,6 +236,49 @@ def writable_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     return out
 
 
+def input_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The files a command reads, by the option that names them: the checkpoint's weights and JSON (or a
+    ``python:`` model's source file), ``--weights``, ``--meansparse`` and a ``--data`` / ``--data-root`` path."""
+    from ..zoo.spec import parse_model_spec
+
+    found: dict[str, Path] = {}
+    spec_text = getattr(args, "checkpoint", None) or getattr(args, "model", None)
+    if spec_text:
+        try:
+            spec = parse_model_spec(spec_text)
+        except ValueError:
+            spec = None
+        if spec is not None and spec.kind == "checkpoint":
+            weights, config = checkpoint_paths(spec.name)
+            found.update({"--model (weights)": weights, "--model (config)": config})
+        elif spec is not None and spec.kind == "python":
+            found["--model (source)"] = Path(spec.name)
+    for flag in ("weights", "meansparse", "data", "data_root"):
+        value = getattr(args, flag, None)
+        if value and Path(value).exists():
+            found["--" + flag.replace("_", "-")] = Path(value)
+    return found
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (a link or another spelling included)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_not_input(out: str | os.PathLike, args: argparse.Namespace, flag: str = "--out") -> None:
+    """A ValueError when an output path is a file the command reads: writing it would overwrite
+    the model's weights, the data or the state the command loads."""
+    for source, path in input_paths(args).items():
+        if _same(Path(out), path):
+            raise ValueError(f"{flag} {out} is {source} {path}, an input of this command: writing it would "
+                             "overwrite it; choose another path")
+
+
 def notice(command: str, text: str) -> None:
     """One informational line on stderr (not an error): ``meansparse <command>: note: ...``."""
     print(f"meansparse {command}: note: {text}", file=sys.stderr)
@@ -211,11 +298,45 @@ def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_config(path) if checkpoint_paths(path)[1].exists() else {}
 
 
+#: the classes of a robustbench:<id> model by its --dataset, where RobustBench's order is known by name
+KNOWN_CLASSES = {"cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                             "truck"]}
+
+
 def check_data_fits(model: torch.nn.Module, data: Any, data_name: str, config: Mapping[str, Any] | None,
-                    checkpoint: str | os.PathLike) -> None:
-    """The images of ``--data`` (in memory or streamed: its first image) fit the model (see
-    :func:`meansparse.models.check_input_shape`)."""
-    check_input_shape(model, config, tuple(first_images(data, 1).shape[1:]), f"--data {data_name}", str(checkpoint))
+                    checkpoint: str | os.PathLike, args: argparse.Namespace | None = None) -> None:
+    """The images of ``--data`` (in memory or streamed: its first images) fit the model (see
+    :func:`meansparse.models.check_input_shape`), the model runs on them and gives the same logits twice, and
+    the data's classes are the model's (:func:`check_classes`)."""
+    x = first_images(data, 2)
+    check_input_shape(model, config, tuple(x.shape[1:]), f"--data {data_name}", str(checkpoint))
+    logits = probe_model(model, x, str(checkpoint), f"--data {data_name}")
+    if args is not None:
+        check_classes(data, data_name, logits, config, args)
+
+
+def check_classes(data: Any, data_name: str, logits: int, config: Mapping[str, Any] | None,
+                  args: argparse.Namespace) -> None:
+    """The data's classes are the model's (:func:`meansparse.models.class_mismatch`; a robustbench CIFAR-10
+    model's classes are known): an error, or with ``--allow-class-mismatch`` a warning naming both sides."""
+    recorded = (config or {}).get("classes")
+    if recorded is None and str(args.checkpoint).startswith("robustbench:"):
+        recorded = KNOWN_CLASSES.get(getattr(args, "dataset", ""))
+    problem = class_mismatch(data, f"--data {data_name}", logits, recorded, str(args.checkpoint))
+    if problem is None:
+        return
+    if getattr(args, "allow_class_mismatch", False):
+        warnings.warn(f"{problem}; labels are class positions, so scores may be against the wrong logits "
+                      "(--allow-class-mismatch)", stacklevel=2)
+        return
+    raise ValueError(f"{problem}: {CLASS_ADVICE}, or pass --allow-class-mismatch to go on with a warning")
+
+
+def add_class_mismatch_arg(p: argparse.ArgumentParser) -> None:
+    """``--allow-class-mismatch``: classes of --data that are not the model's warn instead of failing."""
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="go on (with a warning naming both sides) when --data's classes differ from the model's "
+                        "(their number of logits, or the classes its checkpoint recorded)")
 
 
 def comma_list(text: str) -> list[str]:

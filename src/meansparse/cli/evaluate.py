@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .._utils import WriteError, atomic_path, writing
 from ..core import operators
-from ..data import as_xy
+from ..data import SPLIT_NAMES, as_xy
 from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
+from ..evaluation.adversarial import TENSOR_FILE as ADVERSARIAL_TENSOR
 from ..fastpath import evaluate
 from ..placement import set_alpha
 from ..serialization import load as load_state
 from .common import (
     add_checkpoint_arg,
+    add_class_mismatch_arg,
     add_data_args,
     add_device_arg,
     add_fuse_args,
@@ -32,6 +39,7 @@ from .common import (
     check_attacks,
     check_data_fits,
     check_device,
+    check_not_input,
     checkpoint_config,
     clamp_count,
     comma_list,
@@ -44,11 +52,15 @@ from .common import (
     parse_options,
     positive_int,
     resolve_preprocessing,
+    seed_int,
     writable_dir,
     writable_file,
 )
 
-__all__ = ["add_evaluate_parser", "run_evaluate"]
+__all__ = ["add_evaluate_parser", "run_evaluate", "OUTPUT_FILES"]
+
+#: the files evaluate writes into --out (besides the resume file)
+OUTPUT_FILES = ("report.json", "report.md", ADVERSARIAL_TENSOR, ADVERSARIAL_INDEX)
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -66,7 +78,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="set every operator's alpha (after --meansparse; default: as stored in the state)")
     add_data_args(p)
     add_stream_args(p)
-    p.add_argument("--split", default="test", choices=["train", "test", "val"], help="split to evaluate on")
+    add_class_mismatch_arg(p)
+    p.add_argument("--split", default="test", choices=SPLIT_NAMES,
+                   help="split to evaluate on")
     p.add_argument("--n-examples", type=positive_int, default=1000,
                    help="N examples drawn at random (--seed) from the split; more than the split holds is clamped")
     p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (Linf) or 0.5 (L2); default 8/255")
@@ -83,7 +97,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                       help="each attack only sees examples still robust (AutoAttack style, cheaper; default above "
                            "1000 examples)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per attacked batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of every attack batch")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sample and of every attack batch")
     add_device_arg(p)
     add_fuse_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
@@ -134,9 +148,19 @@ def _check_args(args: argparse.Namespace, main: bool) -> Path | None:
         raise ValueError(f"--alpha must be a finite number >= 0, got {args.alpha}")
     out = writable_dir(args.out) if main else Path(args.out)
     state = None if args.no_resume else Path(args.state) if args.state else out / "state.json"
+    outputs = [out / f for f in OUTPUT_FILES]
+    for path in outputs + ([state] if state is not None else []):
+        check_not_input(path, args, "--state" if path == state else "--out")
+    if state is not None and any(_same_path(state, o) for o in outputs):
+        raise ValueError(f"--state {state} is one of the files evaluate writes into --out ({', '.join(OUTPUT_FILES)}"
+                         "): the report would overwrite the resume file; choose another path")
     if state is not None and main:
         writable_file(state, "--state")
     return state
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -152,41 +176,89 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     out = Path(args.out)
     state = _check_args(args, main)
-    attacks = comma_list(args.attacks)
     base, model = _load_model(args, device)
     config = checkpoint_config(args.checkpoint)
     name = data_name(args, config)
     data, indices, available = _load_data(args, name)
-    check_data_fits(base, data, name, config, args.checkpoint)
+    check_data_fits(base, data, name, config, args.checkpoint, args)
     if args.data is None and main:
         notice("evaluate", f"--data {name} (the data set recorded in {args.checkpoint})")
     x, y = as_xy(data)
-    report = evaluate(model, x, y, fuse="auto" if args.fuse is None else args.fuse,
-                      norm=args.norm, eps=args.eps, attacks=attacks, batch_size=args.batch_size, seed=args.seed,
-                      state_path=state, progress=not args.no_progress, device=device, individual=args.individual,
-                      attack_options=parse_options(args.option), sanity=args.sanity, workers=args.workers,
-                      ladder=not args.single_rung, indicators=not args.no_indicators,
-                      adversarial_dir=out if args.save_adversarial else None,
-                      announce=lambda d: main and print(f"meansparse evaluate: {d.path}: {d.reason}",
-                                                        file=sys.stderr))
-    report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
-                                  "alpha": args.alpha, "data": name, "split": args.split,
-                                  "alphas": sorted({op.alpha_value for op in operators(model)})}
-    if y is None:  # streamed: what the images went through matters
-        report.metadata["command"]["preprocessing"] = resolve_preprocessing(args, args.checkpoint)
-    report.metadata["data"] = {"name": name, "split": args.split, "n": len(data), "of": available,
-                               "seed": args.seed}
+    with _kept_on_write_error(state):
+        report = _run(args, model, x, y, state, out, device, main)
+    _describe_run(args, report, model, name, data, available, streamed=y is None)
     if not main:
         return 0
-    if args.save_adversarial:  # name the examples by their index in the split, as RobustBench does
-        record = json.loads((out / ADVERSARIAL_INDEX).read_text())
-        record.update(data=name, split=args.split, split_indices=indices)
-        (out / ADVERSARIAL_INDEX).write_text(json.dumps(record) + "\n")
-    (out / "report.json").write_text(report.to_json() + "\n")
-    (out / "report.md").write_text(report.to_markdown() + "\n")
+    with _kept_on_write_error(state, report):
+        _write_outputs(args, report, out, name, indices)
     for w in report.warnings:
         print(f"meansparse evaluate: warning: {w}", file=sys.stderr)
     print(json.dumps({"clean_accuracy": report.clean_accuracy, "worst_case_accuracy": report.worst_case_accuracy,
                       "robust_accuracy": report.robust_accuracy, "warnings": len(report.warnings),
                       "report": str(out / "report.json")}))
     return 0
+
+
+def _run(args: argparse.Namespace, model: Any, x: Any, y: Any, state: Path | None, out: Path, device: str,
+         main: bool) -> Any:
+    """The evaluation itself (``ms.evaluate``: the fast path when it pays off)."""
+    return evaluate(model, x, y, fuse="auto" if args.fuse is None else args.fuse,
+                    norm=args.norm, eps=args.eps, attacks=comma_list(args.attacks), batch_size=args.batch_size,
+                    seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
+                    individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity,
+                    workers=args.workers, adversarial_dir=out if args.save_adversarial else None,
+                    ladder=not args.single_rung, indicators=not args.no_indicators,
+                    announce=lambda d: main and print(f"meansparse evaluate: {d.path}: {d.reason}",
+                                                      file=sys.stderr))
+
+
+def _describe_run(args: argparse.Namespace, report: Any, model: Any, name: str, data: Any, available: int, *,
+                  streamed: bool) -> None:
+    """What the report says about the command: checkpoint, state, α, data set, split and sample."""
+    report.metadata["command"] = {"checkpoint": str(args.checkpoint), "meansparse": args.meansparse,
+                                  "alpha": args.alpha, "data": name, "split": args.split,
+                                  "alphas": sorted({op.alpha_value for op in operators(model)})}
+    if streamed:  # what the images went through matters
+        report.metadata["command"]["preprocessing"] = resolve_preprocessing(args, args.checkpoint)
+    report.metadata["data"] = {"name": name, "split": args.split, "n": len(data), "of": available,
+                               "seed": args.seed}
+
+
+def _write_outputs(args: argparse.Namespace, report: Any, out: Path, name: str, indices: list[int]) -> None:
+    """report.json, report.md and, with --save-adversarial, the split indices in adversarial.json."""
+    if args.save_adversarial:  # name the examples by their index in the split, as RobustBench does
+        record = json.loads((out / ADVERSARIAL_INDEX).read_text())
+        record.update(data=name, split=args.split, split_indices=indices)
+        with writing(out / ADVERSARIAL_INDEX):
+            (out / ADVERSARIAL_INDEX).write_text(json.dumps(record) + "\n")
+    for file, text in (("report.json", report.to_json()), ("report.md", report.to_markdown())):
+        with writing(out / file), atomic_path(out / file) as tmp:
+            tmp.write_text(text + "\n")
+
+
+@contextmanager
+def _kept_on_write_error(state: Path | None, report: Any = None) -> Iterator[None]:
+    """A failed write (a full disk) says what was kept: the resumable state (a rerun attacks nothing again),
+    else the report saved in the temporary folder."""
+    try:
+        yield
+    except WriteError as e:
+        if state is not None:
+            kept = (f"every attacked batch is kept in {state}: free space and rerun the same command (nothing is "
+                    "attacked again)")
+        elif report is not None:
+            kept = _save_elsewhere(report)
+        else:
+            kept = "--no-resume kept nothing: rerun without it to keep each finished batch"
+        raise WriteError(e.errno, f"{e.strerror}; {kept}") from e
+
+
+def _save_elsewhere(report: Any) -> str:
+    """The report written to the temporary folder instead; says where (or that this failed too)."""
+    spare = Path(tempfile.gettempdir()) / f"meansparse-{os.getpid()}-report.json"
+    try:
+        with writing(spare):
+            spare.write_text(report.to_json() + "\n")
+    except WriteError as e:
+        return f"writing the report to {spare} failed too ({e.strerror})"
+    return f"the report is written to {spare} instead"

@@ -10,6 +10,7 @@ from ..search import DEFAULT_SEARCH_ATTACKS
 from ..zoo.spec import SPEC_HELP
 from .common import (
     HelpFormatter,
+    add_class_mismatch_arg,
     add_fuse_args,
     add_model_spec_args,
     add_preset_arg,
@@ -24,6 +25,7 @@ from .common import (
     positive_int,
     preset_of,
     resolve_preprocessing,
+    seed_int,
     set_threads,
 )
 
@@ -64,7 +66,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="calibrate on this many batches only (default: the whole fitting split)")
     p.add_argument("--train-epochs", type=positive_int, default=30, help="epochs of the embedded digits model")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch size of calibration and attacks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the test sample and the attacks")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the splits, the test sample and the attacks")
     p.add_argument("--sweep-attacks", default=None,
                    help="comma-separated attacks of the α sweep; the first is the plain one "
                         f"(default {','.join(DEFAULT_SEARCH_ATTACKS)})")
@@ -76,28 +78,29 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_fuse_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     add_stream_args(p)
+    add_class_mismatch_arg(p)
     add_split_args(p)
     p.add_argument("--out", required=True, help="report directory")
 
 
-def _add_test_args(p: argparse.ArgumentParser) -> None:
+def _add_test_args(p: argparse.ArgumentParser, hidden: bool = False) -> None:
     """``--n-test`` and ``--attacks``: the before/after evaluation on the test split (``demo``; ``sweep``
-    accepts them only to refuse them, since it never touches the test split)."""
-    p.add_argument("--n-test", type=positive_int, default=None,
-                   help="test images of the before/after evaluation (default: the whole test split: 450 digits, "
-                        "but 10,000 CIFAR-10 images; standard AutoAttack alone costs about 4.5 s per image on 2 "
-                        "CPU cores for the width-16 ResNet-18 (docs/benchmarks.md), so the default attacks on both "
-                        "models take days there; start with 500)")
-    p.add_argument("--attacks", default=None,
-                   help="comma-separated attacks of the before/after evaluation, run on both models alike "
-                        f"(default: {','.join(HONEST_ATTACKS)})")
+    accepts them, ``hidden`` from its help, only to refuse them, since it never touches the test split)."""
+    n_test = ("test images of the before/after evaluation (default: the whole test split: 450 digits, but 10,000 "
+              "CIFAR-10 images; standard AutoAttack alone costs about 4.5 s per image on 2 CPU cores for the "
+              "width-16 ResNet-18 (docs/benchmarks.md), so the default attacks on both models take days there; "
+              "start with 500)")
+    attacks = ("comma-separated attacks of the before/after evaluation, run on both models alike "
+               f"(default: {','.join(HONEST_ATTACKS)})")
+    p.add_argument("--n-test", type=positive_int, default=None, help=argparse.SUPPRESS if hidden else n_test)
+    p.add_argument("--attacks", default=None, help=argparse.SUPPRESS if hidden else attacks)
 
 
 def _add_pipeline_parser(subparsers: argparse._SubParsersAction, name: str, help: str,
                          func: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help=help, formatter_class=HelpFormatter)
     add_pipeline_args(p)
-    _add_test_args(p)
+    _add_test_args(p, hidden=name == "sweep")
     p.set_defaults(func=func)
     return p
 
@@ -128,7 +131,8 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                          dataset=args.dataset, threat_model=args.threat_model, weights=args.weights,
                          pretrained=args.pretrained, preset=preset_of(args),
                          workers=args.workers, preprocessing=resolve_preprocessing(args, args.model),
-                         train_split=args.train_split, test_split=args.test_split)
+                         train_split=args.train_split, test_split=args.test_split,
+                         allow_class_mismatch=args.allow_class_mismatch)
     if args.alphas is not None:
         cfg.alphas = tuple(parse_alphas(args.alphas))
     if args.attacks is not None:

@@ -9,7 +9,17 @@ import sys
 
 from ..models import list_models, make_activation
 from ..training import TrainConfig, train
-from .common import HelpFormatter, add_threads_arg, parse_eps, positive_int, set_threads, writable_dir
+from .common import (
+    HelpFormatter,
+    add_threads_arg,
+    non_negative_float,
+    parse_eps,
+    positive_float,
+    positive_int,
+    seed_int,
+    set_threads,
+    writable_dir,
+)
 
 __all__ = ["add_train_parser", "run_train"]
 
@@ -33,15 +43,15 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--steps", type=positive_int, default=2, help="attack steps per training batch")
     p.add_argument("--step-size", type=parse_eps, default=None,
                    help="attack step size (default: 2.5·eps/steps for PGD, eps/4 for TRADES, 1.25·eps for FGSM-RS)")
-    p.add_argument("--trades-beta", type=float, default=6.0, help="TRADES' weight of the robust loss")
+    p.add_argument("--trades-beta", type=non_negative_float, default=6.0, help="TRADES' weight of the robust loss")
     p.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    p.add_argument("--lr", type=positive_float, default=0.2, help="peak learning rate")
     p.add_argument("--schedule", default="cyclic", choices=["cyclic", "piecewise"], help="learning-rate schedule")
     p.add_argument("--n-holdout", type=positive_int, default=1000,
                    help="held-out training images that choose the best epoch (at most a fifth of the split)")
     p.add_argument("--eval-n", type=positive_int, default=500, help="held-out images evaluated after each epoch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the initialisation and the batches")
     add_threads_arg(p)
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
     p.add_argument("--out", required=True, help="run folder (epoch checkpoints; best.safetensors/json)")

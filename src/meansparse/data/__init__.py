@@ -16,12 +16,13 @@ from .sources import (
     load_image_folder,
     load_jpeg_archive,
 )
-from .streams import ImageFolderDataset, ImageStream, TarDataset, as_xy, first_images, open_stream
+from .streams import SPLIT_NAMES, ImageFolderDataset, ImageStream, TarDataset, as_xy, first_images, open_stream
 
 __all__ = [
     "CIFAR10_URL",
     "CIFAR100_URL",
     "DATASETS",
+    "SPLIT_NAMES",
     "Batches",
     "random_crop_flip",
     "ImageSet",

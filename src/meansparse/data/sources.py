@@ -16,6 +16,7 @@ import torch
 
 from .._utils import atomic_path
 from .imageset import ImageSet
+from .streams import check_tar_end, tar_end_recorder
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -183,13 +184,20 @@ def _resize_center_crop(im, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
-def _collect(entries, split: str, source: str, size: int | None):
-    """entries: iterable of (relative path parts, bytes loader). Layout: split/class/file."""
+def _collect(entries, split: str, source: str, size: int | None, folders=()):
+    """entries: iterable of (relative path parts, bytes loader). Layout: split/class/file.  A folder (path
+    parts) beside a class folder is a class even when empty, as the streamed image folders and archives
+    count it: dropping it would shift every later label."""
     by_class: dict[str, list] = {}
+    roots = set()
     for parts, read in entries:
         if len(parts) < 3 or parts[-3] != split or Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
             continue
         by_class.setdefault(parts[-2], []).append((parts[-1], read))
+        roots.add(tuple(parts[:-2]))
+    for folder in folders:
+        if tuple(folder[:-1]) in roots and not folder[-1].startswith("."):
+            by_class.setdefault(folder[-1], [])
     if not by_class:
         raise FileNotFoundError(f"{source}: no images under '{split}/<class>/' (expected split/class/NNNN.jpg)")
     classes = sorted(by_class)
@@ -211,19 +219,23 @@ def load_jpeg_archive(path: str | os.PathLike, split: str = "train", size: int |
         if path.is_dir():
             files = [p for p in path.rglob("*") if p.is_file()]
             entries = [(p.relative_to(path).parts, p.read_bytes) for p in files]
-            return _collect(entries, split, str(path), size)
+            folders = [p.relative_to(path).parts for p in path.rglob("*") if p.is_dir()]
+            return _collect(entries, split, str(path), size, folders)
         try:
-            with tarfile.open(path, "r:*") as tar:
+            recorded, last_header = tar_end_recorder()
+            with tarfile.open(path, "r:*", tarinfo=recorded) as tar:
                 members = [m for m in tar.getmembers() if m.isfile()]
+                check_tar_end(path, last_header, len(members))
                 entries = [(Path(m.name).parts, (lambda m=m: tar.extractfile(m).read())) for m in members]
-                return _collect(entries, split, str(path), size)
+                folders = [Path(m.name).parts for m in tar.getmembers() if m.isdir()]
+                return _collect(entries, split, str(path), size, folders)
         except FileNotFoundError:
             raise
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise ValueError(f"{path}: not a readable tar archive of split/class/NNNN.jpg images "
                              f"({type(e).__name__}: {e})") from None
 
-    key = _file_key(path, "jpeg", split, size) if path.is_file() else None
+    key = _file_key(path, "jpeg", split, size, "empty-classes") if path.is_file() else None
     images, labels, classes = _cached(key, build) if key else build()
     return _to_set(images, labels, classes, f"{path.name}-{split}")
 

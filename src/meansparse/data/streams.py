@@ -6,7 +6,8 @@ tar archive laid out the same way.  Both are ``torch.utils.data.Dataset``\\ s re
 processes decodes in parallel and memory holds only the batches in flight, however many images there are.
 
 Order and labels follow :func:`~meansparse.data.load_jpeg_archive` / :func:`~meansparse.data.load_image_folder`:
-classes are the sorted class-folder names (label = position), images sorted by path within a class; so index
+classes are the sorted class-folder names (label = position; an empty class folder is a class too, in a folder
+tree and in an archive alike, so it shifts no label), images sorted by path within a class; so index
 ``i`` of a stream is image ``i`` of the in-memory set, and ``sample(n, seed)`` / ``subset`` / ``holdout_split``
 / ``distributed.shard`` pick the same images from either.
 
@@ -33,6 +34,7 @@ import hashlib
 import os
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
@@ -51,7 +53,7 @@ __all__ = ["IMAGE_SUFFIXES", "SPLIT_NAMES", "ImageFolderDataset", "ImageStream",
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: Folder names read as splits: a tree with one of them at the top must be asked for a split it has.
 SPLIT_NAMES = ("train", "test", "val", "validation")
-_INDEX_VERSION = "meansparse-tar-index/1"
+_INDEX_VERSION = "meansparse-tar-index/2"
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
@@ -126,7 +128,8 @@ class ImageStream(Dataset):
         try:
             x = decode_image(data, self.preprocessing)
         except Exception as e:  # a corrupt file names itself instead of failing somewhere in a worker
-            raise ValueError(f"{self.source}: cannot decode {self.names[i]!r}: {e}") from e
+            why = str(e).split(" <_io.")[0]  # PIL names the in-memory buffer, not the file
+            raise ValueError(f"{self.source}: cannot decode {self.names[i]!r}: {type(e).__name__}: {why}") from e
         return x, int(self._labels[i])
 
     def _read(self, i: int) -> bytes:
@@ -185,10 +188,12 @@ class ImageStream(Dataset):
                 f"preprocessing={self.preprocessing})")
 
 
-def _layout(entries: list[tuple[tuple[str, ...], Any]], split: str | None, source: str
-            ) -> tuple[list[str], np.ndarray, list[str], list[Any]]:
+def _layout(entries: list[tuple[tuple[str, ...], Any]], split: str | None, source: str,
+            folders: set[tuple[str, ...]] = frozenset()) -> tuple[list[str], np.ndarray, list[str], list[Any]]:
     """Group ``(parts, payload)`` entries laid out ``[...]/[split/]class/file`` into (names, labels, classes,
-    payloads), classes sorted, files sorted by name within a class."""
+    payloads), classes sorted, files sorted by name within a class.  A folder of ``folders`` beside a class
+    folder is a class too even with no image in it (an empty class), as in an image folder tree: dropping it
+    would shift every later class's label."""
     images = [(parts, p) for parts, p in entries
               if len(parts) >= 2 and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES]
     if split is not None:
@@ -205,6 +210,10 @@ def _layout(entries: list[tuple[tuple[str, ...], Any]], split: str | None, sourc
     by_class: dict[str, list] = {}
     for parts, p in images:
         by_class.setdefault(parts[-2], []).append(("/".join(parts), p))
+    roots = {parts[:-2] for parts, _ in images}
+    for folder in folders:
+        if folder[:-1] in roots:
+            by_class.setdefault(folder[-1], [])
     classes = sorted(by_class)
     names, labels, payloads = [], [], []
     for label, cls in enumerate(classes):
@@ -281,20 +290,52 @@ def _archive_key(path: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _scan_tar(path: Path, payload: Path | None) -> tuple[list[str], np.ndarray, np.ndarray, int]:
-    """(member names, data offsets, sizes, skipped) of the regular, safely named image members; with
-    ``payload`` (compressed archives) their bytes are copied there and offsets point into it."""
+def tar_end_recorder() -> tuple[type[tarfile.TarInfo], list[bytes]]:
+    """A TarInfo class that keeps the last header block tarfile read: tarfile ends its member loop silently at
+    a missing or damaged header (a truncated archive), so the scan checks that this block is the end-of-archive
+    marker (all zeros)."""
+    last: list[bytes] = [b""]
+
+    class Recorded(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+            last[0] = buf
+            return super().frombuf(buf, encoding, errors)
+
+    return Recorded, last
+
+
+def check_tar_end(path: str | os.PathLike, last_header: list[bytes], images: int) -> None:
+    """A ValueError naming the archive when the last header block read was not the end-of-archive marker."""
+    if len(last_header[0]) != tarfile.BLOCKSIZE or last_header[0].count(0) != tarfile.BLOCKSIZE:
+        raise ValueError(f"{path}: truncated or damaged tar archive (no end-of-archive marker after {images} "
+                         "images); copy or download it again")
+
+
+def _folders_of(member: tarfile.TarInfo) -> set[str]:
+    """The folder a member is (a directory member) or lies in: an empty class folder still names a class."""
+    name = member.name.rstrip("/")
+    return {name} if member.isdir() else {name.rpartition("/")[0]} - {""}
+
+
+def _scan_tar(path: Path, payload: Path | None) -> tuple[list[str], np.ndarray, np.ndarray, int, list[str]]:
+    """(member names, data offsets, sizes, skipped, folders) of the regular, safely named image members; with
+    ``payload`` (compressed archives) their bytes are copied there and offsets point into it.  A truncated
+    archive (no end-of-archive marker where the members stop) is a ValueError naming the file."""
     names: list[str] = []
+    folders: set[str] = set()
     offsets: list[int] = []
     sizes: list[int] = []
     skipped = 0
     mode = "r|*" if payload is not None else "r:"
     out = open(payload, "wb") if payload is not None else None
+    recorded, last_header = tar_end_recorder()
     try:
-        with tarfile.open(path, mode) as tar:
+        with tarfile.open(path, mode, tarinfo=recorded) as tar:
             written = 0
             for member in tar:
                 tar.members = []  # keep memory flat: tarfile would otherwise remember every header
+                folders |= _folders_of(member)
                 if not member.isreg():
                     skipped += not member.isdir()
                     continue
@@ -314,12 +355,14 @@ def _scan_tar(path: Path, payload: Path | None) -> tuple[list[str], np.ndarray, 
                     offsets.append(member.offset_data)
                 names.append(member.name)
                 sizes.append(member.size)
-    except tarfile.TarError as e:
-        raise ValueError(f"{path}: not a readable tar archive ({e})") from e
+        check_tar_end(path, last_header, len(names))
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable tar archive ({type(e).__name__}: {e})") from e
     finally:
         if out is not None:
             out.close()
-    return names, np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), skipped
+    return (names, np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), skipped,
+            sorted(folders))
 
 
 @contextmanager
@@ -339,9 +382,10 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _tar_index(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, Path]:
+def _tar_index(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, Path, list[str]]:
     """The cached member index of ``path`` (built on first use): names, offsets, sizes, skipped members,
-    and the file the offsets point into (the archive itself, or the payload copy of a compressed one)."""
+    the file the offsets point into (the archive itself, or the payload copy of a compressed one) and the
+    archive's folders."""
     key = _archive_key(path)
     cache = stream_cache_dir()
     index_file = cache / f"{key}.index.npz"
@@ -359,17 +403,20 @@ def _tar_index(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, Path
             if missing():
                 with (atomic_path(data_file, f"{key}.payload.{os.getpid()}.tmp") if compressed
                       else nullcontext(None)) as tmp_payload:
-                    names, offsets, sizes, skipped = _scan_tar(path, tmp_payload)
+                    names, offsets, sizes, skipped, folders = _scan_tar(path, tmp_payload)
                 with atomic_path(index_file, f"{key}.index.{os.getpid()}.tmp.npz") as tmp_index:
                     blob = np.frombuffer("\n".join(names).encode(), dtype=np.uint8)
+                    folder_blob = np.frombuffer("\n".join(folders).encode(), dtype=np.uint8)
                     np.savez(tmp_index, names=blob, offsets=offsets, sizes=sizes, skipped=np.int64(skipped),
-                             version=np.array(_INDEX_VERSION))
+                             folders=folder_blob, version=np.array(_INDEX_VERSION))
     with np.load(index_file, allow_pickle=False) as z:
         if str(z["version"]) != _INDEX_VERSION:  # pragma: no cover - keyed by version already
             raise ValueError(f"{index_file}: stale index; delete it")
-        text = z["names"].tobytes().decode()
+        text, folder_text = z["names"].tobytes().decode(), z["folders"].tobytes().decode()
         names = text.split("\n") if text else []
-        return names, z["offsets"].astype(np.int64), z["sizes"].astype(np.int64), int(z["skipped"]), data_file
+        folders = folder_text.split("\n") if folder_text else []
+        return (names, z["offsets"].astype(np.int64), z["sizes"].astype(np.int64), int(z["skipped"]), data_file,
+                folders)
 
 
 class TarDataset(ImageStream):
@@ -384,9 +431,10 @@ class TarDataset(ImageStream):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such archive")
-        members, offsets, sizes, skipped, self._data_file = _tar_index(path)
+        members, offsets, sizes, skipped, self._data_file, folders = _tar_index(path)
         entries = [(parts, k) for k, parts in enumerate(map(_safe_parts, members)) if parts is not None]
-        names, labels, classes, rows = _layout(entries, split, str(path))
+        safe_folders = {parts for parts in map(_safe_parts, folders) if parts is not None}
+        names, labels, classes, rows = _layout(entries, split, str(path), safe_folders)
         rows_arr = np.asarray(rows, dtype=np.int64)
         base = path.name.split(".")[0]
         super().__init__(str(path), names, labels, classes, preprocessing,

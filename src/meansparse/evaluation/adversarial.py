@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._utils import atomic_path
+from .._utils import atomic_path, writing
 
 __all__ = ["AdversarialStore", "AdversarialSet", "worst_case_images", "write_adversarial", "load_adversarial",
            "rejudge"]
@@ -119,12 +119,13 @@ def write_adversarial(folder: str | os.PathLike, x: torch.Tensor, broken: dict[i
     for i, (attack, image) in broken.items():
         out[i] = image
         attacks[i] = attack
-    with atomic_path(folder / TENSOR_FILE) as tmp:
+    with writing(folder / TENSOR_FILE), atomic_path(folder / TENSOR_FILE) as tmp:
         torch.save(out, tmp)
     record = {"format": "meansparse-adversarial/1", "tensor": TENSOR_FILE, "shape": list(out.shape),
               "indices": list(indices), "attack": attacks, "clean_correct": list(clean_correct),
               "worst_case_robust": list(worst_case_robust), "n_broken": sum(a is not None for a in attacks), **meta}
-    (folder / INDEX_FILE).write_text(json.dumps(record) + "\n")
+    with writing(folder / INDEX_FILE):
+        (folder / INDEX_FILE).write_text(json.dumps(record) + "\n")
     return AdversarialSet(out, list(indices), attacks, list(clean_correct), list(worst_case_robust))
 
 

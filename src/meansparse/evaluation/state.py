@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._utils import atomic_path
+from .._utils import atomic_path, writing
 
 FORMAT = "meansparse-evaluation-state/1"
 
@@ -38,10 +38,12 @@ class EvaluationState:
         assert self.path is not None
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read evaluation state {self.path}: {e}") from e
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a meansparse evaluation state (format {data.get('format')!r})")
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
+            raise ValueError(f"cannot read evaluation state {self.path}: not a JSON state file ({e})") from e
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found != FORMAT:
+            raise ValueError(f"{self.path} is not a meansparse evaluation state (format {found!r}); use another "
+                             "--state / state_path or delete the file")
         stored = data.get("config", {})
         diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
         if diff:
@@ -65,5 +67,6 @@ class EvaluationState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:  # a kill mid-write leaves the previous state intact
+        # a kill mid-write leaves the previous state intact, and so does a failed write (a full disk)
+        with writing(self.path, "the previous state file is kept"), atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps({"format": FORMAT, "config": self.config, "batches": self.batches}))

@@ -16,6 +16,7 @@ from .attacks.registry import WARM_START
 from .judge import check_finite
 
 __all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
+           "check_options_used",
            "check_settings", "check_tensors", "evaluation_device", "vacuous_eps"]
 
 #: attacks whose DLR loss or target classes need at least 4 classes
@@ -168,3 +169,19 @@ def check_attack_names(names: Sequence[str], attack_options: Mapping[str, Mappin
         if name not in ATTACK_NAMES:
             raise ValueError(f"unknown attack {name!r} in {what}; valid attacks: {', '.join(ATTACK_NAMES)}")
         build_attack(name, norm=norm, eps=eps, **options_for(name, options))
+
+
+def check_options_used(attack_options: Mapping[str, Mapping[str, Any]] | None, names: Sequence[str],
+                       what: str = "--attacks") -> None:
+    """A ValueError for options of an attack that does not run (``pgd.steps=3`` without ``pgd``): they would be
+    ignored, and the report would show another budget than the one asked for.  ``X`` options also serve the
+    wrapped ``bpda-X`` / ``sg-X`` / ... (see :func:`options_for`), and square-warm's start attack."""
+    options = attack_options or {}
+    used = set(names) | {split_wrapper(n)[1] for n in names}
+    if "square-warm" in names:
+        start = dict(options.get("square-warm", {})).get("start", WARM_START)
+        used |= {start, split_wrapper(start)[1]}
+    unused = [k for k in options if k not in used]
+    if unused:
+        raise ValueError(f"options for {', '.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not among "
+                         f"the attacks run ({what}: {', '.join(names)}); add the attack or drop the option")

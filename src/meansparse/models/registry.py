@@ -112,6 +112,64 @@ def check_input_shape(model: nn.Module, config: dict[str, Any] | None, shape: tu
                          f"but {source} has images of shape {shape}")
 
 
+def probe_model(model: torch.nn.Module, x: torch.Tensor, spec: str, source: str) -> int:
+    """Run the model twice on ``x`` in eval mode and return its number of logits; a ValueError when its
+    forward fails, returns something else than one logits row per image, or is not deterministic (active
+    dropout or other randomness: every attack and every statistic would measure noise)."""
+    was = model.training
+    model.eval()
+    try:
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        with torch.no_grad():
+            try:
+                first, second = model(x.to(device)), model(x.to(device))
+            except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+                raise ValueError(f"{spec}: the model's forward fails on images of {source} "
+                                 f"({type(e).__name__}: {_first_line(e)})") from e
+    finally:
+        model.train(was)
+    if not isinstance(first, torch.Tensor):
+        raise ValueError(f"{spec}: the model returns a {type(first).__name__}, not a logits tensor; wrap it so "
+                         "that forward returns the (N, classes) logits")
+    if first.ndim != 2 or first.shape[0] != x.shape[0] or not first.is_floating_point():
+        raise ValueError(f"{spec}: the model returns a {first.dtype} tensor of shape {tuple(first.shape)} for "
+                         f"{x.shape[0]} images; expected float logits of shape ({x.shape[0]}, classes)")
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5, equal_nan=True):  # GPU kernels: float noise only
+        raise ValueError(f"{spec}: the model is not deterministic in eval mode (two forward passes on the same "
+                         "images differ: an active dropout or other randomness?); attacks and calibration need "
+                         "a deterministic model")
+    return int(first.shape[1])
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+#: what to do about data whose classes are not the model's
+CLASS_ADVICE = ("labels are class positions (sorted folder names), so they would be scored against the wrong "
+                "logits; give the data set the model was trained on (missing classes can be empty folders)")
+
+
+def class_mismatch(data: Any, data_label: str, logits: int, recorded: list[str] | None, model_label: str
+                   ) -> str | None:
+    """What is wrong when the classes of ``data`` (its ``classes`` names, else ``num_classes``) are not the
+    model's: another number than its ``logits``, or other names than the ``recorded`` ones; None if they fit."""
+    classes = [str(c) for c in (getattr(data, "classes", None) or [])]
+    count = len(classes) or int(getattr(data, "num_classes", 0) or 0)
+    if count and count != logits:
+        return f"{data_label} has {count} classes ({_names(classes)}) but {model_label} has {logits} logits"
+    if recorded and classes and [str(c) for c in recorded] != classes:
+        return f"{data_label} has the classes {_names(classes)} but {model_label} was trained on {_names(recorded)}"
+    return None
+
+
+def _names(classes: list[Any], shown: int = 4) -> str:
+    """A few class names, and how many more."""
+    if not classes:
+        return "unnamed"
+    return ", ".join(map(str, classes[:shown])) + (f", … {len(classes) - shown} more" if len(classes) > shown else "")
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """``(weights, config)`` files of a checkpoint path given with or without its suffix."""
@@ -166,6 +224,29 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                          "is it truncated, or a pickle (torch.save)?") from None
 
 
+def state_dict_mismatch(e: RuntimeError, shown: int = 3) -> str:
+    """``load_state_dict``'s error in one complete line: each kind of problem (missing keys, unexpected keys,
+    shape mismatches) with its first few entries and how many more, never cut off mid-sentence."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    if not lines:
+        return str(e).strip()
+    parts, sizes = [], []
+    for line in lines:
+        head, sep, rest = line.partition(": ")
+        if head.startswith(("Missing key", "Unexpected key")) and sep:
+            keys = [k.strip().strip('"') for k in rest.rstrip(".").split(", ") if k.strip()]
+            more = f" … {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{head.lower()}: {', '.join(keys[:shown])}{more}")
+        elif line.startswith("size mismatch"):
+            sizes.append(line.rstrip("."))
+        else:
+            parts.append(line.rstrip("."))
+    if sizes:
+        more = f" (… {len(sizes) - shown} more size mismatches)" if len(sizes) > shown else ""
+        parts.append("; ".join(sizes[:shown]) + more)
+    return "; ".join(parts)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from `save_checkpoint` output: eval mode, inputs in [0, 1]. A recorded weights hash
     is verified (checkpoints written before hashes were recorded load unverified)."""
@@ -191,7 +272,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise ValueError(f"{weights} does not fit the architecture in {meta.name} ({config['model']}, "
-                         f"{config['model_kwargs']}): {first}") from None
+                         f"{config['model_kwargs']}): {state_dict_mismatch(e)}") from None
     return model.to(device).eval()

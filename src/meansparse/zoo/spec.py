@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import checkpoint_paths
+from ..models import checkpoint_paths, state_dict_mismatch
 from ..models import load as load_checkpoint
 from .imports import import_timm
 from .loading import load as load_zoo
@@ -87,22 +89,72 @@ def _import_factory(spec: ModelSpec) -> Any:
             raise ValueError(f"model spec {spec}: cannot import {source!r} as Python")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            sys.modules.pop(name, None)
+            raise ValueError(f"model spec {spec}: {source!r} is not valid Python (SyntaxError: {e.msg}, line "
+                             f"{e.lineno})") from e
+        except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
+            sys.modules.pop(name, None)
+            raise ValueError(f"model spec {spec}: importing {source!r} fails ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
     else:
         try:
             module = importlib.import_module(source)
-        except ImportError as e:
-            raise ValueError(f"model spec {spec}: cannot import module {source!r} ({e})") from e
+        except SyntaxError as e:
+            raise ValueError(f"model spec {spec}: module {source!r} is not valid Python (SyntaxError: {e.msg}, "
+                             f"line {e.lineno})") from e
+        except Exception as e:  # noqa: BLE001 - ImportError, or whatever the module raises at import
+            raise ValueError(f"model spec {spec}: cannot import module {source!r} ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
     factory = getattr(module, spec.callable, None)
     if not callable(factory):
         raise ValueError(f"model spec {spec}: {source!r} has no callable {spec.callable!r}")
     return factory
 
 
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+def _build(spec: ModelSpec) -> nn.Module:
+    """Call the ``python:`` factory without arguments; its failure (arguments it needs, an exception it
+    raises, something else than a module) is a ValueError naming the spec."""
+    factory = _import_factory(spec)
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise ValueError(f"model spec {spec}: {spec.callable}() is called without arguments but {e}; wrap it in a "
+                         "function that takes none") from None
+    except ValueError:  # no signature (a builtin): just call it
+        pass
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
+        raise ValueError(f"model spec {spec}: {spec.callable}() fails ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model spec {spec}: {spec.callable}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def as_float32(model: nn.Module, spec: Any) -> nn.Module:
+    """A model whose floating-point weights are float64 / float16 / bfloat16 is cast to float32 with a warning:
+    the images, the attacks' arithmetic and the operators' statistics are float32."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes - {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        warnings.warn(f"{spec}: weights in {names}; cast to float32 (what meansparse computes in)", stacklevel=2)
+        model = model.float()
+    return model
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, or from a torch file read with ``weights_only=True`` (never
     unpickling arbitrary objects); a ``state_dict`` / ``model_state_dict`` entry inside is used."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"weights file {str(path)!r} is a folder; give the weights file inside it")
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -157,15 +209,13 @@ def _load(spec: ModelSpec, dataset: str, threat_model: str, weights: str | os.Pa
         except KeyError as e:  # robustbench: unknown id / data set / threat model, with the known ones
             raise ValueError(f"model spec {spec}: {e.args[0] if e.args else e}") from e
     else:
-        model = _import_factory(spec)()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model spec {spec}: {spec.callable}() returned {type(model).__name__}, not an nn.Module")
+        model = _build(spec)
         if weights is not None:
             state = read_weights(weights)
             try:
                 model.load_state_dict(state)
             except RuntimeError as e:
-                raise ValueError(f"weights {str(weights)!r} do not fit {spec}: {str(e).splitlines()[0]}") from e
+                raise ValueError(f"weights {str(weights)!r} do not fit {spec}: {state_dict_mismatch(e)}") from None
         elif pretrained:
             raise ValueError(f"model spec {spec} needs --weights FILE (or --pretrained false for random weights)")
-    return model.to(device).eval()
+    return as_float32(model, spec).to(device).eval()

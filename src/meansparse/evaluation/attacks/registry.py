@@ -59,11 +59,14 @@ DEFAULT_ATTACKS = ("aa", "sg-apgd-margin", "sg-apgd-mt", "transfer", "square-war
 COUNT_OPTIONS = ("steps", "restarts", "queries", "n_target_classes")
 #: options that must be finite numbers > 0
 POSITIVE_OPTIONS = ("step_size", "rho", "p_init", "alpha_max", "eta", "beta")
+#: options that are fractions, in (0, 1]: APGD's step-size decay threshold, Square's initial patch fraction
+FRACTION_OPTIONS = ("rho", "p_init")
 
 
 def check_options(name: str, options: dict[str, Any]) -> None:
-    """A ValueError naming the attack and option for a count that is not an integer >= 1, or a size that is
-    not a finite number > 0 (e.g. ``apgd-ce.steps=-5``)."""
+    """A ValueError naming the attack and option for a count that is not an integer >= 1, a size that is
+    not a finite number > 0 (e.g. ``apgd-ce.steps=-5``) or a fraction outside (0, 1] (``apgd-ce.rho=7``).
+    ``lam`` (the adaptive attack's weight) may be any finite number: the paper uses negative λ too."""
     for key, value in options.items():
         if key in COUNT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"bad option {name}.{key}={value!r}: must be an integer >= 1")
@@ -71,6 +74,8 @@ def check_options(name: str, options: dict[str, Any]) -> None:
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                 or value <= 0):
             raise ValueError(f"bad option {name}.{key}={value!r}: must be a finite number > 0")
+        if key in FRACTION_OPTIONS and value is not None and value > 1:
+            raise ValueError(f"bad option {name}.{key}={value!r}: must be a fraction in (0, 1]")
         if key == "lam" and (isinstance(value, bool) or not isinstance(value, (int, float))
                              or not math.isfinite(value)):
             raise ValueError(f"bad option {name}.{key}={value!r}: must be a finite number")
