@@ -531,4 +531,4 @@ def test_calibration_progress_has_a_total_and_the_sweep_reports_inside_a_step(tr
         ms.search_alpha(model, hold.float(), hold.labels, (0.2,), n_robust=20, eps=0.1, batch_size=10,
                         attack_options={"apgd-ce": {"steps": 2}}, progress=True)
     err = capsys.readouterr().err
-    assert "α=0.2: apgd-ce batch 1" in err and "α=0.2: bpda-apgd-ce batch" in err, err
+    assert "α=0.2: apgd-ce batch 1" in err and "α=0.2: sg-apgd-margin batch" in err, err

@@ -166,3 +166,13 @@ def test_square_warm_takes_its_start_attacks_options(models, test_set):
             indicators=False)
     start = r.metadata["attack_settings"]["square-warm"]["start"]
     assert start["name"] == "sg-apgd-margin" and start["inner"]["steps"] == 3
+
+
+def test_a_wrapped_attack_takes_its_inner_attacks_options_and_its_own():
+    from meansparse.evaluation.attacks import options_for
+
+    opts = {"apgd-mt": {"steps": 5, "rho": 0.5}, "sg-apgd-mt": {"sharpness": [4], "steps": 7}}
+    assert options_for("sg-apgd-mt", opts) == {"steps": 7, "rho": 0.5, "sharpness": [4]}
+    assert options_for("bpda-apgd-mt", opts) == {"steps": 5, "rho": 0.5}
+    assert options_for("apgd-mt", opts) == {"steps": 5, "rho": 0.5}
+    assert options_for("square", opts) == {}

@@ -117,6 +117,7 @@ def build_attack(name: str, *, norm: str = "Linf", eps: float = 8 / 255, base_mo
 
 
 def options_for(name: str, attack_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
-    """The options of attack ``name``: its own entry, else (``bpda-X``, ``sg-X``, ...) X's, else none."""
+    """The options of attack ``name``: for a wrapped ``bpda-X`` / ``sg-X`` / ... X's, updated by its own entry."""
     options = attack_options or {}
-    return dict(options.get(name, options.get(split_wrapper(name)[1], {})))
+    inner = split_wrapper(name)[1]
+    return {**(options.get(inner, {}) if inner != name else {}), **options.get(name, {})}
