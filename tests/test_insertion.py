@@ -352,3 +352,37 @@ def test_prepare_keeps_the_models_mode(method, training):
         warnings.simplefilter("ignore")  # the modules method warns that it cannot see functional calls
         prepared = ms.prepare(net, method=method)
     assert all(m.training == training for m in prepared.modules())
+
+
+class CachingNet(nn.Module):
+    """Caches a tensor computed in forward, as timm's LeViT / EfficientFormer cache their attention bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return F.relu(self.conv(x) + self.cache[key])
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_prepare_sites_and_remove_leave_the_users_model_as_it_was(probe, images):
+    """Tracing runs forward on proxies: a cache filled in forward must not keep one (nor the probe's tensor)."""
+    import pickle
+
+    torch.manual_seed(0)
+    base = CachingNet().eval()
+    before = dict(base.__dict__)
+    assert len(ms.sites(base)) == 1
+    model = ms.prepare(base, method="fx", example_inputs=images if probe else None)
+    assert ms.remove(model) is base
+    assert base.cache == {} and base.__dict__ == before
+    pickle.dumps(base)
+    with torch.no_grad():
+        out = base(images)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, model(images))

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 from torch import nn
 
-from .._utils import eval_mode, model_device, shallow_copy
+from .._utils import eval_mode, model_device, preserved_state, shallow_copy
 from .candidates import Candidate, make_operator, matches, unique_names
 from .registry import (
     activation_classes,
@@ -197,9 +197,9 @@ def _candidates(
 
 def _trace(model: nn.Module, names: set[str] | None, outputs: Sequence[re.Pattern] = ()) -> fx.GraphModule:
     tracer = _Tracer(names, outputs)
-    with eval_mode(model):  # branches on self.training are baked in: trace the inference behaviour
+    with preserved_state(model), eval_mode(model):  # branches on self.training are baked in
         graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _resolve(root: nn.Module, target: str) -> Any:

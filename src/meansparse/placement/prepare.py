@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .._utils import as_args, eval_mode
+from .._utils import as_args, eval_mode, preserved_state
 from ..core import check_centering, operators
 from .candidates import Candidate, SelectionError, select
 from .fx_strategy import prepare_fx
@@ -196,10 +196,10 @@ def prepare(
             fx = prepare_fx(model, names, chosen, centering, out_patterns, residual_adds)
             prepared = fx.prepared
             prepared.__class__ = fx_class(type(model), fx.forward)
-            if args is not None:
-                with eval_mode(model), torch.no_grad():
+            if args is not None:  # the probe leaves no cache behind in the user's modules
+                with preserved_state(model), eval_mode(model), torch.no_grad():
                     ref = model(*args)
-                with eval_mode(prepared), torch.no_grad():
+                with preserved_state(model), eval_mode(prepared), torch.no_grad():
                     got = prepared(*args)  # also fixes layouts and channel counts
                 if not _same_outputs(ref, got):
                     raise RuntimeError("the traced model does not reproduce the original outputs")
