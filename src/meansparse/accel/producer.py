@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Activations whose fused site can take a producer: ReLU (one kernel), the split path, and no activation.
-SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", IDENTITY)
+SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", "hardtanh", IDENTITY)
 
 #: A producer expression: ("x", i) input i; ("bn", j, ("x", i)) BatchNorm j of input i; ("add", a, b).
 Struct = tuple

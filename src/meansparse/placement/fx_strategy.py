@@ -25,6 +25,7 @@ from .registry import (
     is_activation_module,
     is_add,
     is_inplace_add,
+    is_site,
     is_transparent,
     method_activation,
     producer_hint,
@@ -140,7 +141,7 @@ def _activation_candidate(node: fx.Node, gm: fx.GraphModule, names: set[str] | N
             entry, kind = method_activation(node.target), "method"
         else:
             return None
-        if entry is None or (names is not None and entry.name not in names):
+        if not is_site(entry, names):
             return None
         act, path = entry.name, _node_scope(node)
         if kind == "function":

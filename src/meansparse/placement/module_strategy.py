@@ -90,7 +90,7 @@ class _ProbeMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.in_activation == 0:
             entry = function_activation(func) or method_activation(func)
-            if entry is not None:
+            if entry is not None and not entry.secondary:  # a sigmoid is mostly a gate
                 key = (self.scope[-1], entry.name)
                 self.uncovered[key] = self.uncovered.get(key, 0) + 1
         if isinstance(out, Tensor):

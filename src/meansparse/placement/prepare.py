@@ -37,7 +37,7 @@ from .fx_strategy import prepare_fx
 from .module_strategy import prepare_modules, registrations
 from .presets import register_family_activations, resolve_preset
 from .record import PreparedRecord, clear_record, get_record, set_record
-from .registry import activation_names
+from .registry import activation_lookalikes, activation_names, secondary_names
 from .wrappers import WRAPPERS, MeanSparseActivation, MeanSparseOutput
 
 __all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class"]
@@ -117,6 +117,9 @@ def _as_list(v: str | Sequence[str] | None) -> list[str]:
     return list(v)
 
 
+ACTIVATION_KINDS = ("module", "function", "method")
+
+
 def prepare(
     model: nn.Module,
     exclude: str | Sequence[str] | None = None,
@@ -147,6 +150,56 @@ def prepare(
     sites.  ``preset`` applies the placement of an architecture family: ``"dm_wrn"``, ``"rawrn"``,
     ``"swin"``, ``"convnext"``, ``"generic"`` or ``"auto"`` (detected; see :mod:`meansparse.placement.presets`);
     its exclusions and outputs are added to the ones given here.
+
+    Tanh / Sigmoid / Hardsigmoid (mostly gates) get sites only in a model with no other known activation;
+    a model with no activation site at all is a warning naming the modules that look like activations.
+    """
+    kw = dict(exclude=exclude, include=include, indices=indices, centering=centering, example_inputs=example_inputs,
+              method=method, inplace=inplace, after_residual_add=after_residual_add, outputs=outputs,
+              residual_adds=residual_adds, preset=preset)
+    found: dict[str, bool] = {}
+    prepared = _prepare(model, activations=activations, found=found, **kw)
+    if activations is not None or found.get("activation", True):
+        return prepared
+    secondary = sorted(secondary_names())
+    alt_found: dict[str, bool] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first attempt has already said what there was to say
+        alt = _prepare(remove(prepared), activations=secondary, found=alt_found, **kw)
+    if alt_found.get("activation"):
+        return alt
+    prepared = _prepare(remove(alt), activations=None, found={}, **kw)
+    _warn_no_activation(model)
+    return prepared
+
+
+def _warn_no_activation(model: nn.Module) -> None:
+    looks = activation_lookalikes(model)
+    hint = (f"modules that look like activations: {', '.join(f'{k} x{v}' for k, v in sorted(looks.items()))}; "
+            "if they are, register their classes with meansparse.register_activation(cls) and prepare again"
+            if looks else "register the model's activation with meansparse.register_activation(cls_or_function)")
+    warnings.warn(f"meansparse.prepare: no known activation in {type(model).__name__}, so no site before an "
+                  f"activation; {hint}.", stacklevel=3)
+
+
+def _prepare(
+    model: nn.Module,
+    exclude: str | Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    indices: int | Sequence[int] | None = None,
+    centering: str = "channel",
+    activations: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    method: str = "auto",
+    inplace: bool = False,
+    *,
+    after_residual_add: bool | None = None,
+    outputs: str | Sequence[str] | None = None,
+    residual_adds: bool = False,
+    preset: str | None = None,
+    found: dict[str, bool] | None = None,
+) -> nn.Module:
+    """:func:`prepare`; ``found["activation"]`` says whether the model had activation sites to select from.
     """
     if method not in ("auto", "fx", "modules"):
         raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {method!r}")
@@ -171,6 +224,8 @@ def prepare(
     out_patterns = [re.compile(p) for p in outs]
 
     def chosen(cands: list[Candidate]) -> list[Candidate]:
+        if found is not None:
+            found["activation"] = any(c.kind in ACTIVATION_KINDS for c in cands)
         return select(cands, inc, exc, after_residual_add, indices)
 
     config = {
