@@ -386,3 +386,87 @@ def test_prepare_sites_and_remove_leave_the_users_model_as_it_was(probe, images)
     with torch.no_grad():
         out = base(images)
     assert isinstance(out, torch.Tensor) and torch.equal(out, model(images))
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm subclass (fx traces into it) that reads ``self.training`` itself."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return self.act(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: a random per-sample mask in train mode only."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class ModeNet(nn.Module):
+    """Every kind of ``self.training`` check that tracing bakes in: a BN-act module, drop-path, a dropout call
+    in the model's own forward."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv1, self.bnact = nn.Conv2d(3, c, 3, padding=1), BNAct(c)
+        self.conv2, self.bn2, self.drop = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), DropPath(0.5)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.bnact(self.conv1(x))
+        x = F.relu(self.drop(self.bn2(self.conv2(x))) + x)
+        return self.fc(F.dropout(x.mean((2, 3)), 0.3, training=self.training))
+
+
+def _run_train_step(model, x, seed=0):
+    torch.manual_seed(seed)
+    out = model(x)
+    (g,) = torch.autograd.grad(out.square().sum(), model.conv1.weight)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_mode_equals_the_base_model_at_alpha_zero(fused, images):
+    """Train-mode branches inside traced modules must run: BN statistics updates, drop-path, dropout."""
+    import copy
+
+    torch.manual_seed(0)
+    base = ModeNet()
+    model = ms.prepare(copy.deepcopy(base), method="fx", example_inputs=images)
+    if fused:
+        ms.fuse(model)
+    base.train()
+    model.train()
+    for seed in (0, 1):
+        for a, b in zip(_run_train_step(base, images, seed), _run_train_step(model, images, seed), strict=True):
+            assert torch.equal(a, b)
+    for (name, a), b in zip(base.state_dict().items(), (model.state_dict()[k] for k in base.state_dict()),
+                            strict=True):
+        assert torch.equal(a, b), name  # running statistics and num_batches_tracked updated alike
+    base.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(base(images), model(images))
+
+
+def test_a_model_in_mixed_modes_is_refused_not_run_wrong(images):
+    model = ms.prepare(ModeNet(), method="fx", example_inputs=images)
+    model.train()
+    model.bnact.eval()  # its eval branch is not in the train-mode graph
+    with pytest.raises(RuntimeError, match=r"bnact.*one mode"):
+        model(images)

@@ -33,14 +33,14 @@ from torch.utils._pytree import tree_flatten
 from .._utils import as_args, eval_mode, preserved_state
 from ..core import check_centering, operators
 from .candidates import Candidate, SelectionError, select
-from .fx_strategy import prepare_fx
+from .fx_strategy import ModeForwards, prepare_fx
 from .module_strategy import prepare_modules, registrations
 from .presets import register_family_activations, resolve_preset
 from .record import PreparedRecord, clear_record, get_record, set_record
 from .registry import activation_lookalikes, activation_names, secondary_names
 from .wrappers import WRAPPERS, MeanSparseActivation, MeanSparseOutput
 
-__all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class"]
+__all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class", "mode_forwards"]
 
 
 class FxPrepared:
@@ -82,15 +82,39 @@ def rebuild_fx(original: nn.Module, config: dict, states: list[dict]) -> nn.Modu
     return model
 
 
-def fx_class(cls: type, forward: Callable) -> type:
-    """``cls`` with ``forward`` (a traced graph's): the class of an fx-prepared (or fused) model."""
+def fx_class(cls: type, forward: Callable, modes: ModeForwards | None = None) -> type:
+    """``cls`` with ``forward`` (a traced graph's): the class of an fx-prepared (or fused) model.  With
+    ``modes`` (train and eval mode trace differently) the forward runs ``modes.eval`` or ``modes.train`` by
+    the model's mode."""
     base = next(c for c in cls.__mro__ if not issubclass(c, FxPrepared) and c is not object
                 and issubclass(c, nn.Module))
-    return type(
-        base.__name__,
-        (FxPrepared, base),
-        {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__},
-    )
+    body = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__}
+    if modes is not None:
+        body.update(forward=_by_mode, _meansparse_modes=modes)
+    return type(base.__name__, (FxPrepared, base), body)
+
+
+def mode_forwards(cls: type) -> ModeForwards | None:
+    """The per-mode forwards of an fx-prepared class, or None when one graph serves both modes."""
+    return getattr(cls, "_meansparse_modes", None)
+
+
+def _by_mode(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a model traced differently in train and eval mode: the graph of its mode."""
+    modes: ModeForwards = type(self)._meansparse_modes  # type: ignore[attr-defined]
+    mixed = [q for q in modes.modules if self.get_submodule(q).training != self.training]
+    if mixed:
+        raise RuntimeError(
+            f"{type(self).__name__} is in {'train' if self.training else 'eval'} mode but {mixed[:3]} are not: "
+            "torch.fx baked their train / eval branches into the prepared forward, so the whole model must be "
+            "in one mode (model.train() / model.eval()), or prepare with method='modules'"
+        )
+    if not self.training:
+        return modes.eval(self, *args, **kwargs)
+    if modes.train is None:
+        raise RuntimeError(f"this fx-prepared {type(self).__name__} runs in eval mode only: {modes.issue}; "
+                           "put it in eval mode, or prepare with method='modules' to run it in train mode")
+    return modes.train(self, *args, **kwargs)
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
@@ -250,7 +274,7 @@ def _prepare(
         try:
             fx = prepare_fx(model, names, chosen, centering, out_patterns, residual_adds)
             prepared = fx.prepared
-            prepared.__class__ = fx_class(type(model), fx.forward)
+            prepared.__class__ = fx_class(type(model), fx.forward, fx.modes)
             if args is not None:  # the probe leaves no cache behind in the user's modules
                 with preserved_state(model), eval_mode(model), torch.no_grad():
                     ref = model(*args)
