@@ -470,3 +470,27 @@ def test_a_model_in_mixed_modes_is_refused_not_run_wrong(images):
     model.bnact.eval()  # its eval branch is not in the train-mode graph
     with pytest.raises(RuntimeError, match=r"bnact.*one mode"):
         model(images)
+
+
+def test_numpy_constants_in_the_traced_code(images):
+    """timm's drop-path rates are NumPy floats: the traced code must not name ``np``."""
+    import numpy as np
+
+    class NumpyRate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.p = nn.Conv2d(3, 4, 3), np.float64(0.25)
+
+        def forward(self, x):
+            return F.dropout(F.relu(self.conv(x)), self.p, training=self.training) * self.p
+
+    torch.manual_seed(0)
+    base = NumpyRate().eval()
+    model = ms.prepare(base, method="fx", example_inputs=images)
+    for training in (False, True):
+        base.train(training)
+        model.train(training)
+        torch.manual_seed(1)
+        want = base(images)
+        torch.manual_seed(1)
+        assert torch.equal(model(images), want)

@@ -219,7 +219,20 @@ def _trace(model: nn.Module, names: set[str] | None, outputs: Sequence[re.Patter
     with preserved_state(model):  # restores every module's mode too
         model.train(training)
         graph = tracer.trace(model)
+        _plain_constants(graph)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") else v
+
+
+def _plain_constants(graph: fx.Graph) -> None:
+    """NumPy scalars in call arguments as Python numbers: the generated code cannot name ``np`` (timm's
+    drop-path rates are ``np.float64``; the train-mode graph failed with a NameError)."""
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, _plain)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, _plain)
 
 
 def _resolve(root: nn.Module, target: str) -> Any:
