@@ -38,6 +38,7 @@ MODELS: dict[str, tuple[int, dict]] = {
     "swin_tiny_patch4_window7_224": (28, {"img_size": 28, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2)}),
     "maxvit_nano_rw_256": (64, {"img_size": 64}),
     "levit_128s": (64, {"img_size": 64}),
+    "efficientformer_l1": (224, {}),  # its attention bias is sized for 224 px
     "mobilevit_xxs": (64, {}),
     "densenet121": (32, {}),
     "inception_v3": (75, {}),
@@ -193,3 +194,25 @@ def test_architecture(name, timm, tmp_path, monkeypatch):
     check_train_mode(timm, name, x)
     assert ms.remove(model) is base
     assert_untouched(base, snap, x, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,producers", [("resnet18", True), ("efficientnet_b0", False)])
+def test_compiled_fusion_with_producers(name, producers, timm):
+    """The compiled kernels, BatchNorm / add producers absorbed through timm's nn.Identity placeholders
+    included, on real architectures: bit-identical outputs and input gradients."""
+    from test_fused import compiled_or_skip
+
+    compiled_or_skip()
+    base = build(timm, name)
+    torch.manual_seed(1)
+    x = torch.rand(8, 3, 64, 64)  # big enough for the compiled kernels at the early stages
+    model = ms.prepare(base, example_inputs=x[:2])
+    ms.calibrate(model, [x], progress=False)
+    ms.set_alpha(model, 0.5)
+    fused = ms.fuse(copy.deepcopy(model))
+    assert ms.fused_sites(fused) == [s.name for s in ms.sites(fused)]
+    # resnet18: nn.BatchNorm2d behind nn.Identity; efficientnet: BatchNormAct2d calls F.batch_norm (not absorbed)
+    assert any(o.fused_producer for o in ms.operators(fused)) is producers
+    for a, b in zip(outputs_and_grads(fused, x), outputs_and_grads(model, x), strict=True):
+        assert torch.equal(a, b)

@@ -17,8 +17,8 @@ autograd); on any difference that key keeps the unfused producer for good (logge
 
 Scope (fx-prepared models, at :func:`meansparse.fuse` time).  Absorbed: an ``nn.BatchNorm1d/2d/3d`` call
 whose output only the site reads; an ``add`` of two tensors whose result only the site reads, with a
-BatchNorm call directly feeding either side absorbed too; ``nn.Identity`` calls between either and the site are
-looked through (and dropped).  Activations: ReLU and the split path.  Every call
+BatchNorm call directly feeding either side absorbed too; ``nn.Identity`` calls between that BatchNorm / add
+and the site are looked through (and dropped).  Activations: ReLU and the split path.  Every call
 re-checks what fx cannot know (BN in eval mode with running statistics, no hooks on the operator or the BN
 modules, BN parameters not requiring grad under autograd, inputs of one shape, dtype and layout, big enough,
 compilation on, operator calibrated with alpha > 0 and not observing); otherwise the absorbed modules run as
