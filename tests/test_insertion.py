@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import pytest
@@ -494,3 +495,29 @@ def test_numpy_constants_in_the_traced_code(images):
         want = base(images)
         torch.manual_seed(1)
         assert torch.equal(model(images), want)
+
+
+class LayerDrop(nn.Module):
+    """Skips its layer at random in train mode with Python's generator: tracing bakes one draw in."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if self.training and random.random() < 0.5:
+            return F.relu(x)
+        return F.relu(self.conv(x))
+
+
+def test_a_train_graph_that_differs_from_the_model_is_not_used(images, monkeypatch):
+    """A train-mode branch fx cannot see (a Python random draw) makes train mode an error, never a number."""
+    draws = iter([0.1, 0.9, 0.9, 0.9])  # tracing skips the layer; the probes' model and graph run it
+    monkeypatch.setattr(random, "random", lambda: next(draws, 0.9))
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), LayerDrop()).eval()
+    model = ms.prepare(base, method="fx", example_inputs=images)
+    with torch.no_grad():
+        assert torch.equal(model(images), base(images))  # eval mode is fine
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode only.*does not reproduce"):
+        model(images)

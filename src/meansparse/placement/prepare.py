@@ -21,9 +21,11 @@ site kind ``"add"``).  ``preset=`` picks these arguments for known architecture 
 from __future__ import annotations
 
 import copy
+import random
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -282,6 +284,11 @@ def _prepare(
                     got = prepared(*args)  # also fixes layouts and channel counts
                 if not _same_outputs(ref, got):
                     raise RuntimeError("the traced model does not reproduce the original outputs")
+                if fx.modes is not None and fx.modes.train is not None:
+                    issue = _train_probe(model, prepared, args)
+                    if issue is not None:  # eval mode stays available; train mode says why it is not
+                        prepared.__class__ = fx_class(type(model), fx.forward,
+                                                      fx.modes._replace(train=None, issue=issue))
         except SelectionError:
             raise
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
@@ -321,6 +328,47 @@ def _prepare(
     config["method"] = "modules"
     set_record(target, PreparedRecord(original=None if inplace else model, config=config))
     return _match_mode(target, before)
+
+
+@contextmanager
+def _train_run(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Train mode, no grad, the torch and Python random generators seeded; afterwards every buffer, attribute,
+    mode and generator as before (a probe must not move BatchNorm statistics or the user's random streams)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    state = random.getstate()
+    cuda = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda), preserved_state(model), torch.no_grad():
+            torch.manual_seed(seed)
+            random.seed(seed)
+            model.train()
+            yield
+    finally:
+        random.setstate(state)
+        for m, t in modes:
+            m.training = t
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+
+
+def _train_probe(model: nn.Module, prepared: nn.Module, args: tuple) -> str | None:
+    """Why the prepared model's train-mode graph cannot stand in for the model in train mode (it fails, or
+    its outputs differ on the example inputs with the same random streams), or None."""
+    try:
+        with _train_run(model):
+            ref = model(*args)
+    except Exception:  # noqa: BLE001 - e.g. BatchNorm on one value per channel: nothing to compare with
+        return None
+    try:
+        with _train_run(prepared):
+            got = prepared(*args)
+    except Exception as e:  # noqa: BLE001
+        return f"its train-mode graph fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not _same_outputs(ref, got):
+        return "its train-mode graph does not reproduce the model in train mode (a branch torch.fx cannot see)"
+    return None
 
 
 def _match_mode(prepared: nn.Module, before: dict[int, bool]) -> nn.Module:
