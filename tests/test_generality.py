@@ -8,7 +8,7 @@ train mode at alpha = 0 the prepared model equals the base model (same seed: out
 statistics, stochastic depth); ``remove`` gives the untouched original back.
 
 A few architectures run in the default suite; the rest are marked ``slow``:
-``pytest -m slow tests/test_generality.py`` (about 3 minutes on 2 cores, see docs/zoo.md).
+``pytest -m slow tests/test_generality.py`` (about 2.5 minutes on 2 cores, see docs/zoo.md).
 """
 
 from __future__ import annotations
