@@ -345,3 +345,40 @@ def test_modules_method_fuses_output_wrappers(build_model, images, quiet, eager_
         assert torch.equal(a, b)
     ms.unfuse(model)
     assert type(model.blocks[0]) is ms.placement.MeanSparseOutput
+
+
+class _BehindIdentity(nn.Module):
+    """timm's pattern: BN, then a disabled drop-block (``nn.Identity``) or a dropout, then an in-place ReLU."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv1, self.bn1, self.drop1 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.Identity()
+        self.conv2, self.bn2, self.drop2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Dropout(0.2)
+        self.conv3, self.bn3, self.drop3 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Identity()
+        self.act1, self.act2, self.act3 = nn.ReLU(inplace=True), nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.act1(self.drop1(self.bn1(self.conv1(x))))
+        y = self.act2(self.drop2(self.bn2(self.conv2(x))))
+        return self.act3(self.drop3(self.bn3(self.conv3(y))) + x)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sites_behind_identity_like_modules_are_fused(compiled, monkeypatch):
+    """An nn.Identity / eval Dropout between the producer and the site hides neither who owns the input nor
+    (Identity) what produced it: every site fuses, bit-identically."""
+    if not compiled:
+        monkeypatch.setenv(ENV_VAR, "0")
+    else:
+        compiled_or_skip()
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)
+    model = calibrated(ms.prepare(_BehindIdentity().eval(), example_inputs=x[:2]), x, alpha=0.3)
+    ref = copy.deepcopy(model)
+    ms.fuse(model)
+    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]
+    producers = [o.fused_producer for o in ms.operators(model)]
+    assert producers[0] is not None and producers[1] is None and producers[2] is not None  # dropout: not absorbed
+    for mode in ("exact", "straight_through"):
+        for a, b in zip(outputs_and_grads(model, x, mode), outputs_and_grads(ref, x, mode), strict=True):
+            assert same(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import pytest
@@ -352,3 +353,179 @@ def test_prepare_keeps_the_models_mode(method, training):
         warnings.simplefilter("ignore")  # the modules method warns that it cannot see functional calls
         prepared = ms.prepare(net, method=method)
     assert all(m.training == training for m in prepared.modules())
+
+
+class CachedBias(nn.Module):
+    """Caches a tensor computed in forward, as timm's LeViT / EfficientFormer cache their attention bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return x + self.cache[key]
+
+
+class CachingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bias, self.act = nn.Conv2d(3, 4, 3, padding=1), CachedBias(), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bias(self.conv(x)))
+
+
+@pytest.mark.parametrize("method,probe", [("fx", False), ("fx", True), ("modules", True)])
+def test_prepare_sites_and_remove_leave_the_users_model_as_it_was(method, probe, images, quiet):
+    """Tracing runs forward on proxies: a cache filled in forward must not keep one (nor the probe's tensor)."""
+    import pickle
+
+    torch.manual_seed(0)
+    base = CachingNet().eval()
+    before = {m: dict(m.__dict__) for m in base.modules()}
+    assert len(ms.sites(base)) == 1
+    model = ms.prepare(base, method=method, example_inputs=images if probe else None)
+    assert ms.remove(model) is base
+    assert base.bias.cache == {} and all(m.__dict__ == d for m, d in before.items())
+    pickle.dumps(base)
+    with torch.no_grad():
+        out = base(images)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, model(images))
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm subclass (fx traces into it) that reads ``self.training`` itself."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return self.act(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: a random per-sample mask in train mode only."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class ModeNet(nn.Module):
+    """Every kind of ``self.training`` check that tracing bakes in: a BN-act module, drop-path, a dropout call
+    in the model's own forward."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv1, self.bnact = nn.Conv2d(3, c, 3, padding=1), BNAct(c)
+        self.conv2, self.bn2, self.drop = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), DropPath(0.5)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.bnact(self.conv1(x))
+        x = F.relu(self.drop(self.bn2(self.conv2(x))) + x)
+        return self.fc(F.dropout(x.mean((2, 3)), 0.3, training=self.training))
+
+
+def _run_train_step(model, x, seed=0):
+    torch.manual_seed(seed)
+    out = model(x)
+    (g,) = torch.autograd.grad(out.square().sum(), model.conv1.weight)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_mode_equals_the_base_model_at_alpha_zero(fused, images):
+    """Train-mode branches inside traced modules must run: BN statistics updates, drop-path, dropout."""
+    import copy
+
+    torch.manual_seed(0)
+    base = ModeNet()
+    model = ms.prepare(copy.deepcopy(base), method="fx", example_inputs=images)
+    if fused:
+        ms.fuse(model)
+    base.train()
+    model.train()
+    for seed in (0, 1):
+        for a, b in zip(_run_train_step(base, images, seed), _run_train_step(model, images, seed), strict=True):
+            assert torch.equal(a, b)
+    for (name, a), b in zip(base.state_dict().items(), (model.state_dict()[k] for k in base.state_dict()),
+                            strict=True):
+        assert torch.equal(a, b), name  # running statistics and num_batches_tracked updated alike
+    base.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(base(images), model(images))
+
+
+def test_a_model_in_mixed_modes_is_refused_not_run_wrong(images):
+    model = ms.prepare(ModeNet(), method="fx", example_inputs=images)
+    model.train()
+    model.bnact.eval()  # its eval branch is not in the train-mode graph
+    with pytest.raises(RuntimeError, match=r"bnact.*one mode"):
+        model(images)
+
+
+def test_numpy_constants_in_the_traced_code(images):
+    """timm's drop-path rates are NumPy floats: the traced code must not name ``np``."""
+    import numpy as np
+
+    class NumpyRate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.p = nn.Conv2d(3, 4, 3), np.float64(0.25)
+
+        def forward(self, x):
+            return F.dropout(F.relu(self.conv(x)), self.p, training=self.training) * self.p
+
+    torch.manual_seed(0)
+    base = NumpyRate().eval()
+    model = ms.prepare(base, method="fx", example_inputs=images)
+    for training in (False, True):
+        base.train(training)
+        model.train(training)
+        torch.manual_seed(1)
+        want = base(images)
+        torch.manual_seed(1)
+        assert torch.equal(model(images), want)
+
+
+class LayerDrop(nn.Module):
+    """Skips its layer at random in train mode with Python's generator: tracing bakes one draw in."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if self.training and random.random() < 0.5:
+            return F.relu(x)
+        return F.relu(self.conv(x))
+
+
+def test_a_train_graph_that_differs_from_the_model_is_not_used(images, monkeypatch):
+    """A train-mode branch fx cannot see (a Python random draw) makes train mode an error, never a number."""
+    draws = iter([0.1, 0.9, 0.9, 0.9])  # tracing skips the layer; the probes' model and graph run it
+    monkeypatch.setattr(random, "random", lambda: next(draws, 0.9))
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), LayerDrop()).eval()
+    model = ms.prepare(base, method="fx", example_inputs=images)
+    with torch.no_grad():
+        assert torch.equal(model(images), base(images))  # eval mode is fine
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode only.*does not reproduce"):
+        model(images)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 __all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
            "is_compiling", "tensors_sha256", "writable_dir", "atomic_path",
-           "frozen_parameters", "WriteError", "writing"]
+           "frozen_parameters", "preserved_state", "WriteError", "writing"]
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -176,3 +176,43 @@ def frozen_parameters(*models: nn.Module | None) -> Iterator[None]:
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of a container attribute's contents (one level), or None for anything else."""
+    if isinstance(obj, dict):
+        return dict(obj)
+    if isinstance(obj, (list, set)):
+        return copy.copy(obj)
+    return None
+
+
+def _restore(obj: Any, saved: Any) -> None:
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    elif isinstance(obj, list):
+        obj[:] = saved
+    else:
+        obj.clear()
+        obj.update(saved)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Every submodule's attributes as they were before the block, and the contents of attributes that are
+    dicts, lists or sets: a forward run on ``torch.fx`` proxies (or a probe) must not leave caches behind in
+    the user's model (timm's ``attention_bias_cache`` would keep a Proxy and the model would not pickle)."""
+    saved = []
+    for m in model.modules():
+        attrs = dict(m.__dict__)
+        containers = [(v, _snapshot(v)) for v in attrs.values()]
+        saved.append((m, attrs, [(v, c) for v, c in containers if c is not None]))
+    try:
+        yield
+    finally:
+        for m, attrs, containers in saved:
+            for v, contents in containers:
+                _restore(v, contents)
+            m.__dict__.clear()
+            m.__dict__.update(attrs)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..core import MeanSparse, operators
-from ..placement import MeanSparseActivation, MeanSparseOutput, fx_class, get_record
+from ..placement import MeanSparseActivation, MeanSparseOutput, fx_class, get_record, mode_forwards
 from ..placement.record import attach, attached, detach, restore_class, swap_class, swapped
 from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec, function_spec, method_spec, module_spec
 from .graph import fresh_module, private
@@ -94,14 +94,18 @@ def _node_spec(act: fx.Node, src: fx.Node, root: nn.Module) -> ActivationSpec | 
 
 class _Retracer(fx.Tracer):
     """The prepared forward is already flat fx code that only calls leaf modules: keep every module call a
-    call_module node, so the new graph is the old one (nothing is traced into)."""
+    call_module node, so the new graph is the old one (nothing is traced into).  Buffers stay graph values:
+    an in-place update in train mode (``num_batches_tracked.add_(1)``) must stay a graph op."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
 
 
-def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
-    graph = _Retracer().trace(root)
+def _fuse_graph(graph: fx.Graph, root: nn.Module, producers: bool, owned: dict[MeanSparse, bool]) -> int:
+    """Fuse the operator nodes of one traced forward; ``owned`` collects, per operator left as a plain fused
+    call, whether its input is private to it in this graph."""
     fused = 0
     for node in list(graph.nodes):
         if node.op != "call_module":
@@ -109,14 +113,15 @@ def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
         op = root.get_submodule(node.target)
         if not isinstance(op, MeanSparse) or node.kwargs or not node.users:
             continue
-        owned = private(node.args[0], root) if node.args else False
+        own = private(node.args[0], root) if node.args else False
         if op.kind in ("add", "output"):  # nothing to fuse after it: the operator alone, compiled
-            if op.inplace and not owned:
+            if op.inplace and not own:
                 continue
             _fuse_operator(op, IDENTITY_SPEC, None)
             node.kwargs = {"activation": IDENTITY_SPEC}
             fused += 1
-            _own_input(op, owned and not (producers and absorb_producer(graph, node, root, IDENTITY_SPEC)))
+            if not (producers and absorb_producer(graph, node, root, IDENTITY_SPEC)):
+                owned[op] = owned.get(op, True) and own
             continue
         if len(node.users) != 1:
             continue
@@ -134,12 +139,36 @@ def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
         graph.erase_node(act)
         _fuse_operator(op, spec, activation)
         fused += 1
-        _own_input(op, owned and not (producers and absorb_producer(graph, node, root, spec)))
+        if not (producers and absorb_producer(graph, node, root, spec)):
+            owned[op] = owned.get(op, True) and own
+    return fused
+
+
+def _fuse_fx(root: nn.Module, producers: bool = True) -> int:
+    """Fuse an fx-prepared model's forward (both forwards of a model traced differently per mode)."""
+    cls = type(root)
+    modes = mode_forwards(cls)
+    forwards = [cls.forward] if modes is None else [modes.eval, modes.train]
+    owned: dict[MeanSparse, bool] = {}
+    fused, new = 0, []
+    for forward in forwards:
+        if forward is None:
+            new.append(None)
+            continue
+        root.__class__ = fx_class(cls, forward)  # trace this graph
+        try:
+            graph = _Retracer().trace(root)
+        finally:
+            root.__class__ = cls
+        fused += _fuse_graph(graph, root, producers, owned)
+        graph.lint()
+        new.append(type(fx.GraphModule(root, graph, cls.__name__)).forward)
+    for op, own in owned.items():  # an operator in two graphs owns its input only if it does in both
+        _own_input(op, own)
     if not fused:
         return 0
-    graph.lint()
-    gm = fx.GraphModule(root, graph, type(root).__name__)
-    swap_class(root, fx_class(type(root), type(gm).forward))
+    fused_modes = None if modes is None else modes._replace(eval=new[0], train=new[1])
+    swap_class(root, fx_class(cls, new[0], fused_modes))
     return fused
 
 

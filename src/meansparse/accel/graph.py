@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["private", "fresh_module"]
+__all__ = ["private", "fresh_module", "pass_through", "through_identity"]
 
 
 def _fresh_modules() -> tuple[type[nn.Module], ...]:
@@ -33,11 +33,34 @@ def fresh_module(m: nn.Module) -> bool:
     return isinstance(m, _fresh_modules()) and not m._forward_hooks
 
 
+def pass_through(node: Any, root: nn.Module, dropout: bool = True) -> bool:
+    """Whether fx ``node`` calls an identity-like module with no hooks: ``nn.Identity`` (timm's placeholder for a
+    disabled drop / drop-block / attention layer), or with ``dropout`` a dropout module, which in eval mode
+    returns its input tensor itself and in train mode a new one."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    m = root.get_submodule(node.target)
+    kinds = (nn.Identity, nn.modules.dropout._DropoutNd) if dropout else (nn.Identity,)
+    return isinstance(m, kinds) and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def through_identity(node: Any, root: nn.Module) -> tuple[Any, list]:
+    """The node that produced ``node``'s tensor looking through ``nn.Identity`` calls read by one user only,
+    and the identity nodes passed."""
+    passed = []
+    while pass_through(node, root, dropout=False) and len(node.users) == 1 and len(passed) < 8:
+        passed.append(node)
+        node = node.args[0]
+    return node, passed
+
+
 def private(node: Any, root: nn.Module, depth: int = 0) -> bool:
     """Whether fx ``node``'s tensor is freshly allocated and read by a single user (so mutating it, or not,
     is invisible to the rest of the graph)."""
     if not isinstance(node, fx.Node) or len(node.users) != 1 or depth > 8:
         return False
+    if pass_through(node, root):  # the same tensor (identity, eval dropout) or a new one (train dropout)
+        return private(node.args[0], root, depth + 1)
     if node.op == "call_module":
         return fresh_module(root.get_submodule(node.target))
     if node.op == "call_function" and node.target in _FRESH_FUNCTIONS:

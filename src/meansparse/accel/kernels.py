@@ -9,11 +9,11 @@ the activation).  Here a custom :class:`torch.autograd.Function` does it with ``
   that recomputes the band from what was saved (``gradient="exact"``: zero in the band; ``"straight_through"``
   (BPDA): identity through the operator only), with the ATen backward op eager autograd uses
   (``threshold_backward``, ...).
-* split activations (GELU, SiLU, ELU, Mish, Hardswish): inductor's ``erf``/``exp`` differ from ATen's CPU
-  kernels by a few ulps and its Hardswish gradient at NaN differs, so fusing the activation would be neither
-  bit-identical nor faster.  The forward is a compiled sparsify kernel then ATen's own activation, saving only
-  ``y`` (the activation would have saved its input anyway); the backward is ATen's activation backward at
-  ``y``, then (exact mode) one compiled kernel zeroing the band, recognised from ``y``
+* split activations (GELU, SiLU, ELU, Mish, Hardswish, Hardtanh / ReLU6): inductor's ``erf``/``exp`` differ
+  from ATen's CPU kernels by a few ulps and its Hardswish gradient at NaN differs, so fusing the activation
+  would be neither bit-identical nor faster.  The forward is a compiled sparsify kernel then ATen's own
+  activation, saving only ``y`` (the activation would have saved its input anyway); the backward is ATen's
+  activation backward at ``y``, then (exact mode) one compiled kernel zeroing the band, recognised from ``y``
   (:func:`~meansparse.core.band.band_from_output`).  Where fusing found the input private to the site (a
   Linear's output read by nothing else, :func:`owns_input`), ``y`` is written over it: no new full-size
   tensor, which with glibc's default allocator costs as much as the pass (page faults).
@@ -109,6 +109,10 @@ ACTIVATIONS: dict[str, ActivationMath] = {
     "hardswish": ActivationMath(
         lambda x, p, inplace: F.hardswish(x, inplace=inplace),
         lambda g, y, p: torch.ops.aten.hardswish_backward(g, y),
+    ),
+    "hardtanh": ActivationMath(  # ReLU6 is hardtanh(0, 6)
+        lambda x, p, inplace: F.hardtanh(x, _p(p, 0, -1.0), _p(p, 1, 1.0), inplace=inplace),
+        lambda g, y, p: torch.ops.aten.hardtanh_backward(g, y, _p(p, 0, -1.0), _p(p, 1, 1.0)),
     ),
     # sites with no activation after them (residual adds, module outputs): the operator alone, compiled
     IDENTITY: ActivationMath(lambda x, p, inplace: x, lambda g, y, p: g),

@@ -17,7 +17,8 @@ autograd); on any difference that key keeps the unfused producer for good (logge
 
 Scope (fx-prepared models, at :func:`meansparse.fuse` time).  Absorbed: an ``nn.BatchNorm1d/2d/3d`` call
 whose output only the site reads; an ``add`` of two tensors whose result only the site reads, with a
-BatchNorm call directly feeding either side absorbed too.  Activations: ReLU and the split path.  Every call
+BatchNorm call directly feeding either side absorbed too; ``nn.Identity`` calls between that BatchNorm / add
+and the site are looked through (and dropped).  Activations: ReLU and the split path.  Every call
 re-checks what fx cannot know (BN in eval mode with running statistics, no hooks on the operator or the BN
 modules, BN parameters not requiring grad under autograd, inputs of one shape, dtype and layout, big enough,
 compilation on, operator calibrated with alpha > 0 and not observing); otherwise the absorbed modules run as
@@ -43,7 +44,7 @@ from ..core import ATTACK_MODES, MeanSparse, StraightThrough, broadcast_channel,
 from ..core.band import band_from_output, relu_grad_from_output
 from ..placement.record import attach, attached
 from ..placement.registry import IDENTITY, ActivationSpec, is_add, is_inplace_add
-from .graph import private
+from .graph import private, through_identity
 from .kernels import ACTIVATIONS, KernelLayout, act_eager, backward_inputs, compiled_layout, save_and_activate
 
 __all__ = ["fused_site", "absorb_producer", "describe", "verdicts", "compiled_kernels", "separate_cache",
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Activations whose fused site can take a producer: ReLU (one kernel), the split path, and no activation.
-SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", IDENTITY)
+SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", "hardtanh", IDENTITY)
 
 #: A producer expression: ("x", i) input i; ("bn", j, ("x", i)) BatchNorm j of input i; ("add", a, b).
 Struct = tuple
@@ -441,8 +442,8 @@ def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: ActivationSpec
         leaves.append(n)
         return ("x", len(leaves) - 1)
 
-    src = node.args[0]
-    if len(src.users) != 1:
+    src, passed = through_identity(node.args[0], root)
+    if not isinstance(src, fx.Node) or len(src.users) != 1:
         return False
     if _is_add(src):
         absorbed.append(src)
@@ -461,6 +462,8 @@ def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: ActivationSpec
         new = graph.call_function(fused_site, (op_attr, spec, struct, bn_attrs, *leaves))
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    for n in passed:  # the identity calls between the producer and the site, last first
+        graph.erase_node(n)
     for n in absorbed:  # outermost first: each has no users left once the site is gone
         graph.erase_node(n)
     op.fused_producer = describe(struct)

@@ -6,7 +6,7 @@ record ``prepare`` leaves for ``remove``/``save``/``load`` (:mod:`.record`), and
 (:mod:`.sites`).  Depends on :mod:`meansparse.core` only.
 """
 
-from .prepare import FxPrepared, fx_class, prepare, prepare_from_config, remove
+from .prepare import FxPrepared, fx_class, mode_forwards, prepare, prepare_from_config, remove
 from .presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .record import PreparedRecord, find_prepared, get_record
 from .registry import ActivationSpec, register_activation
@@ -24,6 +24,7 @@ __all__ = [
     "detect_preset",
     "find_prepared",
     "fx_class",
+    "mode_forwards",
     "get_record",
     "prepare",
     "prepare_from_config",

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 from torch import nn
 
-from .._utils import eval_mode, model_device, shallow_copy
+from .._utils import model_device, preserved_state, shallow_copy
 from .candidates import Candidate, make_operator, matches, unique_names
 from .registry import (
     activation_classes,
@@ -25,25 +25,42 @@ from .registry import (
     is_activation_module,
     is_add,
     is_inplace_add,
+    is_site,
     is_transparent,
     method_activation,
     producer_hint,
 )
 from .wrappers import WRAPPERS
 
-__all__ = ["FxResult", "prepare_fx"]
+__all__ = ["FxResult", "ModeForwards", "prepare_fx"]
+
+
+class ModeForwards(NamedTuple):
+    """The forwards of a model whose trace depends on ``self.training``: eval's, train's (None when it is not
+    available, ``issue`` says why), and the traced-through modules that read ``training``."""
+
+    eval: Callable
+    train: Callable | None
+    issue: str | None
+    modules: tuple[str, ...]
 
 
 class FxResult(NamedTuple):
-    """A shallow copy of the model holding the operators, the traced forward to give it, and its source."""
+    """A shallow copy of the model holding the operators, the traced forward to give it, and its source;
+    ``modes`` when train and eval mode trace differently."""
 
     prepared: nn.Module
     forward: Callable
     attr: str  # name of the ModuleList holding the operators
     code: str
+    modes: ModeForwards | None = None
 
 
 class _Tracer(fx.Tracer):
+    # buffers as graph inputs: an in-place update (timm's num_batches_tracked.add_(1)) is a graph op, not a
+    # change made to the user's buffer once while tracing
+    proxy_buffer_attributes = True
+
     def __init__(self, names: set[str] | None, outputs: Sequence[re.Pattern] = ()) -> None:
         super().__init__()
         self._names = names
@@ -140,7 +157,7 @@ def _activation_candidate(node: fx.Node, gm: fx.GraphModule, names: set[str] | N
             entry, kind = method_activation(node.target), "method"
         else:
             return None
-        if entry is None or (names is not None and entry.name not in names):
+        if not is_site(entry, names):
             return None
         act, path = entry.name, _node_scope(node)
         if kind == "function":
@@ -195,11 +212,27 @@ def _candidates(
     return cands
 
 
-def _trace(model: nn.Module, names: set[str] | None, outputs: Sequence[re.Pattern] = ()) -> fx.GraphModule:
+def _trace(model: nn.Module, names: set[str] | None, outputs: Sequence[re.Pattern] = (),
+           training: bool = False) -> fx.GraphModule:
+    """The graph of ``model`` in eval (or train) mode: branches on ``self.training`` are baked in."""
     tracer = _Tracer(names, outputs)
-    with eval_mode(model):  # branches on self.training are baked in: trace the inference behaviour
+    with preserved_state(model):  # restores every module's mode too
+        model.train(training)
         graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        _plain_constants(graph)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") else v
+
+
+def _plain_constants(graph: fx.Graph) -> None:
+    """NumPy scalars in call arguments as Python numbers: the generated code cannot name ``np`` (timm's
+    drop-path rates are ``np.float64``; the train-mode graph failed with a NameError)."""
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, _plain)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, _plain)
 
 
 def _resolve(root: nn.Module, target: str) -> Any:
@@ -227,14 +260,50 @@ def prepare_fx(
                 f"outputs= matches {inner[:3]}, which torch.fx traces through (they have submodules), so their "
                 "output is not one graph node; match leaf modules (e.g. '.mlp.fc2$') or use method='modules'"
             )
-    chosen = select(_candidates(gm, names, outputs, residual_adds))
+    cands = _candidates(gm, names, outputs, residual_adds)
+    chosen = select(cands)
+    train, issue = _train_graph(model, names, outputs, residual_adds, gm, cands, chosen)
     prepared = shallow_copy(model)
     attr = "meansparse"
-    while hasattr(prepared, attr) or hasattr(gm, attr):
+    while hasattr(prepared, attr) or hasattr(gm, attr) or (train is not None and hasattr(train[0], attr)):
         attr += "_"
     ops = nn.ModuleList()
     for k, c in enumerate(chosen):
         ops.append(make_operator(c, k, centering, model_device(model)))
+    _insert(gm, ops, attr, chosen, prepared)
+    train_forward = None
+    if train is not None:
+        _insert(train[0], ops, attr, train[1], prepared, suffix="_train")
+        train_forward = type(train[0]).forward
+    prepared.add_module(attr, ops)
+    modes = None
+    if train is not None or issue is not None:
+        modes = ModeForwards(type(gm).forward, train_forward, issue, _mode_modules(model, gm))
+    return FxResult(prepared, type(gm).forward, attr, gm.code, modes)
+
+
+def _train_graph(model: nn.Module, names: set[str] | None, outputs: Sequence[re.Pattern], residual_adds: bool,
+                 gm: fx.GraphModule, cands: list[Candidate], chosen: list[Candidate]) -> tuple[Any, str | None]:
+    """The train-mode trace and its chosen candidates when it differs from the eval trace (``self.training``
+    checks inside traced modules are baked in: timm's BatchNormAct2d, drop-path), else None; and why a
+    train-mode forward is not available, if it is not."""
+    try:
+        tgm = _trace(model, names, outputs, training=True)
+    except Exception as e:  # noqa: BLE001 - any failure: eval mode still works
+        return None, f"torch.fx cannot trace it in train mode ({type(e).__name__}: {str(e).splitlines()[0]})"
+    if tgm.code == gm.code:
+        return None, None
+    tcands = _candidates(tgm, names, outputs, residual_adds)
+    if [c.name for c in tcands] != [c.name for c in cands]:
+        return None, "its activation sites differ between train and eval mode"
+    by_name = {c.name: c for c in tcands}
+    return (tgm, [by_name[c.name] for c in chosen]), None
+
+
+def _insert(gm: fx.GraphModule, ops: nn.ModuleList, attr: str, chosen: list[Candidate], prepared: nn.Module,
+            suffix: str = "") -> None:
+    """Put operator ``k`` of ``ops`` at ``chosen[k]`` in ``gm``; tracing constants go onto ``prepared``
+    (renamed with ``suffix``, so that a second graph's constants do not replace the first's)."""
     gm.add_module(attr, ops)
     for k, c in enumerate(chosen):  # in graph order, so an activation sees an earlier add's operator
         node: fx.Node = c.node
@@ -250,8 +319,6 @@ def prepare_fx(
             node.update_arg(where, new)
         else:
             node.update_kwarg(where, new)
-    gm.graph.lint()
-    gm.recompile()
     for node in gm.graph.nodes:  # constants created while tracing live on the GraphModule only
         if node.op == "get_attr":
             try:
@@ -259,6 +326,31 @@ def prepare_fx(
             except AttributeError:
                 if "." in node.target:
                     raise
-                prepared.__dict__[node.target] = getattr(gm, node.target)
-    prepared.add_module(attr, ops)
-    return FxResult(prepared, type(gm).forward, attr, gm.code)
+                value = getattr(gm, node.target)
+                node.target = node.target + suffix
+                prepared.__dict__[node.target] = value
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _reads_training(cls: type) -> bool:
+    """Whether a method of ``cls`` (not of nn.Module) reads an attribute named ``training``."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for fn in vars(klass).values():
+            code = getattr(fn, "__code__", None)
+            if code is not None and "training" in code.co_names:
+                return True
+    return False
+
+
+def _mode_modules(model: nn.Module, gm: fx.GraphModule) -> tuple[str, ...]:
+    """Modules that tracing went into and whose code reads ``self.training``: their train / eval branch is
+    baked into the graph, so they must be in the model's mode (the root's) when it runs."""
+    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    out = []
+    for q, m in model.named_modules():
+        if q and not any(q == leaf or q.startswith(leaf + ".") for leaf in leaves) and _reads_training(type(m)):
+            out.append(q)
+    return tuple(out)

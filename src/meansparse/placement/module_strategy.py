@@ -11,14 +11,16 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .._utils import as_args, eval_mode, model_device, shallow_copy
+from .._utils import as_args, eval_mode, model_device, preserved_state, shallow_copy
 from ..core import MeanSparse
 from .candidates import Candidate, make_operator, matches
 from .registry import (
@@ -90,7 +92,7 @@ class _ProbeMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.in_activation == 0:
             entry = function_activation(func) or method_activation(func)
-            if entry is not None:
+            if entry is not None and not entry.secondary:  # a sigmoid is mostly a gate
                 key = (self.scope[-1], entry.name)
                 self.uncovered[key] = self.uncovered.get(key, 0) + 1
         if isinstance(out, Tensor):
@@ -311,8 +313,11 @@ def prepare_modules(
             order=order,
         )
 
+    # the probes leave no cache behind in the user's modules (in place, the user's model is the prepared one)
+    untouched = nullcontext if inplace else partial(preserved_state, model)
     if example_inputs is not None:
-        probe = _probe(target, [c.op for c in cands], as_args(example_inputs), names, outputs, residual_adds)
+        with untouched():
+            probe = _probe(target, [c.op for c in cands], as_args(example_inputs), names, outputs, residual_adds)
         reused = []
         for c in cands:
             rec = probe.ops[id(c.op)]
@@ -379,6 +384,6 @@ def prepare_modules(
         op.after_residual_add = c.after_residual_add
         ops.append(op)
     if example_inputs is not None and any(op.channels is None for op in ops):
-        with eval_mode(target), torch.no_grad():  # operators added after the probe see data now too
+        with untouched(), eval_mode(target), torch.no_grad():  # operators added after the probe see data now too
             target(*as_args(example_inputs))
     return target, ops

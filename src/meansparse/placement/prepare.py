@@ -21,26 +21,28 @@ site kind ``"add"``).  ``preset=`` picks these arguments for known architecture 
 from __future__ import annotations
 
 import copy
+import random
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .._utils import as_args, eval_mode
+from .._utils import as_args, eval_mode, preserved_state
 from ..core import check_centering, operators
 from .candidates import Candidate, SelectionError, select
-from .fx_strategy import prepare_fx
+from .fx_strategy import ModeForwards, prepare_fx
 from .module_strategy import prepare_modules, registrations
 from .presets import register_family_activations, resolve_preset
 from .record import PreparedRecord, clear_record, get_record, set_record
-from .registry import activation_names
+from .registry import activation_lookalikes, activation_names, secondary_names
 from .wrappers import WRAPPERS, MeanSparseActivation, MeanSparseOutput
 
-__all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class"]
+__all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class", "mode_forwards"]
 
 
 class FxPrepared:
@@ -82,15 +84,39 @@ def rebuild_fx(original: nn.Module, config: dict, states: list[dict]) -> nn.Modu
     return model
 
 
-def fx_class(cls: type, forward: Callable) -> type:
-    """``cls`` with ``forward`` (a traced graph's): the class of an fx-prepared (or fused) model."""
+def fx_class(cls: type, forward: Callable, modes: ModeForwards | None = None) -> type:
+    """``cls`` with ``forward`` (a traced graph's): the class of an fx-prepared (or fused) model.  With
+    ``modes`` (train and eval mode trace differently) the forward runs ``modes.eval`` or ``modes.train`` by
+    the model's mode."""
     base = next(c for c in cls.__mro__ if not issubclass(c, FxPrepared) and c is not object
                 and issubclass(c, nn.Module))
-    return type(
-        base.__name__,
-        (FxPrepared, base),
-        {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__},
-    )
+    body = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__}
+    if modes is not None:
+        body.update(forward=_by_mode, _meansparse_modes=modes)
+    return type(base.__name__, (FxPrepared, base), body)
+
+
+def mode_forwards(cls: type) -> ModeForwards | None:
+    """The per-mode forwards of an fx-prepared class, or None when one graph serves both modes."""
+    return getattr(cls, "_meansparse_modes", None)
+
+
+def _by_mode(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a model traced differently in train and eval mode: the graph of its mode."""
+    modes: ModeForwards = type(self)._meansparse_modes  # type: ignore[attr-defined]
+    mixed = [q for q in modes.modules if self.get_submodule(q).training != self.training]
+    if mixed:
+        raise RuntimeError(
+            f"{type(self).__name__} is in {'train' if self.training else 'eval'} mode but {mixed[:3]} are not: "
+            "torch.fx baked their train / eval branches into the prepared forward, so the whole model must be "
+            "in one mode (model.train() / model.eval()), or prepare with method='modules'"
+        )
+    if not self.training:
+        return modes.eval(self, *args, **kwargs)
+    if modes.train is None:
+        raise RuntimeError(f"this fx-prepared {type(self).__name__} runs in eval mode only: {modes.issue}; "
+                           "put it in eval mode, or prepare with method='modules' to run it in train mode")
+    return modes.train(self, *args, **kwargs)
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
@@ -115,6 +141,9 @@ def _as_list(v: str | Sequence[str] | None) -> list[str]:
     if isinstance(v, str):
         return [v]
     return list(v)
+
+
+ACTIVATION_KINDS = ("module", "function", "method")
 
 
 def prepare(
@@ -147,6 +176,56 @@ def prepare(
     sites.  ``preset`` applies the placement of an architecture family: ``"dm_wrn"``, ``"rawrn"``,
     ``"swin"``, ``"convnext"``, ``"generic"`` or ``"auto"`` (detected; see :mod:`meansparse.placement.presets`);
     its exclusions and outputs are added to the ones given here.
+
+    Tanh / Sigmoid / Hardsigmoid (mostly gates) get sites only in a model with no other known activation;
+    a model with no activation site at all is a warning naming the modules that look like activations.
+    """
+    kw = dict(exclude=exclude, include=include, indices=indices, centering=centering, example_inputs=example_inputs,
+              method=method, inplace=inplace, after_residual_add=after_residual_add, outputs=outputs,
+              residual_adds=residual_adds, preset=preset)
+    found: dict[str, bool] = {}
+    prepared = _prepare(model, activations=activations, found=found, **kw)
+    if activations is not None or found.get("activation", True):
+        return prepared
+    secondary = sorted(secondary_names())
+    alt_found: dict[str, bool] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first attempt has already said what there was to say
+        alt = _prepare(remove(prepared), activations=secondary, found=alt_found, **kw)
+    if alt_found.get("activation"):
+        return alt
+    prepared = _prepare(remove(alt), activations=None, found={}, **kw)
+    _warn_no_activation(model)
+    return prepared
+
+
+def _warn_no_activation(model: nn.Module) -> None:
+    looks = activation_lookalikes(model)
+    hint = (f"modules that look like activations: {', '.join(f'{k} x{v}' for k, v in sorted(looks.items()))}; "
+            "if they are, register their classes with meansparse.register_activation(cls) and prepare again"
+            if looks else "register the model's activation with meansparse.register_activation(cls_or_function)")
+    warnings.warn(f"meansparse.prepare: no known activation in {type(model).__name__}, so no site before an "
+                  f"activation; {hint}.", stacklevel=3)
+
+
+def _prepare(
+    model: nn.Module,
+    exclude: str | Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    indices: int | Sequence[int] | None = None,
+    centering: str = "channel",
+    activations: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    method: str = "auto",
+    inplace: bool = False,
+    *,
+    after_residual_add: bool | None = None,
+    outputs: str | Sequence[str] | None = None,
+    residual_adds: bool = False,
+    preset: str | None = None,
+    found: dict[str, bool] | None = None,
+) -> nn.Module:
+    """:func:`prepare`; ``found["activation"]`` says whether the model had activation sites to select from.
     """
     if method not in ("auto", "fx", "modules"):
         raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {method!r}")
@@ -171,6 +250,8 @@ def prepare(
     out_patterns = [re.compile(p) for p in outs]
 
     def chosen(cands: list[Candidate]) -> list[Candidate]:
+        if found is not None:
+            found["activation"] = any(c.kind in ACTIVATION_KINDS for c in cands)
         return select(cands, inc, exc, after_residual_add, indices)
 
     config = {
@@ -195,14 +276,19 @@ def prepare(
         try:
             fx = prepare_fx(model, names, chosen, centering, out_patterns, residual_adds)
             prepared = fx.prepared
-            prepared.__class__ = fx_class(type(model), fx.forward)
-            if args is not None:
-                with eval_mode(model), torch.no_grad():
+            prepared.__class__ = fx_class(type(model), fx.forward, fx.modes)
+            if args is not None:  # the probe leaves no cache behind in the user's modules
+                with preserved_state(model), eval_mode(model), torch.no_grad():
                     ref = model(*args)
-                with eval_mode(prepared), torch.no_grad():
+                with preserved_state(model), eval_mode(prepared), torch.no_grad():
                     got = prepared(*args)  # also fixes layouts and channel counts
                 if not _same_outputs(ref, got):
                     raise RuntimeError("the traced model does not reproduce the original outputs")
+                if fx.modes is not None and fx.modes.train is not None:
+                    issue = _train_probe(model, prepared, args)
+                    if issue is not None:  # eval mode stays available; train mode says why it is not
+                        prepared.__class__ = fx_class(type(model), fx.forward,
+                                                      fx.modes._replace(train=None, issue=issue))
         except SelectionError:
             raise
         except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
@@ -242,6 +328,47 @@ def prepare(
     config["method"] = "modules"
     set_record(target, PreparedRecord(original=None if inplace else model, config=config))
     return _match_mode(target, before)
+
+
+@contextmanager
+def _train_run(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Train mode, no grad, the torch and Python random generators seeded; afterwards every buffer, attribute,
+    mode and generator as before (a probe must not move BatchNorm statistics or the user's random streams)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    state = random.getstate()
+    cuda = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda), preserved_state(model), torch.no_grad():
+            torch.manual_seed(seed)
+            random.seed(seed)
+            model.train()
+            yield
+    finally:
+        random.setstate(state)
+        for m, t in modes:
+            m.training = t
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+
+
+def _train_probe(model: nn.Module, prepared: nn.Module, args: tuple) -> str | None:
+    """Why the prepared model's train-mode graph cannot stand in for the model in train mode (it fails, or
+    its outputs differ on the example inputs with the same random streams), or None."""
+    try:
+        with _train_run(model):
+            ref = model(*args)
+    except Exception:  # noqa: BLE001 - e.g. BatchNorm on one value per channel: nothing to compare with
+        return None
+    try:
+        with _train_run(prepared):
+            got = prepared(*args)
+    except Exception as e:  # noqa: BLE001
+        return f"its train-mode graph fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not _same_outputs(ref, got):
+        return "its train-mode graph does not reproduce the model in train mode (a branch torch.fx cannot see)"
+    return None
 
 
 def _match_mode(prepared: nn.Module, before: dict[int, bool]) -> nn.Module:

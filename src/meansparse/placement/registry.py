@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import operator as _op
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -30,6 +31,9 @@ __all__ = [
     "function_activation",
     "method_activation",
     "is_activation_module",
+    "is_site",
+    "secondary_names",
+    "activation_lookalikes",
     "activation_names",
     "module_spec",
     "call_arguments",
@@ -63,6 +67,8 @@ class Activation:
     kind: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
     inplace: bool = False
+    #: a gate as often as an activation (Tanh, Sigmoid): a site only where the model has no main activation
+    secondary: bool = False
 
 
 class ActivationSpec(NamedTuple):
@@ -85,6 +91,14 @@ _MODULES: dict[type[nn.Module], Activation] = {
     nn.Hardswish: Activation("Hardswish", "hardswish"),
     nn.Softplus: Activation("Softplus", "softplus", (("beta", 1.0), ("threshold", 20.0))),
     nn.PReLU: Activation("PReLU"),  # learnable slope: inserted, not fused
+    nn.ReLU6: Activation("ReLU6", "hardtanh", (("min_val", 0.0), ("max_val", 6.0))),
+    nn.Hardtanh: Activation("Hardtanh", "hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
+    nn.SELU: Activation("SELU", GENERIC_KIND),
+    nn.CELU: Activation("CELU", GENERIC_KIND),
+    nn.RReLU: Activation("RReLU", GENERIC_KIND),  # random slope in train mode: its own forward
+    nn.Tanh: Activation("Tanh", GENERIC_KIND, secondary=True),
+    nn.Sigmoid: Activation("Sigmoid", GENERIC_KIND, secondary=True),
+    nn.Hardsigmoid: Activation("Hardsigmoid", GENERIC_KIND, secondary=True),
 }
 
 # F.gelu / F.softplus / F.relu_ are C builtins shared with torch.*
@@ -102,6 +116,15 @@ _FUNCTIONS: dict[Callable, Activation] = {
     F.hardswish: Activation("F.hardswish", "hardswish"),
     F.softplus: Activation("F.softplus", "softplus", (("beta", 1.0), ("threshold", 20.0))),
     F.prelu: Activation("F.prelu"),
+    F.relu6: Activation("F.relu6", "hardtanh", (("min_val", 0.0), ("max_val", 6.0))),
+    F.hardtanh: Activation("F.hardtanh", "hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
+    F.hardtanh_: Activation("F.hardtanh_", "hardtanh", (("min_val", -1.0), ("max_val", 1.0)), inplace=True),
+    F.selu: Activation("F.selu"),
+    F.celu: Activation("F.celu"),
+    F.rrelu: Activation("F.rrelu"),
+    torch.tanh: Activation("torch.tanh", secondary=True),
+    torch.sigmoid: Activation("torch.sigmoid", secondary=True),
+    F.hardsigmoid: Activation("F.hardsigmoid", secondary=True),
 }
 # F.relu_ is torch.relu_ where both exist; keep the name fx records for it
 _FUNCTIONS.setdefault(F.relu_, Activation("F.relu_", "relu", inplace=True))
@@ -109,8 +132,12 @@ _FUNCTIONS.setdefault(F.relu_, Activation("F.relu_", "relu", inplace=True))
 _METHODS: dict[str, Activation] = {
     "relu": Activation("Tensor.relu", "relu"),
     "relu_": Activation("Tensor.relu_", "relu", inplace=True),
+    "tanh": Activation("Tensor.tanh", secondary=True),
+    "sigmoid": Activation("Tensor.sigmoid", secondary=True),
 }
-_METHOD_OBJECTS: dict[Any, Activation] = {torch.Tensor.relu: _METHODS["relu"], torch.Tensor.relu_: _METHODS["relu_"]}
+_METHOD_OBJECTS: dict[Any, Activation] = {torch.Tensor.relu: _METHODS["relu"], torch.Tensor.relu_: _METHODS["relu_"],
+                                          torch.Tensor.tanh: _METHODS["tanh"],
+                                          torch.Tensor.sigmoid: _METHODS["sigmoid"]}
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -161,12 +188,44 @@ def method_activation(name_or_method: Any) -> Activation | None:
 
 
 def is_activation_module(m: nn.Module, names: set[str] | None = None) -> bool:
-    """Whether ``m`` is an activation site: one of ``names`` (class names) if given, else any registered class."""
+    """Whether ``m`` is an activation site: one of ``names`` (class names) if given, else any registered class
+    that is not :func:`secondary <secondary_names>`."""
     if isinstance(m, WRAPPERS):
         return False
     if names is not None:
         return type(m).__name__ in names
-    return isinstance(m, activation_classes())
+    entry = module_activation(m)
+    return entry is not None and not entry.secondary
+
+
+def is_site(entry: Activation | None, names: set[str] | None) -> bool:
+    """Whether a function / method entry is an activation site: named in ``names``, else not secondary."""
+    if entry is None:
+        return False
+    return entry.name in names if names is not None else not entry.secondary
+
+
+def secondary_names() -> set[str]:
+    """Activations that are as often gates (SE, attention) as activations: Tanh, Sigmoid, Hardsigmoid.
+    ``prepare`` puts sites before them only in a model that has no other activation."""
+    tables = (_MODULES.values(), _FUNCTIONS.values(), _METHODS.values())
+    return {a.name for table in tables for a in table if a.secondary}
+
+
+_LOOKALIKE = re.compile(r"(?i)(act|relu|elu|lu\d*$|swish|gelu|mish|sigmoid|tanh|softplus|hardswish|star)")
+
+
+def activation_lookalikes(model: nn.Module) -> dict[str, int]:
+    """Classes of childless modules that look like activations (by name, e.g. ``QuickGELU``, ``StarReLU``)
+    and are not registered, with their counts: what the no-site warning names."""
+    found: dict[str, int] = {}
+    for m in model.modules():
+        if m._modules or module_activation(m) is not None or isinstance(m, WRAPPERS):
+            continue
+        name = type(m).__name__
+        if _LOOKALIKE.search(name):
+            found[name] = found.get(name, 0) + 1
+    return found
 
 
 def activation_names(activations: Iterable[Any] | None) -> set[str] | None:
@@ -250,7 +309,8 @@ def function_spec(fn: Callable, args: tuple, kwargs: dict) -> ActivationSpec | N
     bound = call_arguments(fn, args, kwargs)
     if bound is None:
         return None
-    params = tuple(_constant(bound.get(name)) for name, _ in entry.params)
+    # a parameter the function does not take is fixed by it (F.relu6: hardtanh's 0 and 6)
+    params = tuple(_constant(bound.get(name, default)) for name, default in entry.params)
     if any(p is None for p in params):
         return None
     return ActivationSpec(entry.kind, params, entry.inplace or bool(bound.get("inplace", False)))
