@@ -17,6 +17,19 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits CNN trained for a few seconds (standard training), so that attacks have examples to attack."""
+    from meansparse.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 8}, dataset="digits",
+                      method="standard", epochs=3, batch_size=64, lr=0.05, n_holdout=100, eval_n=50, eval_steps=0,
+                      augment=False)
+    train(cfg, out, progress=False)
+    return out / "best"
+
+
 # ----------------------------------------------------------------------------------- CIFAR ResNet-18
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:

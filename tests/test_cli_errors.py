@@ -75,19 +75,6 @@ def ckpt(tmp_path):
     return _checkpoint(tmp_path / "digits-cnn")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A digits CNN trained for a few seconds (standard training), so that attacks have examples to attack."""
-    from meansparse.training import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 8}, dataset="digits",
-                      method="standard", epochs=3, batch_size=64, lr=0.05, n_holdout=100, eval_n=50, eval_steps=0,
-                      augment=False)
-    train(cfg, out, progress=False)
-    return out / "best"
-
-
 @pytest.fixture
 def fake_cifar(tmp_path, monkeypatch):
     """A six-image-per-split CIFAR-shaped JPEG archive standing in for cifar10-jpg (the other eight CIFAR-10

@@ -23,19 +23,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEANSPARSE_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A digits CNN trained for a few seconds, so that attacks have clean-correct examples to attack."""
-    from meansparse.training import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(model="small_cnn", model_kwargs={"activation": "relu", "width": 8}, dataset="digits",
-                      method="standard", epochs=3, batch_size=64, lr=0.05, n_holdout=100, eval_n=50, eval_steps=0,
-                      augment=False)
-    train(cfg, out, progress=False)
-    return out / "best"
-
-
 def _interrupt_after(monkeypatch, batches: int) -> None:
     """Ctrl-C while the calibration folds in batch ``batches`` (the ones before it are kept)."""
     real, calls = calibration._check_finite, []

@@ -140,26 +140,26 @@ def seed_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (a learning rate: nan or inf would train nothing, silently)."""
+def _float_at_least(text: str, low: float, strict: bool) -> float:
+    """A finite float above ``low`` (``strict``) or at least ``low``, or argparse's error naming the bound."""
+    bound = f"a number {'>' if strict else '>='} {low:g}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}") from None
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise argparse.ArgumentTypeError(f"must be a finite {bound.removeprefix('a ')}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate: nan or inf would train nothing, silently)."""
+    return _float_at_least(text, 0.0, strict=True)
 
 
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number >= 0 (a loss weight)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _float_at_least(text, 0.0, strict=False)
 
 
 def parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["KINDS", "LIBRARY_LOGGER", "NORMS", "Attack", "SuccessTracker", "num_classes", "require_pyautoattack"]
+__all__ = ["KINDS", "LIBRARY_LOGGER", "NORMS", "Attack", "SuccessTracker", "Wrapper", "num_classes",
+           "require_pyautoattack"]
 
 NORMS = ("Linf", "L2")
 #: logger handed to pyautoattack's APGD so its zero-gradient alarms end up in the report
@@ -96,6 +97,25 @@ class Attack:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+
+
+class Wrapper(Attack):
+    """An attack that runs ``inner`` on another view of the model (BPDA, the surrogates): same threat model,
+    same seeds as ``inner`` (so the two differ only in what the attack sees), a larger budget scales ``inner``."""
+
+    def __init__(self, inner: Attack) -> None:
+        super().__init__(norm=inner.norm, eps=inner.eps)
+        self.inner = inner
+
+    @property
+    def seed_key(self) -> str:
+        return self.inner.seed_key
+
+    def _rescale(self, factor: int) -> None:
+        self.inner = self.inner.scaled(factor)
+
+    def params(self) -> dict[str, Any]:
+        return {"inner": self.inner.settings()}
 
 
 class SuccessTracker:

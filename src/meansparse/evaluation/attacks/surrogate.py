@@ -23,7 +23,7 @@ from torch import nn
 
 from ...core import check_sharpness
 from ...placement import gradient_mode
-from .base import Attack
+from .base import Attack, Wrapper
 from .transfer import zero_alphas
 
 __all__ = ["SURROGATE_PREFIXES", "DEFAULT_SHARPNESS_SET", "GradientMix", "Surrogate", "sharpness_values"]
@@ -65,7 +65,7 @@ class GradientMix(nn.Module):
         return a + mix - mix.detach()
 
 
-class Surrogate(Attack):
+class Surrogate(Wrapper):
     """``inner`` with gradients from a soft threshold of each sharpness in turn (see module docstring)."""
 
     kind = "surrogate"
@@ -73,26 +73,19 @@ class Surrogate(Attack):
     def __init__(self, inner: Attack, prefix: str = "sg", *,
                  sharpness: float | Sequence[float] = DEFAULT_SHARPNESS_SET, weight: float = 0.5,
                  base_model: nn.Module | None = None) -> None:
-        super().__init__(norm=inner.norm, eps=inner.eps)
+        super().__init__(inner)
         if prefix not in SURROGATE_PREFIXES:
             raise ValueError(f"unknown surrogate prefix {prefix!r}: use one of {', '.join(SURROGATE_PREFIXES)}")
         if not 0 <= float(weight) <= 1:
             raise ValueError(f"ensemble weight must lie in [0, 1], got {weight!r}")
-        self.inner, self.prefix = inner, prefix
+        self.prefix = prefix
         self.sharpness = sharpness_values(sharpness)
         self.weight = float(weight)
         self.base_model = base_model
         self.name = f"{prefix}-{inner.name}"
 
-    @property
-    def seed_key(self) -> str:
-        return self.inner.seed_key
-
-    def _rescale(self, factor: int) -> None:
-        self.inner = self.inner.scaled(factor)
-
     def params(self):
-        out = {"inner": self.inner.settings(), "surrogate": self.prefix, "sharpness": list(self.sharpness)}
+        out = {**super().params(), "surrogate": self.prefix, "sharpness": list(self.sharpness)}
         if self.prefix == "ens":
             out.update(weight=self.weight, base="base_model" if self.base_model is not None else "alpha=0")
         return out
