@@ -88,9 +88,11 @@ class Ctx:
         state = RESULTS / "cache" / "state" / self.device.type / f"{tag}.json" if tag else None
         if state:
             state.parent.mkdir(parents=True, exist_ok=True)
+        # one rung, no indicators: the tables name their attack sets (as they were run before the budget ladder)
         return ms.evaluate(model, self.x, self.y, norm=norm, eps=eps or self.eps, attacks=attacks,
                            base_model=base, batch_size=self.batch, seed=0, individual=individual,
-                           attack_options=options or self.opts, progress=self.args.progress, state_path=state)
+                           attack_options=options or self.opts, progress=self.args.progress, state_path=state,
+                           ladder=False, indicators=False)
 
     def scale(self) -> str:
         return (f"ResNet-18 width 16 (CIFAR-10 JPEG copy), {self.n} random test images (seed 0), "

@@ -144,10 +144,10 @@ def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, 
     vacuous = vacuous_eps(norm, eps, first_x)
     if vacuous:
         plan.warnings.append(vacuous)
-    if not operators(model) and any(a.kind in ("bpda", "adaptive") or (a.kind == "transfer" and base_model is None)
-                                    for a in built):
-        plan.warnings.append("the model has no MeanSparse operators: bpda-*, transfer (without base_model) "
-                             "and adaptive reduce to their plain versions")
+    if not operators(model) and any(a.kind in ("bpda", "surrogate", "adaptive")
+                                    or (a.kind == "transfer" and base_model is None) for a in built):
+        plan.warnings.append("the model has no MeanSparse operators: bpda-*, sg-* / smooth-* / ens-*, transfer "
+                             "(without base_model) and adaptive reduce to their plain versions")
     return plan
 
 
