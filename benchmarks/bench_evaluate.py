@@ -2,8 +2,8 @@
 
 Both sides get the same model, images, labels and batch size.  The reference is one
 ``AutoAttack(...).run_standard_evaluation(x, y, batch_size=batch_size)`` call; ours is
-``ms.evaluate(model, x, y, attacks=["aa"], batch_size=batch_size, ladder=False, indicators=False)``, which runs the same AutoAttack per batch
-(per-batch seeds) and adds its clean pass, the judging forward, hashing and the resume file.  The two run
+``ms.evaluate(model, x, y, attacks=["aa"], batch_size=batch_size, ladder=False, indicators=False)``, which runs
+the same AutoAttack per batch (per-batch seeds) and adds its clean pass, the judging forward, hashing and the resume file.  The two run
 interleaved (ours, reference, ours, reference ...).
 
     python benchmarks/bench_evaluate.py --threads 1 --quick          # digits CNN, cheap AutoAttack settings
@@ -143,7 +143,7 @@ def main() -> None:
                 warm(compiled_model)
                 last["compile_seconds"] = time.perf_counter() - start
                 ms.evaluate(compiled_model, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
-                            progress=False, fuse=False, ladder=False, indicators=False)  # the batch shapes an evaluation meets, compiled
+                            progress=False, fuse=False, ladder=False, indicators=False)  # its batch shapes, compiled
             except Exception as e:  # noqa: BLE001 - report and time the other variants
                 print(f"whole-model torch.compile({args.whole_compile}) failed: {type(e).__name__}: {e}")
                 last["compile_error"] = f"{type(e).__name__}: {e}"
