@@ -7,7 +7,7 @@ values always the real model's.  Each indicator is one line with its value and a
 stated in the detail and in docs/evaluation.md.
 
 - silent success: the probe's path crossed the decision boundary for examples the worst case counts robust;
-- incomplete optimisation: the probe's loss still rose over its last 10 % of steps;
+- incomplete optimisation: the probe's loss still rose over its last stage (the smallest steps);
 - transfer failure: candidates that fool the base model but not the model itself;
 - unconstrained attack: with ε covering the whole box, robust accuracy must reach 0;
 - non-converging restarts: two restarts disagree about whether an example breaks;
@@ -86,9 +86,16 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, nor
         fooled.append((logits.argmax(1) != yy).detach())
         return m
 
+    # five equal stages with halving step sizes (eps/4 ... eps/64): the last stage only refines, so a margin
+    # still rising there is optimisation left undone, not a fixed step bouncing around the optimum
+    gen = torch.Generator().manual_seed(seed)
+    stage = max(1, steps // 5)
+    final = x
     with _gradient_context(model):
-        final = pgd(loss_fn, x, y, eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=norm,
-                    generator=torch.Generator().manual_seed(seed))
+        for k in range(5):
+            init = None if k == 0 else final - x
+            final = pgd(loss_fn, x, y, eps=eps, step_size=eps / 4 / 2 ** k, steps=stage, norm=norm,
+                        generator=gen, init=init)
     with torch.no_grad():
         final_fooled = model(final).argmax(1) != y
     return ProbeRun(torch.stack(margins).cpu(), torch.stack(fooled).cpu(), final_fooled.cpu(),
@@ -109,7 +116,7 @@ def _silent(runs: list[ProbeRun], counted_robust: torch.Tensor) -> Indicator:
 
 
 def _incomplete(runs: list[ProbeRun]) -> Indicator:
-    tail = max(1, len(runs[0].margins) // 10)
+    tail = max(1, len(runs[0].margins) // 5)  # the last stage
     rising = []
     for r in runs:
         best_before = r.margins[:-tail].amax(0)
