@@ -416,14 +416,15 @@ class MeanSparse(nn.Module):
         or the exact pooled moments when it is None; an uncalibrated operator adopts the batch's) and return
         the batch's (mean, var), float32.  No gradient flows through statistics (as BatchNorm's running ones)."""
         self.check_channels(x)
-        b = Moments.batch_stats_fast(x.detach(), self.channel_dim(x.ndim))
-        mean, var, n = b.mean, b.var, int(b.total)
+        cd = self.channel_dim(x.ndim)
+        b = Moments.batch_stats_fast(x.detach(), cd)
+        mean, var, n = b.mean, b.var, x.numel() // x.shape[cd]  # n from the shape: no device sync
         with torch.no_grad():
             if not self._calibrated:
                 self.set_statistics(mean, var, num_samples=n)
             elif self.momentum is None:
-                seen = Moments.from_stats(torch.full_like(mean, float(self.num_samples)), self.running_mean.double(),
-                                          self.running_var.double() * float(self.num_samples))
+                count = self.num_samples.double().expand_as(mean)
+                seen = Moments.from_stats(count, self.running_mean.double(), self.running_var.double() * count)
                 seen.merge(b)
                 self.running_mean.copy_(seen.mean.float())
                 self.running_var.copy_(seen.var.float())

@@ -116,6 +116,9 @@ def learn_statistics(model: nn.Module, enabled: bool = True, *, momentum: float 
     m = check_momentum(momentum)
     if statistics not in TRAIN_STATISTICS:
         raise ValueError(f"statistics must be one of {TRAIN_STATISTICS}, got {statistics!r}")
+    if enabled and any(o.fused_activation is not None or o.fused_producer for o in ops):
+        raise ValueError("the model is fused (meansparse.fuse): fused operators do not learn; call "
+                         "meansparse.unfuse(model) before training")
     for o in ops:
         o.learns, o.momentum, o.train_statistics = bool(enabled), m, statistics
     return model
