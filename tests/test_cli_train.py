@@ -80,3 +80,22 @@ def test_finetune_of_an_unknown_model_is_one_line(tmp_path, capsys):
     rc, _, err = cli(capsys, "finetune", "--model", tmp_path / "nothing", *TINY, "--out", tmp_path / "run")
     assert rc == 2 and err.strip().splitlines()[-1].startswith("meansparse finetune: error: --model")
     assert "no checkpoint there" in err and not (tmp_path / "run").exists()
+
+
+def test_finetune_of_a_python_spec_reloads_from_its_recorded_spec(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    import meansparse as ms
+    from meansparse.models import create_model
+
+    (tmp_path / "net.py").write_text("from meansparse.models import create_model\n\n\ndef build():\n"
+                                     "    return create_model('small_cnn', width=4, normalization='digits')\n")
+    save_file(create_model("small_cnn", width=4, normalization="digits").state_dict(), str(tmp_path / "w.safetensors"))
+    spec = f"python:{tmp_path / 'net.py'}:build"
+    rc, _, err = cli(capsys, "finetune", "--model", spec, "--weights", tmp_path / "w.safetensors", *TINY,
+                     "--meansparse", 0.1, "--out", tmp_path / "run")
+    assert rc == 0, err
+    config = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert config["init"]["spec"] == spec and config["model"] == spec
+    model = load_model_spec(str(tmp_path / "run" / "best"))
+    assert len(ms.operators(model)) == 3 and all(o.alpha_value == pytest.approx(0.1) for o in ms.operators(model))
