@@ -115,8 +115,9 @@ def _add_meansparse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="none",
                    choices=["auto", "dm_wrn", "rawrn", "swin", "convnext", "generic", "none"],
                    help="MeanSparse placement (none: before every activation)")
-    g.add_argument("--include", action="append", default=None, help="site regex to keep (repeatable)")
-    g.add_argument("--exclude", action="append", default=None, help="site regex to drop (repeatable)")
+    g.add_argument("--include", action="append", default=None,
+                   help="site regex to keep (repeatable; default: every site)")
+    g.add_argument("--exclude", action="append", default=None, help="site regex to drop (repeatable; default: none)")
 
 
 def _momentum(text: str) -> float | None:
