@@ -59,6 +59,9 @@ def test_finetune_arms_and_evaluate_reads_them(trained, tmp_path, capsys):
     assert rc == 0, err
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["metadata"]["meansparse_operators"] == 3
+    rc, _, err = cli(capsys, "evaluate", "--checkpoint", tmp_path / "ms" / "best", "--meansparse",
+                     tmp_path / "ms" / "best.meansparse.safetensors", "--no-progress", "--out", tmp_path / "eval2")
+    assert rc == 2 and "comes with its MeanSparse operators" in err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv, fragment", [
