@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import meansparse as ms
 from meansparse.cli import main
 from meansparse.zoo import load_model_spec
 
@@ -38,7 +39,7 @@ def test_train_with_meansparse_writes_a_checkpoint_with_its_operators(trained):
     assert config["meansparse_state"] == "best.meansparse.safetensors" and config["training"]["meansparse"] == 0.3
     assert config["training"]["selection"] == "worst" and config["training"]["inner_gradient"] == "straight_through"
     model = load_model_spec(str(trained / "best"))
-    alphas = {round(o.alpha_value, 6) for o in __import__("meansparse").operators(model)}
+    alphas = {round(o.alpha_value, 6) for o in ms.operators(model)}
     assert alphas == {0.3}
 
 
@@ -88,7 +89,6 @@ def test_finetune_of_an_unknown_model_is_one_line(tmp_path, capsys):
 def test_finetune_of_a_python_spec_reloads_from_its_recorded_spec(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    import meansparse as ms
     from meansparse.models import create_model
 
     (tmp_path / "net.py").write_text("from meansparse.models import create_model\n\n\ndef build():\n"
@@ -102,3 +102,12 @@ def test_finetune_of_a_python_spec_reloads_from_its_recorded_spec(tmp_path, caps
     assert config["init"]["spec"] == spec and config["model"] == spec
     model = load_model_spec(str(tmp_path / "run" / "best"))
     assert len(ms.operators(model)) == 3 and all(o.alpha_value == pytest.approx(0.1) for o in ms.operators(model))
+
+
+def test_finetune_places_operators_as_prepare_does(trained, tmp_path, capsys):
+    rc, _, err = cli(capsys, "finetune", "--model", trained / "best", *TINY, "--meansparse", 0.2, "--include",
+                     "act1", "--exclude", "act3", "--ms-momentum", "cumulative", "--out", tmp_path / "run")
+    assert rc == 0, err
+    ops = ms.operators(load_model_spec(str(tmp_path / "run" / "best")))
+    assert [o.site_name for o in ops] == ["net.act1"]
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["training"]["ms_momentum"] is None

@@ -112,9 +112,10 @@ def _add_meansparse_args(p: argparse.ArgumentParser) -> None:
                    help="the band's gradient in the training step (exact: zero inside the band)")
     g.add_argument("--inner-gradient", default="straight_through", choices=["exact", "straight_through"],
                    help="the band's gradient in the inner attack (exact shows the masking effect)")
-    g.add_argument("--preset", default="none",
+    g.add_argument("--preset", default="auto",
                    choices=["auto", "dm_wrn", "rawrn", "swin", "convnext", "generic", "none"],
-                   help="MeanSparse placement (none: before every activation)")
+                   help="MeanSparse placement: auto (detected from robustbench / timm classes, else before every "
+                        "activation), a family, or none (before every activation)")
     g.add_argument("--include", action="append", default=None,
                    help="site regex to keep (repeatable; default: every site)")
     g.add_argument("--exclude", action="append", default=None, help="site regex to drop (repeatable; default: none)")
