@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -221,3 +222,18 @@ def test_meansparse_options_are_validated(digits, tmp_path):
         with pytest.raises(ValueError, match=match):
             train(_ms_cfg(epochs=1, **bad), tmp_path, progress=False, train_data=digits)
     assert not (tmp_path / "state.json").exists()
+
+
+def test_a_run_from_before_the_meansparse_options_still_resumes(digits, tmp_path):
+    from meansparse.training import TrainConfig as Config
+
+    train(_cfg("standard", epochs=1), tmp_path, progress=False, train_data=digits)
+    state = json.loads((tmp_path / "state.json").read_text())
+    new = {"init", "init_options", "meansparse", "alpha_schedule", "alpha_warmup", "ms_momentum", "ms_statistics",
+           "ms_gradient", "inner_gradient", "preset", "include", "exclude", "selection"}
+    assert new <= set(dataclasses.asdict(Config()))
+    state["config"] = {k: v for k, v in state["config"].items() if k not in new}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    train(_cfg("standard", epochs=1), tmp_path, progress=False, train_data=digits)  # resumes: nothing left to do
+    with pytest.raises(ValueError, match="different configuration.*meansparse"):
+        train(_cfg("standard", epochs=1, meansparse=0.1), tmp_path, progress=False, train_data=digits)
