@@ -143,23 +143,32 @@ def test_checkpoint_loads_with_its_trained_operators(digits, tmp_path):
     assert not any(o.learns for o in ops)  # a loaded model keeps its statistics in train mode unless opted in
 
 
-def test_inner_attack_is_straight_through_unless_asked(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, attack", [("pgd", "pgd_ce"), ("fgsm-rs", "pgd_ce"), ("trades", "pgd")])
+def test_inner_attack_is_straight_through_unless_asked(method, attack, digits, tmp_path, monkeypatch):
     import meansparse as ms
     import meansparse.training as tr
 
-    seen = []
-    real = tr.pgd_ce
+    seen, models = [], []
+    real, real_with = getattr(tr, attack), tr.with_operators
 
-    def spy(model, *a, **k):
-        seen.append({o.gradient for o in ms.operators(model)})
-        return real(model, *a, **k)
+    def spy(*a, **k):
+        seen.append({o.gradient for o in ms.operators(models[-1])})
+        return real(*a, **k)
 
-    monkeypatch.setattr(tr, "pgd_ce", spy)
+    def keep(*a, **k):
+        models.append(real_with(*a, **k))
+        return models[-1]
+
+    monkeypatch.setattr(tr, attack, spy)
+    monkeypatch.setattr(tr, "with_operators", keep)
     monkeypatch.setattr(tr, "holdout_metrics", lambda *a, **k: {"holdout_clean": 0.0, "holdout_pgd": 0.0})
-    train(_ms_cfg(epochs=1), tmp_path / "st", progress=False, train_data=digits)
+    cfg = _ms_cfg(epochs=1)
+    cfg.method = method
+    train(cfg, tmp_path / "st", progress=False, train_data=digits)
     assert seen and all(s == {"straight_through"} for s in seen)
     seen.clear()
-    train(_ms_cfg(epochs=1, inner_gradient="exact"), tmp_path / "exact", progress=False, train_data=digits)
+    cfg.inner_gradient = "exact"
+    train(cfg, tmp_path / "exact", progress=False, train_data=digits)
     assert seen and all(s == {"exact"} for s in seen)
 
 
