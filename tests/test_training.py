@@ -166,6 +166,7 @@ def test_inner_attack_is_straight_through_unless_asked(method, attack, digits, t
     cfg.method = method
     train(cfg, tmp_path / "st", progress=False, train_data=digits)
     assert seen and all(s == {"straight_through"} for s in seen)
+    assert {o.gradient for o in ms.operators(models[-1])} == {"exact"}  # the step's band gradient, restored
     seen.clear()
     cfg.inner_gradient = "exact"
     train(cfg, tmp_path / "exact", progress=False, train_data=digits)
