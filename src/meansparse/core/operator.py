@@ -136,7 +136,7 @@ class MeanSparse(nn.Module):
         self._alpha_value = 0.0
         self._calibrated = False
         self._observer: Moments | None = None
-        #: opt-in (:func:`meansparse.placement.train_statistics`): in train mode, sparsify with and update
+        #: opt-in (:func:`meansparse.placement.learn_statistics`): in train mode, sparsify with and update
         #: the statistics from every batch; off, train mode is eval mode for this operator (frozen statistics)
         self.learns = False
         self.momentum: float | None = 0.1  # None: cumulative (exact pooled moments of everything seen)
@@ -467,4 +467,5 @@ class MeanSparse(nn.Module):
         return (
             f"site={self.name!r}, layout={self._layout}, channels={self._channels}, "
             f"centering={self.centering!r}, gradient={self._gradient!r}, alpha={self._alpha_value:g}{fused}"
+            + (f", learns(momentum={self.momentum}, {self.train_statistics})" if self.learns else "")
         )
