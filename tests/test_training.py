@@ -247,3 +247,14 @@ def test_a_run_from_before_the_meansparse_options_still_resumes(digits, tmp_path
     train(_cfg("standard", epochs=1), tmp_path, progress=False, train_data=digits)  # resumes: nothing left to do
     with pytest.raises(ValueError, match="different configuration.*meansparse"):
         train(_cfg("standard", epochs=1, meansparse=0.1), tmp_path, progress=False, train_data=digits)
+
+
+def test_alpha_per_site(digits, tmp_path):
+    import meansparse as ms
+    from meansparse.zoo import load_model_spec
+
+    per_site = {"net.act1": 0.4, "net.act2": 0.0, "net.act3": 0.2}
+    train(_ms_cfg(epochs=1, meansparse=per_site, alpha_schedule="constant", alpha_warmup=0.0), tmp_path,
+          progress=False, train_data=digits)
+    ops = ms.operators(load_model_spec(str(tmp_path / "best")))
+    assert {o.site_name: o.alpha_value for o in ops} == pytest.approx(per_site)

@@ -74,8 +74,8 @@ class TrainConfig:
     # fine-tuning: a model spec (checkpoint path, robustbench:, timm:, python:) and its load options
     init: str | None = None
     init_options: dict[str, Any] = field(default_factory=dict)
-    # MeanSparse in the loop (None: no operators)
-    meansparse: float | None = None
+    # MeanSparse in the loop (None: no operators): the maximum α, one for every site or {site name: α}
+    meansparse: float | dict[str, float] | None = None
     alpha_schedule: str = "constant"   # constant | linear | cosine (warm-up from 0 over alpha_warmup epochs)
     alpha_warmup: float = 0.0
     ms_momentum: float | None = 0.1     # None: cumulative
