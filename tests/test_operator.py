@@ -385,6 +385,8 @@ def test_learn_statistics_is_validated_and_applies_to_every_site():
     assert not any(o.learns for o in ms.operators(model))  # nothing changed by a refused call
     ms.learn_statistics(model, momentum=None, statistics="batch")
     assert all(o.learns and o.momentum is None and o.train_statistics == "batch" for o in ms.operators(model))
+    with pytest.raises(ValueError, match="learn"):
+        ms.fuse(model)
     ms.learn_statistics(model, enabled=False)
     ms.fuse(model)
     with pytest.raises(ValueError, match="unfuse"):
