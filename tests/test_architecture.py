@@ -29,10 +29,12 @@ ALLOWED: dict[str, set[str]] = {
     "serialization": {"core", "placement", "_utils", "version"},
     "data": {"_utils"},  # atomic file writes (atomic_path)
     "models": {"_utils"},  # the tensor hash checkpoints record (tensors_sha256)
-    "zoo": {"core", "placement", "models"},  # core: import_reference installs statistics in the operators
+    # core: import_reference installs statistics in the operators; serialization: a trained checkpoint's operators
+    "zoo": {"core", "placement", "serialization", "models"},
     "evaluation": {"core", "placement", "_utils", "version", "distributed", "pgd"},
     "search": {"core", "placement", "evaluation", "_utils"},
-    "training": {"data", "models", "pgd", "version", "_utils"},
+    "training": {"core", "placement", "calibration", "serialization", "evaluation", "zoo", "data", "models", "pgd",
+                 "version", "_utils"},
     "plots": {"core", "_utils"},
     "fastpath": {"core", "accel", "evaluation", "_utils"},
     "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",

@@ -12,7 +12,7 @@ import pytest
 from meansparse.cli import build_parser, main
 from meansparse.models import list_models
 
-COMMANDS = ["train", "models", "demo", "sweep", "calibrate", "evaluate"]
+COMMANDS = ["train", "finetune", "models", "demo", "sweep", "calibrate", "evaluate"]
 
 
 def test_every_sub_command_is_registered():

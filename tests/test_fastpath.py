@@ -149,3 +149,13 @@ def test_whole_model_falls_back_to_eager_when_compiling_fails(models, test_set, 
         with pytest.raises(RuntimeError, match="shape|size|channels"):
             model(x[:, :, :3])  # the model's own error is not hidden
     assert torch.equal(out, expected) and torch.equal(again, expected)
+
+
+def test_a_model_whose_operators_learn_is_evaluated_eagerly():
+    from meansparse.fastpath import plan_fusion
+
+    model = ms.prepare(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                           torch.nn.Linear(3 * 6 * 6, 2))).eval()
+    ms.learn_statistics(model)
+    decision = plan_fusion(model, torch.rand(4, 1, 8, 8), 1e6, "auto")
+    assert not decision.fuse and not decision.whole_model and "learn" in decision.reason

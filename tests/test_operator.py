@@ -293,3 +293,101 @@ def test_alpha_zero_returns_the_input_object():
     op.set_alpha(0.0)
     x = torch.randn(2, 16, 3, 3)
     assert op(x) is x
+
+
+# ------------------------------------------------------------------------------------------- training (issue 24)
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, var ddof=0) of an NCHW tensor, in float64: the reference."""
+    v, m = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    return m.float(), v.float()
+
+
+def test_train_mode_keeps_frozen_statistics_unless_opted_in():
+    op = make_op()
+    op.set_alpha(0.5)
+    before = (op.running_mean.clone(), op.running_var.clone(), int(op.num_samples))
+    x = torch.randn(4, 5, 3, 3) * 3 + 1
+    op.eval()
+    y_eval = op(x.clone())
+    op.train()
+    assert torch.equal(op(x.clone()), y_eval)  # a post-training model in train mode is the eval-mode model
+    assert torch.equal(op.running_mean, before[0]) and torch.equal(op.running_var, before[1])
+    assert int(op.num_samples) == before[2]
+
+
+@pytest.mark.parametrize("statistics", ["running", "batch"])
+def test_learning_operator_filters_the_batch_moments(statistics):
+    op = make_op()
+    op.learns, op.momentum, op.train_statistics = True, 0.25, statistics
+    op.set_alpha(0.5)
+    old_m, old_v = op.running_mean.clone(), op.running_var.clone()
+    x = torch.randn(4, 5, 3, 3) * 2 + 0.5
+    bm, bv = _moments(x)
+    op.train()
+    y = op(x.clone())
+    assert torch.allclose(op.running_mean, 0.75 * old_m + 0.25 * bm, atol=1e-6)
+    assert torch.allclose(op.running_var, 0.75 * old_v + 0.25 * bv, atol=1e-6)
+    mu, var = (op.running_mean, op.running_var) if statistics == "running" else (bm, bv)
+    expected = formula(x.numpy(), mu.numpy(), var.numpy(), 0.5, 1)
+    assert np.allclose(y.numpy(), expected, atol=1e-6)
+    op.eval()  # eval mode: the running statistics, not updated
+    frozen = op.running_mean.clone()
+    y_eval = op(x.clone())
+    assert torch.equal(op.running_mean, frozen)
+    assert np.array_equal(y_eval.numpy(), formula(x.numpy(), op.running_mean.numpy(), op.running_var.numpy(), 0.5, 1))
+
+
+def test_cumulative_statistics_are_the_pooled_moments():
+    op = MeanSparse(5, layout="NCHW")
+    op.learns, op.momentum = True, None
+    op.train()
+    a, b = torch.randn(3, 5, 2, 2) * 2 + 1, torch.randn(5, 5, 2, 2) - 3
+    op(a)  # uncalibrated: adopts the first batch's moments
+    op(b)
+    m, v = _moments(torch.cat([a, b]))
+    assert torch.allclose(op.running_mean, m, atol=1e-6) and torch.allclose(op.running_var, v, atol=1e-5)
+    assert int(op.num_samples) == 8 * 4 and op.calibrated
+
+
+def test_learning_at_alpha_zero_is_the_identity_and_still_tracks():
+    op = MeanSparse(5, layout="NCHW")
+    op.learns = True
+    op.train()
+    x = torch.randn(2, 5, 3, 3)
+    assert op(x) is x
+    assert op.calibrated and torch.allclose(op.running_mean, _moments(x)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", ["exact", "straight_through"])
+def test_learning_operator_band_gradient(gradient):
+    op = make_op()
+    op.learns, op.gradient = True, gradient
+    op.set_alpha(0.8)
+    op.train()
+    x = (torch.randn(4, 5, 3, 3) * 2).requires_grad_()
+    y = op(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    inside = y.detach() == op.running_mean.reshape(-1, 1, 1)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(g[~inside], torch.ones_like(g[~inside]))
+    assert torch.equal(g[inside], torch.zeros_like(g[inside]) if gradient == "exact" else torch.ones_like(g[inside]))
+
+
+def test_learn_statistics_is_validated_and_applies_to_every_site():
+    import meansparse as ms
+
+    model = ms.prepare(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1),
+                                           torch.nn.ReLU()))
+    with pytest.raises(ValueError, match="momentum"):
+        ms.learn_statistics(model, momentum=1.5)
+    with pytest.raises(ValueError, match="statistics"):
+        ms.learn_statistics(model, statistics="ema")
+    assert not any(o.learns for o in ms.operators(model))  # nothing changed by a refused call
+    ms.learn_statistics(model, momentum=None, statistics="batch")
+    assert all(o.learns and o.momentum is None and o.train_statistics == "batch" for o in ms.operators(model))
+    with pytest.raises(ValueError, match="learn"):
+        ms.fuse(model)
+    ms.learn_statistics(model, enabled=False)
+    ms.fuse(model)
+    with pytest.raises(ValueError, match="unfuse"):
+        ms.learn_statistics(model)

@@ -24,8 +24,10 @@ from .core import MeanSparse, Moments, operators
 from .evaluation import Ladder, Report
 from .fastpath import evaluate
 from .placement import (
+    AlphaSchedule,
     MeanSparseActivation,
     Site,
+    learn_statistics,
     register_activation,
     remove,
     set_alpha,
@@ -64,6 +66,8 @@ __all__ = [
     "MeanSparse",
     "MeanSparseActivation",
     "straight_through",
+    "learn_statistics",
+    "AlphaSchedule",
     "remove",
     "operators",
     "register_activation",

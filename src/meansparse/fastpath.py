@@ -20,6 +20,7 @@ from torch import nn
 from .accel import fuse as fuse_model
 from .accel import fused_sites, unfuse, whole_model_compiled
 from .accel.auto import FuseDecision, fuse_decision
+from .core import operators
 from .evaluation import Attack, Report, build_attack
 from .evaluation import evaluate as evaluate_eager
 from .evaluation.attacks import options_for
@@ -63,6 +64,8 @@ def plan_fusion(model: nn.Module, example: torch.Tensor, passes: float, fuse: bo
         return FuseDecision(False, f"asked for (fuse={WHOLE_MODEL!r})", whole_model=True)
     if fuse not in ("auto", None):
         raise ValueError(f"fuse must be True, False, 'auto' or {WHOLE_MODEL!r}, got {fuse!r}")
+    if any(op.learns for op in operators(model)):  # fused kernels would not update the statistics
+        return FuseDecision(False, "its operators learn (learn_statistics): the eager operator")
     return fuse_decision(model, example, passes)
 
 

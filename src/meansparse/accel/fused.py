@@ -181,8 +181,12 @@ def fuse(model: nn.Module, *, producers: bool = True) -> nn.Module:
 
     Sites whose activation is not fused (PReLU, activations with hooks, subclasses of built-in activations,
     in-place registered classes) or whose in-place activation mutates a tensor other code reads keep the
-    unfused path.  Idempotent.  :func:`fused_sites` lists what was fused.
+    unfused path.  Idempotent.  :func:`fused_sites` lists what was fused.  Operators that learn
+    (:func:`meansparse.placement.learn_statistics`) are refused: the fused kernels do not update statistics.
     """
+    if any(op.learns for op in operators(model)):
+        raise ValueError("the model's operators learn (learn_statistics): fused operators would not update their "
+                         "statistics; fuse after training, or call learn_statistics(model, False) first")
     for child in list(model.modules()):
         if type(child) is MeanSparseActivation:  # subclasses may change forward: leave them alone
             spec = module_spec(child.activation)

@@ -1,4 +1,4 @@
-"""`meansparse` command line: train, calibrate, evaluate, sweep, demo."""
+"""`meansparse` command line: train, finetune, calibrate, evaluate, sweep, demo."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..models import list_models
 from .calibrate import add_calibrate_parser
 from .evaluate import add_evaluate_parser
 from .pipeline import add_demo_parser, add_sweep_parser
-from .train import add_train_parser
+from .train import add_finetune_parser, add_train_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error (anywhere on the command line; or MEANSPARSE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_finetune_parser(sub)
     sub.add_parser("models", help="list registered architectures").set_defaults(func=_run_models)
     add_demo_parser(sub)
     add_sweep_parser(sub)
@@ -43,6 +44,7 @@ _RESUMES = {"evaluate": "interrupted; rerun the same command to resume",
             "demo": "interrupted; rerun the same command to resume",
             "sweep": "interrupted; rerun the same command to resume",
             "train": "interrupted; rerun the same command to resume after the last finished epoch",
+            "finetune": "interrupted; rerun the same command to resume after the last finished epoch",
             "calibrate": "interrupted; rerun the same command to resume (the batches done so far are kept "
                          "in <--out>.partial; under torchrun the pass starts over)"}
 

@@ -121,6 +121,9 @@ def _load_model(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
     """(base model, model to evaluate: base + MeanSparse state + α)."""
     base = load_model_arg(args, args.checkpoint, device)
     model = base
+    if args.meansparse and operators(base):
+        raise ValueError(f"{args.checkpoint} comes with its MeanSparse operators (a model trained with them); "
+                         "evaluate it without --meansparse (--alpha still sets α)")
     if args.meansparse:
         model = load_state(base, args.meansparse, strict=not args.no_strict)
     if args.alpha is not None:

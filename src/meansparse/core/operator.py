@@ -28,8 +28,8 @@ from .band import StraightThrough, SurrogateGradient, in_band, soft_sparsify, sp
 from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
 from .moments import Moments
 
-__all__ = ["MeanSparse", "operators", "check_alpha", "check_centering", "check_sharpness", "ATTACK_MODES",
-           "CENTERINGS", "DEFAULT_SHARPNESS", "GRADIENTS"]
+__all__ = ["MeanSparse", "operators", "check_alpha", "check_centering", "check_momentum", "check_sharpness",
+           "ATTACK_MODES", "CENTERINGS", "DEFAULT_SHARPNESS", "GRADIENTS", "TRAIN_STATISTICS"]
 
 CENTERINGS = ("channel", "zero", "global")
 GRADIENTS = ("exact", "straight_through", "surrogate", "smooth")
@@ -38,6 +38,9 @@ GRADIENTS = ("exact", "straight_through", "surrogate", "smooth")
 #: forward (a smooth surrogate model, whose candidates are judged on the real one).  Neither is fused.
 ATTACK_MODES = ("surrogate", "smooth")
 DEFAULT_SHARPNESS = 2.0
+#: What a training operator sparsifies with in train mode: the running statistics after this batch's update
+#: ("running", the default: see docs/usage.md for the measurement), or the batch's own ("batch", as BatchNorm).
+TRAIN_STATISTICS = ("running", "batch")
 
 
 def check_alpha(value: Any, site: str = "") -> float:
@@ -61,6 +64,16 @@ def check_sharpness(value: Any) -> float:
     v = float(value)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"surrogate sharpness must be a finite number > 0, got {value!r}")
+    return v
+
+
+def check_momentum(value: Any) -> float | None:
+    """``value`` as a float in (0, 1], or None (the cumulative average); else a ValueError."""
+    if value is None:
+        return None
+    v = float(value)
+    if not 0 < v <= 1:
+        raise ValueError(f"MeanSparse momentum must be in (0, 1] or None (cumulative), got {value!r}")
     return v
 
 
@@ -123,6 +136,11 @@ class MeanSparse(nn.Module):
         self._alpha_value = 0.0
         self._calibrated = False
         self._observer: Moments | None = None
+        #: opt-in (:func:`meansparse.placement.learn_statistics`): in train mode, sparsify with and update
+        #: the statistics from every batch; off, train mode is eval mode for this operator (frozen statistics)
+        self.learns = False
+        self.momentum: float | None = 0.1  # None: cumulative (exact pooled moments of everything seen)
+        self.train_statistics = "running"
         self.batch_index: int | None = None  # set by calibrate() so errors can name the batch
         self._ct_token: tuple | None = None  # (buffer, version) pairs the cached vectors were built from
         self._ct_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -269,8 +287,10 @@ class MeanSparse(nn.Module):
     # ------------------------------------------------------------------ math
     def center_threshold(self) -> tuple[Tensor, Tensor]:
         """Per-channel centre and threshold (float32, shape ``[C]``, or 0-dim for ``global``)."""
-        mean = self.running_mean.float()
-        var = self.running_var.float()
+        return self._center_threshold_of(self.running_mean.float(), self.running_var.float())
+
+    def _center_threshold_of(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`center_threshold` of the given statistics (the running ones, or a batch's in training)."""
         alpha = self.alpha.float()
         if self.centering == "global":
             m64, v64 = mean.double(), var.double()
@@ -360,6 +380,10 @@ class MeanSparse(nn.Module):
         with fewer full-size temporaries: the mask is computed without autograd and, when no gradient is
         needed, the result reuses the ``x - m`` buffer (or ``x`` itself when in place)."""
         m, t = self.center_threshold_for(x)
+        return self._band(x, m, t, in_place)
+
+    def _band(self, x: Tensor, m: Tensor, t: Tensor, in_place: bool) -> Tensor:
+        """:meth:`apply_band` with a given (centre, threshold), broadcastable and of ``x``'s dtype."""
         write_back = in_place and self.inplace
         if self._gradient in ATTACK_MODES:
             out = self._attack_band(x, m, t)
@@ -386,12 +410,51 @@ class MeanSparse(nn.Module):
             return SurrogateGradient.apply(x, m, t, self.sharpness)
         return sparsify(x, m, t)
 
+    # ------------------------------------------------------------------ training
+    def update_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Fold ``x``'s exact per-channel moments into the running ones (exponential filter of ``momentum``,
+        or the exact pooled moments when it is None; an uncalibrated operator adopts the batch's) and return
+        the batch's (mean, var), float32.  No gradient flows through statistics (as BatchNorm's running ones)."""
+        self.check_channels(x)
+        cd = self.channel_dim(x.ndim)
+        b = Moments.batch_stats_fast(x.detach(), cd)
+        mean, var, n = b.mean, b.var, x.numel() // x.shape[cd]  # n from the shape: no device sync
+        with torch.no_grad():
+            if not self._calibrated:
+                self.set_statistics(mean, var, num_samples=n)
+            elif self.momentum is None:
+                count = self.num_samples.double().expand_as(mean)
+                seen = Moments.from_stats(count, self.running_mean.double(), self.running_var.double() * count)
+                seen.merge(b)
+                self.running_mean.copy_(seen.mean.float())
+                self.running_var.copy_(seen.var.float())
+                self.num_samples.add_(n)
+            else:
+                self.running_mean.lerp_(mean.float(), self.momentum)
+                self.running_var.lerp_(var.float(), self.momentum)
+                self.num_samples.add_(n)
+        return mean.float(), var.float()
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """Train mode of a learning operator: update the statistics, then sparsify with the running ones (or
+        the batch's, ``train_statistics="batch"``); centre and threshold are fresh tensors, never the cache."""
+        batch_mean, batch_var = self.update_statistics(x)
+        if self._alpha_value == 0.0:
+            return x
+        if self.train_statistics == "batch":
+            m, t = self._center_threshold_of(batch_mean, batch_var)
+        else:
+            m, t = self._center_threshold_of(self.running_mean.clone(), self.running_var.clone())
+        return self._band(x, self._broadcast(m.to(x.device), x), self._broadcast(t.to(x.device), x), in_place=True)
+
     def forward(self, x: Tensor) -> Tensor:
         if self._layout is None or self._channels is None:
             self.see(x)
         if self._observer is not None:
             self.observe(x)
             return x
+        if self.learns and self.training:
+            return self._train_forward(x)
         if self._alpha_value == 0.0:
             return x
         self.check_ready(x)
@@ -404,4 +467,5 @@ class MeanSparse(nn.Module):
         return (
             f"site={self.name!r}, layout={self._layout}, channels={self._channels}, "
             f"centering={self.centering!r}, gradient={self._gradient!r}, alpha={self._alpha_value:g}{fused}"
+            + (f", learns(momentum={self.momentum}, {self.train_statistics})" if self.learns else "")
         )

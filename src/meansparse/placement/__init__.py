@@ -10,11 +10,16 @@ from .prepare import FxPrepared, fx_class, mode_forwards, prepare, prepare_from_
 from .presets import PRESETS, detect_preset, register_family_activations, resolve_preset
 from .record import PreparedRecord, find_prepared, get_record
 from .registry import ActivationSpec, register_activation
-from .sites import Site, gradient_mode, set_alpha, sites, straight_through
+from .schedule import SCHEDULES, AlphaSchedule, parse_alpha_schedule
+from .sites import Site, gradient_mode, learn_statistics, set_alpha, sites, straight_through
 from .wrappers import MeanSparseActivation, MeanSparseOutput
 
 __all__ = [
     "PRESETS",
+    "SCHEDULES",
+    "AlphaSchedule",
+    "learn_statistics",
+    "parse_alpha_schedule",
     "ActivationSpec",
     "FxPrepared",
     "MeanSparseActivation",

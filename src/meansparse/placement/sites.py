@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core import MeanSparse, check_alpha, check_sharpness, operators
+from ..core import TRAIN_STATISTICS, MeanSparse, check_alpha, check_momentum, check_sharpness, operators
 from .prepare import prepare
 from .record import get_record
 
-__all__ = ["Site", "gradient_mode", "sites", "set_alpha", "straight_through"]
+__all__ = ["Site", "gradient_mode", "learn_statistics", "sites", "set_alpha", "straight_through"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,24 @@ def gradient_mode(model: nn.Module, mode: str, sharpness: float | None = None) -
 def straight_through(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """Use the straight-through (identity) backward in every operator inside the block (BPDA attacks)."""
     return gradient_mode(model, "straight_through")
+
+
+def learn_statistics(model: nn.Module, enabled: bool = True, *, momentum: float | None = 0.1,
+                     statistics: str = "running") -> nn.Module:
+    """Opt every operator in (or out, ``enabled=False``) of training: in train mode a learning operator
+    updates its statistics from each batch's exact moments (exponential filter of ``momentum``, or the exact
+    pooled moments when None) and sparsifies with the updated running ones (``statistics="running"``) or the
+    batch's (``"batch"``); eval mode always uses the running ones.  Off by default, so a post-training model
+    put in train mode keeps its calibrated statistics."""
+    ops = operators(model)
+    if not ops:
+        raise ValueError("model has no MeanSparse operators; call meansparse.prepare(model) first")
+    m = check_momentum(momentum)
+    if statistics not in TRAIN_STATISTICS:
+        raise ValueError(f"statistics must be one of {TRAIN_STATISTICS}, got {statistics!r}")
+    if enabled and any(o.fused_activation is not None or o.fused_producer for o in ops):
+        raise ValueError("the model is fused (meansparse.fuse): fused operators do not learn; call "
+                         "meansparse.unfuse(model) before training")
+    for o in ops:
+        o.learns, o.momentum, o.train_statistics = bool(enabled), m, statistics
+    return model

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import checkpoint_paths, state_dict_mismatch
+from ..models import HASH_KEY, checkpoint_paths, read_config, state_dict_mismatch, weights_sha256
 from ..models import load as load_checkpoint
+from ..models import read_weights as read_checkpoint_weights
+from ..serialization import load as load_state
 from .imports import import_timm
 from .loading import load as load_zoo
 
@@ -177,6 +179,30 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return data
 
 
+def _load_trained(path: str, device: str | torch.device) -> nn.Module:
+    """A project checkpoint: a registry architecture, or a fine-tuned spec's (its ``init``, rebuilt without
+    weights), with the MeanSparse operators a training run recorded beside it (``meansparse_state``)."""
+    config = read_config(path)
+    init = config.get("init")
+    if isinstance(init, dict) and "spec" in init:
+        options = {k: v for k, v in init.items() if k in ("dataset", "threat_model")}
+        model = load_model_spec(init["spec"], pretrained=False, **options)
+        weights_file, meta = checkpoint_paths(path)
+        state = read_checkpoint_weights(weights_file)
+        if config.get(HASH_KEY) is not None and weights_sha256(state) != config[HASH_KEY]:
+            raise ValueError(f"{weights_file}: the weights' sha256 does not match the one recorded in {meta.name}")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_file} does not fit {init['spec']}: {state_dict_mismatch(e)}") from None
+    else:
+        model = load_checkpoint(path, device=str(device))
+    if config.get("meansparse_state"):
+        state_file = checkpoint_paths(path)[0].with_name(str(config["meansparse_state"]))
+        model = load_state(model.to(device).eval(), state_file)
+    return model
+
+
 def load_model_spec(spec: str | ModelSpec, *, dataset: str = "cifar10", threat_model: str = "Linf",
                     weights: str | os.PathLike | None = None, pretrained: bool = True,
                     device: str | torch.device = "cpu") -> nn.Module:
@@ -199,7 +225,7 @@ def _load(spec: ModelSpec, dataset: str, threat_model: str, weights: str | os.Pa
         if not (weights_file.exists() and meta.exists()):
             raise ValueError(f"model {spec.name!r}: no checkpoint {weights_file} + {meta.name}; use a path written "
                              f"by `meansparse train` or a spec ({SPEC_HELP})")
-        model = load_checkpoint(spec.name, device=str(device))
+        model = _load_trained(spec.name, device)
     elif spec.kind in ("robustbench", "timm"):
         if spec.kind == "timm" and not import_timm().is_model(spec.name):
             raise ValueError(f"model spec {spec}: timm has no model {spec.name!r}")
