@@ -3,8 +3,8 @@
 Both sides get the same model, images, labels and batch size.  The reference is one
 ``AutoAttack(...).run_standard_evaluation(x, y, batch_size=batch_size)`` call; ours is
 ``ms.evaluate(model, x, y, attacks=["aa"], batch_size=batch_size, ladder=False, indicators=False)``, which runs
-the same AutoAttack per batch (per-batch seeds) and adds its clean pass, the judging forward, hashing and the resume file.  The two run
-interleaved (ours, reference, ours, reference ...).
+the same AutoAttack per batch (per-batch seeds) and adds its clean pass, the judging forward, hashing and the
+resume file.  The two run interleaved (ours, reference, ours, reference ...).
 
     python benchmarks/bench_evaluate.py --threads 1 --quick          # digits CNN, cheap AutoAttack settings
     python benchmarks/bench_evaluate.py --checkpoint runs/cifar10-resnet18-gelu-pgd/best --data cifar10-jpg \\
