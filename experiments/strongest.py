@@ -174,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     command = "python experiments/strongest.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    store = OUT / "results.json"
-    done = json.loads(store.read_text()) if store.exists() else {"results": []}
     if not args.report:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -185,14 +183,21 @@ def main(argv: list[str] | None = None) -> int:
             for alpha in (float(a) for a in args.alphas.split(",")):
                 t0 = time.time()
                 r = run_one(ctx, key, alpha, args.progress)
-                done["results"] = [x for x in done["results"]
-                                   if (x["model"], x["alpha"], x["n"]) != (key, alpha, args.n)] + [r]
-                done["command"] = command
-                store.write_text(json.dumps(done) + "\n")
+                r["command"] = command
+                # one file per (checkpoint, α, n): several processes can run different settings at once
+                (OUT / f"results-{key}-{alpha:g}-n{args.n}.json").write_text(json.dumps(r) + "\n")
                 print(f"[{key} α={alpha:g}] old {_pct(r['old_acc'])} new {_pct(r['new_acc'])} union "
                       f"{_pct(r['union_acc'])} ({time.time() - t0:.0f} s)", flush=True)
-    results = sorted(done["results"], key=lambda r: (r["model"], r["n"], r["alpha"]))
-    (OUT / "table.md").write_text(table(results, done.get("command", command)))
+    done = {}
+    legacy = OUT / "results.json"  # written by the first version of this script: a list under "results"
+    for r in json.loads(legacy.read_text())["results"] if legacy.exists() else []:
+        done[(r["model"], r["alpha"], r["n"])] = r
+    for path in sorted(OUT.glob("results-*.json")):
+        r = json.loads(path.read_text())
+        done[(r["model"], r["alpha"], r["n"])] = r
+    results = sorted(done.values(), key=lambda r: (r["model"], r["n"], r["alpha"]))
+    commands = sorted({r.get("command", command) for r in results}) or [command]
+    (OUT / "table.md").write_text(table(results, "`, `".join(commands)))
     print((OUT / "table.md").read_text())
     return 0
 
