@@ -7,10 +7,12 @@ Per (checkpoint, α):
   A  ``ms.evaluate`` with its defaults: the default attack list, the budget ladder, the indicators;
   B  the attacks of the old default (before this change: aa, bpda-apgd-ce, bpda-apgd-t, transfer, square)
      that A does not run, every one on every clean-correct image (individual mode, one rung);
-  C  large-budget extras (EXTRAS) on the images that A and B both leave robust.
+  C  large-budget extras (EXTRAS) on the images that A's first rung and B both leave robust.
 Old default = A's aa and transfer ∧ B; union = A ∧ B ∧ C (per image: robust only if nothing broke it).
-Every run is resumable (state files under results/cache/state/strongest/); the table and the per-image
-verdicts go to experiments/results/strongest/{table.md, results.json}.  ``--report`` only rebuilds the table.
+C attacks what A's first rung and B leave robust (a superset of what the whole of A leaves), so ``--part B`` and
+``--part C`` can run in other processes while A climbs its ladder.  Every run is resumable (state files under
+results/cache/state/strongest/); the per-image verdicts go to experiments/results/strongest/results-*.json and
+the table to table.md.  ``--report`` only rebuilds the table.
 """
 
 from __future__ import annotations
@@ -60,34 +62,62 @@ def _robust_vector(report: ms.Report, names: list[str] | None = None) -> list[bo
             for i, c in enumerate(report.clean_correct)]
 
 
-def run_one(ctx: Ctx, key: str, alpha: float, progress: bool) -> dict[str, Any]:
+def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | None:
+    """Per image, robust to every rung-1 attack of A as stored in A's state file (None until all are there):
+    lets B and C run beside A's budget ladder."""
+    if not state.exists():
+        return None
+    batches = json.loads(state.read_text()).get("batches", {})
+    if any(name not in batches for name in names):
+        return None
+    robust = [True] * n
+    attacked: set[int] = set()
+    for name in names:
+        for rec in batches[name].values():
+            attacked.update(rec["indices"])
+            for i, r in zip(rec["indices"], rec["robust"], strict=True):
+                robust[i] = robust[i] and bool(r)
+    return [r and i in attacked for i, r in enumerate(robust)]
+
+
+def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all") -> dict[str, Any] | None:
+    """One (checkpoint, α). ``part`` "B" / "C" runs only that part (resumable, beside a process running A's
+    ladder: C attacks what A's first rung and B leave robust), "all" everything and returns the record."""
     base, model = ctx.prepared(key)
     ms.set_alpha(model, alpha)
     tag = f"{key}-{alpha:g}-n{ctx.n}"
     STATE.mkdir(parents=True, exist_ok=True)
     common = dict(base_model=base, batch_size=ctx.batch, seed=0, progress=progress)
-    t0 = time.time()
-    a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common)
-    t_a = time.time() - t0
-    missing = [n for n in OLD_DEFAULT if n not in a.attacks]
+    missing = [n for n in OLD_DEFAULT if n not in ms.evaluation.DEFAULT_ATTACKS]
     b = ms.evaluate(model, ctx.x, ctx.y, attacks=missing, individual=True, ladder=False, indicators=False,
-                    state_path=STATE / f"{tag}-B.json", **common) if missing else None
-    old_names_a = [n for n in OLD_DEFAULT if n in a.attacks]
-    old = [x and (b is None or y) for x, y in zip(_robust_vector(a, old_names_a),
-                                                  _robust_vector(b) if b is not None else _robust_vector(a, []))]
-    new = list(a.worst_case_robust)
-    both = [x and y for x, y in zip(old, new)]
-    idx = [i for i, r in enumerate(both) if r]
+                    state_path=STATE / f"{tag}-B.json", **common) if missing and part in ("all", "B", "C") else None
+    if part == "B":
+        return None
+    first = _rung1_robust(STATE / f"{tag}-A.json", ms.evaluation.DEFAULT_ATTACKS, ctx.n)
+    a = None
+    if part == "all" or first is None:
+        t0 = time.time()
+        a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common)
+        t_a = time.time() - t0
+        first = _rung1_robust(STATE / f"{tag}-A.json", ms.evaluation.DEFAULT_ATTACKS, ctx.n)
+    b_robust = _robust_vector(b) if b is not None else [True] * ctx.n
+    idx = [i for i, (x, y) in enumerate(zip(first, b_robust)) if x and y]
     c = None
     if idx:
         c = ms.evaluate(model, ctx.x[idx], ctx.y[idx], attacks=[_attack(k, base) for k in EXTRAS], individual=True,
                         ladder=False, indicators=False, state_path=STATE / f"{tag}-C.json", **common)
+    if a is None:  # part C
+        return None
+    old_names_a = [n for n in OLD_DEFAULT if n in a.attacks]
+    old = [x and y for x, y in zip(_robust_vector(a, old_names_a), b_robust)]
+    new = list(a.worst_case_robust)
+    both = [x and y for x, y in zip(old, new)]
     union = list(both)
     broke_extra: dict[str, list[int]] = {}
     if c is not None:
         for j, i in enumerate(idx):
             hit = [k for k in EXTRAS if c.robust_masks[k][j] == 0]
-            union[i] = not hit
+            union[i] = both[i] and not hit
             for k in hit:
                 broke_extra.setdefault(k, []).append(i)
     # which attack broke what: per attack of A and B, the images it broke that the old default did not
@@ -131,12 +161,12 @@ def table(results: list[dict[str, Any]], command: str) -> str:
              "budget ladder). Union: both, plus the large-budget extras below on the images both leave robust. "
              "Δ columns are paired (95 % interval).", "",
              "| model | α | clean % | old default % | new default % | union % | new − union | old − union | "
-             "ladder | cost new / old |",
+             "ladder | attack time new / old |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in results:
         rungs = " → ".join(f"x{x['factor']}: −{x['n_broken']}" for x in r["ladder"][1:]) or "-"
         verdict = "converged" if r["converged"] else "not converged"
-        ratio = r["seconds"]["A"] / max(_old_cost(r), 1e-9)
+        ratio = sum(r["seconds"]["A_attacks"].values()) / max(_old_cost(r), 1e-9)
         lines.append(f"| {r['model']} | {r['alpha']:g} | {_pct(r['clean'])} | {_pct(r['old_acc'])} | "
                      f"**{_pct(r['new_acc'])}** | {_pct(r['union_acc'])} | {_ci(r['new'], r['union'])} | "
                      f"{_ci(r['old'], r['union'])} | {rungs} ({verdict}) | {ratio:.2f} |")
@@ -171,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
+    p.add_argument("--part", choices=["all", "B", "C"], default="all",
+                   help="run only B, or only C once A's first rung is in its state file (beside a process running "
+                        "the rest); 'all' also writes the record")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     command = "python experiments/strongest.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -182,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.models.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
                 t0 = time.time()
-                r = run_one(ctx, key, alpha, args.progress)
+                r = run_one(ctx, key, alpha, args.progress, args.part)
+                if r is None:
+                    print(f"[{key} α={alpha:g}] part {args.part} done ({time.time() - t0:.0f} s)", flush=True)
+                    continue
                 r["command"] = command
                 # one file per (checkpoint, α, n): several processes can run different settings at once
                 (OUT / f"results-{key}-{alpha:g}-n{args.n}.json").write_text(json.dumps(r) + "\n")
