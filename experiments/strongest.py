@@ -62,6 +62,44 @@ def _robust_vector(report: ms.Report, names: list[str] | None = None) -> list[bo
             for i, c in enumerate(report.clean_correct)]
 
 
+def _state_verdicts(path: Path, n: int) -> dict[str, list[bool]]:
+    """Per attack stored in an evaluation state file: per image, attacked and not broken (clean errors False)."""
+    out = {}
+    for name, batches in json.loads(path.read_text()).get("batches", {}).items():
+        robust = [False] * n
+        for rec in batches.values():
+            for i, r in zip(rec["indices"], rec["robust"], strict=True):
+                robust[i] = bool(r)
+        out[name] = robust
+    return out
+
+
+def partial(key: str, alpha: float, n: int) -> str:
+    """What the state files of an unfinished (checkpoint, α, n) already say, with the attack probe's verdicts
+    on the same images (experiments/results/attack-probe): per attack set, robust % and paired differences."""
+    tag = f"{key}-{alpha:g}-n{n}"
+    found: dict[str, list[bool]] = {}
+    for part in "ABC":
+        path = STATE / f"{tag}-{part}.json"
+        if path.exists() and part != "C":  # C covers a subset of the images
+            found.update(_state_verdicts(path, n))
+    for path in sorted((RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")):
+        found.update({f"probe:{k}": v for k, v in json.loads(path.read_text()).items()})
+    sets = {"new default, rung 1": [a for a in ms.evaluation.DEFAULT_ATTACKS if a in found],
+            "old default (stored part)": [a for a in OLD_DEFAULT if a in found or f"probe:{a}" in found],
+            "union of everything stored": list(found)}
+    sets["old default (stored part)"] = [a if a in found else f"probe:{a}" for a in sets["old default (stored part)"]]
+    vec = {k: [all(found[a][i] for a in names) for i in range(n)] for k, names in sets.items()}
+    lines = [f"# Partial: {key}, α = {alpha:g}, {n} images (what is stored so far)", "",
+             "| attack set | attacks | robust % |", "|---|---|---:|"]
+    lines += [f"| {k} | {', '.join(sets[k])} | {_pct(sum(v) / n)} |" for k, v in vec.items()]
+    new, old, union = vec.values()
+    gained, lost = sum(o and not w for o, w in zip(old, new)), sum(w and not o for o, w in zip(old, new))
+    lines += ["", f"- new default − union: {_ci(new, union)}; old − new: {_ci(old, new)}",
+              f"- images the new default breaks that the stored old attacks leave robust: {gained}; reverse: {lost}"]
+    return "\n".join(lines) + "\n"
+
+
 def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | None:
     """Per image, robust to every rung-1 attack of A as stored in A's state file (None until all are there):
     lets B and C run beside A's budget ladder."""
@@ -201,11 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
+    p.add_argument("--partial", action="store_true",
+                   help="only summarise what the state files of --models/--alphas/--n already hold (unfinished runs)")
     p.add_argument("--part", choices=["all", "B", "C"], default="all",
                    help="run only B, or only C once A's first rung is in its state file (beside a process running "
                         "the rest); 'all' also writes the record")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.partial:
+        for key in args.models.split(","):
+            for alpha in (float(a) for a in args.alphas.split(",")):
+                text = partial(key, alpha, args.n)
+                (OUT / f"partial-{key}-{alpha:g}-n{args.n}.md").write_text(text)
+                print(text)
+        return 0
     command = "python experiments/strongest.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.report:
         if args.threads:
