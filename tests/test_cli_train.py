@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli_errors import cli  # (exit code, stdout, stderr) of one command
 
 import meansparse as ms
 from meansparse.cli import main
@@ -14,15 +15,6 @@ from meansparse.zoo import load_model_spec
 
 TINY = ["--data", "digits", "--epochs", 1, "--batch-size", 256, "--steps", 1, "--eps", 0.1, "--n-holdout", 100,
         "--eval-n", 20, "--eval-steps", 1, "--no-augment", "--no-progress"]
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
