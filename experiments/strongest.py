@@ -103,19 +103,10 @@ def partial(key: str, alpha: float, n: int) -> str:
 def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | None:
     """Per image, robust to every rung-1 attack of A as stored in A's state file (None until all are there):
     lets B and C run beside A's budget ladder."""
-    if not state.exists():
+    found = _state_verdicts(state, n) if state.exists() else {}
+    if any(name not in found for name in names):
         return None
-    batches = json.loads(state.read_text()).get("batches", {})
-    if any(name not in batches for name in names):
-        return None
-    robust = [True] * n
-    attacked: set[int] = set()
-    for name in names:
-        for rec in batches[name].values():
-            attacked.update(rec["indices"])
-            for i, r in zip(rec["indices"], rec["robust"], strict=True):
-                robust[i] = robust[i] and bool(r)
-    return [r and i in attacked for i, r in enumerate(robust)]
+    return [all(found[name][i] for name in names) for i in range(n)]
 
 
 def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all") -> dict[str, Any] | None:

@@ -40,22 +40,29 @@ def test_resume_refuses_another_configuration(digits, tmp_path):
         train(_cfg("pgd", epochs=3), tmp_path, progress=False, train_data=digits)
 
 
+def _die_in_epoch(monkeypatch, epoch: int):
+    """Ctrl-C at the end of ``epoch`` (its held-out evaluation); returns the real function to put back."""
+    import meansparse.training as tr
+
+    real, calls = tr.holdout_metrics, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "holdout_metrics", dies)
+    return real
+
+
 def test_resume_after_interruption_matches_uninterrupted(digits, tmp_path, monkeypatch):
     import meansparse.training as tr
 
     ref = tmp_path / "ref"
     train(_cfg("pgd", epochs=3), ref, progress=False, train_data=digits)
     run = tmp_path / "run"
-    real = tr.holdout_metrics
-    calls = {"n": 0}
-
-    def dies_in_epoch_3(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "holdout_metrics", dies_in_epoch_3)
+    real = _die_in_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg("pgd", epochs=3), run, progress=False, train_data=digits)
     assert json.loads((run / "state.json").read_text())["epoch"] == 2
@@ -105,15 +112,7 @@ def test_meansparse_run_resumes_bit_identically(digits, tmp_path, monkeypatch):
     import meansparse.training as tr
 
     train(_ms_cfg(epochs=3), tmp_path / "ref", progress=False, train_data=digits)
-    real, calls = tr.holdout_metrics, {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "holdout_metrics", dies_in_epoch_2)
+    real = _die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(_ms_cfg(epochs=3), tmp_path / "run", progress=False, train_data=digits)
     monkeypatch.setattr(tr, "holdout_metrics", real)
