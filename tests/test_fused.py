@@ -49,8 +49,8 @@ def compiled_or_skip():
         pytest.skip(f"torch.compile unavailable here ({compile_disabled_reason()})")
 
 
-def used_compiled(kind, role, key, params=()):
-    return bool(kernels.compiled_kernels().get((kind, params, role, key))) and compile_disabled_reason() is None
+def used_compiled(kernel, role, key, params=()):
+    return bool(kernels.compiled_kernels().get((kernel, params, role, key))) and compile_disabled_reason() is None
 
 
 # ---------------------------------------------------------------------------------------------- fusing pass
@@ -73,9 +73,9 @@ def test_inplace_activation_whose_input_is_read_later_is_not_fused(build_model, 
     model = calibrated(ms.prepare(base, example_inputs=images), images, 0.5)
     ref = copy.deepcopy(model)
     ms.fuse(model)
-    kinds = {o.activation: o.fused_activation for o in ms.operators(model)}
-    assert kinds["Tensor.relu_"] is None
-    assert kinds["F.relu"] == ("relu", (), False) and kinds["F.gelu"] == ("gelu", ("none",), False)
+    fused = {o.activation: o.fused_activation for o in ms.operators(model)}
+    assert fused["Tensor.relu_"] is None
+    assert fused["F.relu"] == ("relu", (), False) and fused["F.gelu"] == ("gelu", ("none",), False)
     with torch.no_grad():
         assert torch.equal(model(images), ref(images))
 
@@ -208,16 +208,16 @@ def test_compiled_relu_is_bit_identical(memory_format):
     assert used_compiled("relu", "exact_from_output", (layout, 4, 1))
 
 
-@pytest.mark.parametrize("kind,params", [("leaky_relu", (0.1,)), ("softplus", (1.0, 20.0))])
-def test_compiled_in_kernel_activations_are_bit_identical(kind, params):
+@pytest.mark.parametrize("kernel,params", [("leaky_relu", (0.1,)), ("softplus", (1.0, 20.0))])
+def test_compiled_in_kernel_activations_are_bit_identical(kernel, params):
     compiled_or_skip()
     op = make_op()
     x = special_values(torch.randn(8, 16, 16, 16) * 3)
-    spec = ActivationSpec(kind, params, False)
+    spec = ActivationSpec(kernel, params, False)
     y, g, up = reference(op, x, spec, "exact")
     fy, fg, _ = fused_result(op, x, spec, "exact", up)
     assert same(fy, y) and same(fg, g)
-    assert used_compiled(kind, "exact", ("contiguous", 4, 1), params)
+    assert used_compiled(kernel, "exact", ("contiguous", 4, 1), params)
 
 
 def test_compiled_relu_gradient_from_its_output_handles_edge_cases():
@@ -237,13 +237,13 @@ def test_compiled_relu_gradient_from_its_output_handles_edge_cases():
             assert fg[:, 0, :4].ne(0).all() and fg[:, 1, :4].eq(0).all()
 
 
-@pytest.mark.parametrize("kind,params", [("gelu", ("none",)), ("silu", ()), ("hardswish", ())])
-def test_compiled_split_activations_are_bit_identical(kind, params):
+@pytest.mark.parametrize("kernel,params", [("gelu", ("none",)), ("silu", ()), ("hardswish", ())])
+def test_compiled_split_activations_are_bit_identical(kernel, params):
     """GELU/SiLU/Hardswish run ATen's kernels between a compiled sparsify and a compiled band mask."""
     compiled_or_skip()
     op = make_op(c=48, layout="NLC")
     x = special_values(torch.randn(4, 256, 48) * 2)
-    spec = ActivationSpec(kind, params, False)
+    spec = ActivationSpec(kernel, params, False)
     for mode in ("exact", "straight_through"):
         y, g, up = reference(op, x, spec, mode)
         fy, fg, fy0 = fused_result(op, x, spec, mode, up)

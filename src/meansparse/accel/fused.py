@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from ..core import MeanSparse, operators
 from ..placement import MeanSparseActivation, MeanSparseOutput, fx_class, get_record, mode_forwards
 from ..placement.record import attach, attached, detach, restore_class, swap_class, swapped
-from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec, function_spec, method_spec, module_spec
+from ..placement.registry import (
+    GENERIC_KERNEL,
+    IDENTITY_KERNEL,
+    ActivationSpec,
+    function_spec,
+    method_spec,
+    module_spec,
+)
 from .graph import fresh_module, private
 from .kernels import fused_forward
 from .producer import absorb_producer
@@ -51,7 +58,7 @@ class FusedMeanSparseActivation(MeanSparseActivation):
 
 
 #: The spec of a fused site with no activation after it.
-IDENTITY_SPEC = ActivationSpec(IDENTITY, (), False)
+IDENTITY_SPEC = ActivationSpec(IDENTITY_KERNEL, (), False)
 
 
 class FusedMeanSparseOutput(MeanSparseOutput):
@@ -65,7 +72,7 @@ def _fuse_operator(op: MeanSparse, spec: ActivationSpec, activation: nn.Module |
     if not isinstance(op, FusedMeanSparse):
         swap_class(op, FusedMeanSparse)
     op.fused_activation = spec
-    if spec.kind == GENERIC_KIND:
+    if spec.kernel == GENERIC_KERNEL:
         attach(op, "activation_module", activation)
 
 
@@ -132,7 +139,7 @@ def _fuse_graph(graph: fx.Graph, root: nn.Module, producers: bool, owned: dict[M
         if spec.write_back or op.inplace:  # in place: only when nobody else can see the input tensor
             if not private(node.args[0], root):
                 continue
-            spec = ActivationSpec(spec.kind, spec.params, False)
+            spec = ActivationSpec(spec.kernel, spec.params, False)
         activation = root.get_submodule(act.target) if act.op == "call_module" else None
         node.kwargs = {"activation": spec}
         act.replace_all_uses_with(node)

@@ -17,7 +17,7 @@ the activation).  Here a custom :class:`torch.autograd.Function` does it with ``
   (:func:`~meansparse.core.band.band_from_output`).  Where fusing found the input private to the site (a
   Linear's output read by nothing else, :func:`owns_input`), ``y`` is written over it: no new full-size
   tensor, which with glibc's default allocator costs as much as the pass (page faults).
-* registered activation classes (kind ``"module"``): the compiled sparsify kernel, then the module's own
+* registered activation classes (kernel ``"generic"``): the compiled sparsify kernel, then the module's own
   forward under autograd.
 
 Exactness: every output and gradient element is bit-identical to the eager reference (operator, then
@@ -42,7 +42,7 @@ from .._utils import is_compiling
 from ..core import ATTACK_MODES, MeanSparse
 from ..core.band import band_from_output, in_band, relu_grad_from_output, sparsify
 from ..placement.record import attached
-from ..placement.registry import GENERIC_KIND, IDENTITY, ActivationSpec
+from ..placement.registry import GENERIC_KERNEL, IDENTITY_KERNEL, ActivationSpec
 
 __all__ = ["ACTIVATIONS", "IN_KERNEL", "KernelLayout", "KernelInfo", "kernel", "compiled_layout", "like",
            "act_eager", "fused_forward", "owns_input", "compiled_kernels", "separate_cache", "save_and_activate",
@@ -58,7 +58,7 @@ class KernelLayout(NamedTuple):
 
 
 class KernelInfo(NamedTuple):
-    kind: str
+    kernel: str
     params: tuple
     mode: str  # the operator's gradient mode
     layout: KernelLayout
@@ -66,7 +66,7 @@ class KernelInfo(NamedTuple):
 
 
 class ActivationMath(NamedTuple):
-    """An activation kind as eager code computes it: forward(x, params, inplace) and the ATen backward op
+    """An activation kernel as eager code computes it: forward(x, params, inplace) and the ATen backward op
     eager autograd runs, backward(g, y, params)."""
 
     forward: Callable[[Tensor, tuple, bool], Tensor]
@@ -115,18 +115,18 @@ ACTIVATIONS: dict[str, ActivationMath] = {
         lambda g, y, p: torch.ops.aten.hardtanh_backward(g, y, _p(p, 0, -1.0), _p(p, 1, 1.0)),
     ),
     # sites with no activation after them (residual adds, module outputs): the operator alone, compiled
-    IDENTITY: ActivationMath(lambda x, p, inplace: x, lambda g, y, p: g),
+    IDENTITY_KERNEL: ActivationMath(lambda x, p, inplace: x, lambda g, y, p: g),
 }
 #: Activations computed inside the compiled kernels (compiled code reproduces ATen's CPU kernels bit for bit).
 IN_KERNEL = ("relu", "leaky_relu", "softplus")
 
 
 def act_eager(x: Tensor, spec: ActivationSpec, module: nn.Module | None = None) -> Tensor:
-    """The activation exactly as the original model calls it (in place when the spec writes back); kind
-    ``"module"`` calls ``module``."""
-    if spec.kind == GENERIC_KIND:
+    """The activation exactly as the original model calls it (in place when the spec writes back); kernel
+    ``"generic"`` calls ``module``."""
+    if spec.kernel == GENERIC_KERNEL:
         return module(x)  # type: ignore[misc]
-    return ACTIVATIONS[spec.kind].forward(x, spec.params, spec.write_back)
+    return ACTIVATIONS[spec.kernel].forward(x, spec.params, spec.write_back)
 
 
 # ================================================================================ kernels
@@ -147,11 +147,11 @@ def _band_mask_in_place_kernel(gy: Tensor, y: Tensor, m: Tensor, t: Tensor) -> T
     return gy.copy_(torch.where(band_from_output(y, m, t), 0.0, gy))
 
 
-def _make_kernels(kind: str, params: tuple) -> dict[str, Callable]:
-    if not kind:  # the split path's activation-independent kernels
+def _make_kernels(name: str, params: tuple) -> dict[str, Callable]:
+    if not name:  # the split path's activation-independent kernels
         return {"sparsify": _sparsify_kernel, "sparsify_in_place": _sparsify_in_place_kernel,
                 "band_mask": _band_mask_kernel, "band_mask_in_place": _band_mask_in_place_kernel}
-    act = ACTIVATIONS[kind]
+    act = ACTIVATIONS[name]
 
     def forward(x: Tensor, m: Tensor, t: Tensor) -> Tensor:
         return act.forward(sparsify(x, m, t), params, False)
@@ -164,7 +164,7 @@ def _make_kernels(kind: str, params: tuple) -> dict[str, Callable]:
         return act.backward(g, sparsify(x, m, t), params)
 
     kernels = {"forward": forward, "exact": backward_exact, "straight_through": backward_straight_through}
-    if kind == "relu":  # ReLU's backward from its output: saving z instead of x costs no memory
+    if name == "relu":  # ReLU's backward from its output: saving z instead of x costs no memory
         kernels.update(exact_from_output=lambda g, z, m, t: relu_grad_from_output(g, z, m, t, True),
                        straight_through_from_output=lambda g, z, m, t: relu_grad_from_output(g, z, m, t, False))
     return kernels
@@ -173,21 +173,21 @@ def _make_kernels(kind: str, params: tuple) -> dict[str, Callable]:
 _KERNELS: dict[tuple, CompiledKernel] = {}
 
 
-def kernel(kind: str, params: tuple, role: str, layout: KernelLayout | tuple) -> CompiledKernel:
-    """The cached kernel for (activation, role, layout).  Roles: forward / exact / straight_through, and for
-    ReLU exact_from_output / straight_through_from_output; kind "" holds sparsify / band_mask and their
-    in-place variants.  One compiled graph per key serves every size."""
-    key = (kind, params, role, tuple(layout))
+def kernel(name: str, params: tuple, role: str, layout: KernelLayout | tuple) -> CompiledKernel:
+    """The cached kernel for (activation kernel ``name``, role, layout).  Roles: forward / exact /
+    straight_through, and for ReLU exact_from_output / straight_through_from_output; name "" holds sparsify /
+    band_mask and their in-place variants.  One compiled graph per key serves every size."""
+    key = (name, params, role, tuple(layout))
     k = _KERNELS.get(key)
     if k is None:
-        safe = "".join(ch if ch.isalnum() else "_" for ch in f"{kind}_{params}_{role}_{tuple(layout)}")
-        k = CompiledKernel(_make_kernels(kind, params)[role], f"meansparse_{safe}")
+        safe = "".join(ch if ch.isalnum() else "_" for ch in f"{name}_{params}_{role}_{tuple(layout)}")
+        k = CompiledKernel(_make_kernels(name, params)[role], f"meansparse_{safe}")
         _KERNELS[key] = k
     return k
 
 
 def compiled_kernels() -> dict[tuple, bool]:
-    """(kind, params, role, layout) -> whether that kernel has been compiled in this process."""
+    """(activation kernel, params, role, layout) -> whether that kernel has been compiled in this process."""
     return {key: k.compiled for key, k in _KERNELS.items()}
 
 
@@ -227,11 +227,11 @@ def like(g: Tensor, memory: str) -> Tensor:
     return g.contiguous()
 
 
-def save_and_activate(ctx, y: Tensor, m: Tensor, t: Tensor, kind: str, params: tuple) -> Tensor:
+def save_and_activate(ctx, y: Tensor, m: Tensor, t: Tensor, name: str, params: tuple) -> Tensor:
     """The split path's forward tail: keep the sparsified ``y`` (and the [C] vectors) for the backward, then
     run ATen's activation on it (which would have saved ``y`` anyway)."""
     ctx.save_for_backward(y, m, t)
-    return ACTIVATIONS[kind].forward(y, params, False)
+    return ACTIVATIONS[name].forward(y, params, False)
 
 
 def backward_inputs(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -251,27 +251,27 @@ class _FusedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, m: Tensor, t: Tensor, info: KernelInfo) -> Tensor:  # type: ignore[override]
         ctx.info = info
-        if info.kind in IN_KERNEL:
-            out = kernel(info.kind, info.params, "forward", info.layout)(x, m, t)
-            ctx.save_for_backward(out if info.kind == "relu" else x, m, t)
+        if info.kernel in IN_KERNEL:
+            out = kernel(info.kernel, info.params, "forward", info.layout)(x, m, t)
+            ctx.save_for_backward(out if info.kernel == "relu" else x, m, t)
             return out
         if info.owns_input:
             y = kernel("", (), "sparsify_in_place", info.layout)(x, m, t)
-            if info.kind == IDENTITY:  # the output is the input, overwritten: autograd must know
+            if info.kernel == IDENTITY_KERNEL:  # the output is the input, overwritten: autograd must know
                 ctx.mark_dirty(x)
         else:
             y = kernel("", (), "sparsify", info.layout)(x, m, t)
-        return save_and_activate(ctx, y, m, t, info.kind, info.params)
+        return save_and_activate(ctx, y, m, t, info.kernel, info.params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # type: ignore[override]
         saved, m, t, g = backward_inputs(ctx, g)
         info: KernelInfo = ctx.info
-        if info.kind in IN_KERNEL:
-            role = f"{info.mode}_from_output" if info.kind == "relu" else info.mode
-            return kernel(info.kind, info.params, role, info.layout)(g, saved, m, t), None, None, None
-        gy = ACTIVATIONS[info.kind].backward(g, saved, info.params)  # the ATen op eager autograd runs
+        if info.kernel in IN_KERNEL:
+            role = f"{info.mode}_from_output" if info.kernel == "relu" else info.mode
+            return kernel(info.kernel, info.params, role, info.layout)(g, saved, m, t), None, None, None
+        gy = ACTIVATIONS[info.kernel].backward(g, saved, info.params)  # the ATen op eager autograd runs
         if info.mode == "exact":  # in place over the activation's fresh gradient, not over g (the identity's)
             role = "band_mask" if gy.data_ptr() == g.data_ptr() else "band_mask_in_place"
             gy = kernel("", (), role, info.layout)(gy, saved, m, t)
@@ -301,7 +301,7 @@ class _SparsifyFunction(torch.autograd.Function):
 def owns_input(op: MeanSparse) -> bool:
     """Whether fusing found the site's input tensor private to it (freshly made, read by the site alone): the
     split path then writes the sparsified values over it instead of into a new tensor, saving a full-size
-    allocation (on the CPU, with glibc's default allocator, as costly as the pass itself); the identity kind
+    allocation (on the CPU, with glibc's default allocator, as costly as the pass itself); the identity kernel
     returns the overwritten input, marked dirty for autograd."""
     return bool(attached(op, "owns_input"))
 
@@ -310,7 +310,7 @@ def fused_forward(op: MeanSparse, x: Tensor, spec: ActivationSpec) -> Tensor:
     """``activation(op(x))``, fused: what a :class:`~meansparse.accel.fused.FusedMeanSparse` computes."""
     if op.layout is None or op.channels is None:
         op.see(x)
-    module = attached(op, "activation_module") if spec.kind == GENERIC_KIND else None
+    module = attached(op, "activation_module") if spec.kernel == GENERIC_KERNEL else None
     if op.observing:
         op.observe(x)
         return act_eager(x, spec, module)
@@ -322,21 +322,21 @@ def fused_forward(op: MeanSparse, x: Tensor, spec: ActivationSpec) -> Tensor:
         return act_eager(op.apply_band(x, in_place=True), spec, module)
     # an attack's surrogate (ATTACK_MODES) always takes the eager reference, never a compiled kernel
     memory = None if op.gradient in ATTACK_MODES else compiled_layout(x)
-    plain = ActivationSpec(spec.kind, spec.params, False)
+    plain = ActivationSpec(spec.kernel, spec.params, False)
     if memory is None:  # eager: the reference computation
         out = act_eager(op.apply_band(x, in_place=False), plain, module)
     else:
         m, t = op.center_threshold_for(x)
         layout = KernelLayout(memory, x.ndim, op.channel_dim(x.ndim))
-        if spec.kind == GENERIC_KIND:
+        if spec.kernel == GENERIC_KERNEL:
             y = _SparsifyFunction.apply(x, m, t, op.gradient, layout) if grad else \
                 kernel("", (), "sparsify", layout)(x, m, t)
             out = act_eager(y, plain, module)
         elif grad:
-            out = _FusedFunction.apply(x, m, t, KernelInfo(spec.kind, spec.params, op.gradient, layout,
+            out = _FusedFunction.apply(x, m, t, KernelInfo(spec.kernel, spec.params, op.gradient, layout,
                                                            owns_input(op)))
-        elif spec.kind in IN_KERNEL:
-            out = kernel(spec.kind, spec.params, "forward", layout)(x, m, t)
+        elif spec.kernel in IN_KERNEL:
+            out = kernel(spec.kernel, spec.params, "forward", layout)(x, m, t)
         else:
             role = "sparsify_in_place" if owns_input(op) else "sparsify"
             out = act_eager(kernel("", (), role, layout)(x, m, t), plain)

@@ -43,7 +43,7 @@ from .._utils import is_compiling, same_versions, tensor_versions
 from ..core import ATTACK_MODES, MeanSparse, StraightThrough, broadcast_channel, in_band, sparsify
 from ..core.band import band_from_output, relu_grad_from_output
 from ..placement.record import attach, attached
-from ..placement.registry import IDENTITY, ActivationSpec, is_add, is_inplace_add
+from ..placement.registry import IDENTITY_KERNEL, ActivationSpec, is_add, is_inplace_add
 from .graph import private, through_identity
 from .kernels import ACTIVATIONS, KernelLayout, act_eager, backward_inputs, compiled_layout, save_and_activate
 
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Activations whose fused site can take a producer: ReLU (one kernel), the split path, and no activation.
-SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", "hardtanh", IDENTITY)
+SUPPORTED = ("relu", "gelu", "silu", "elu", "mish", "hardswish", "hardtanh", IDENTITY_KERNEL)
 
 #: A producer expression: ("x", i) input i; ("bn", j, ("x", i)) BatchNorm j of input i; ("add", a, b).
 Struct = tuple
@@ -64,7 +64,7 @@ class ProducerInfo(NamedTuple):
     """What a producer kernel is specialised on."""
 
     struct: Struct
-    kind: str
+    kernel: str
     params: tuple
     mode: str  # the operator's gradient mode
     layout: KernelLayout
@@ -145,10 +145,10 @@ def _reference(s: Struct, bns: tuple, leaves: tuple) -> Tensor:
 
 
 # ================================================================================ kernels
-def _make(s: Struct, kind: str, params: tuple, role: str) -> Any:
+def _make(s: Struct, name: str, params: tuple, role: str) -> Any:
     n_leaves, n_bn = _count(s)
     paths = _leaf_bns(s)
-    act = ACTIVATIONS[kind].forward if kind else None
+    act = ACTIVATIONS[name].forward if name else None
 
     def leaf_grads(gx: Tensor, scales: tuple) -> tuple:
         # eval BatchNorm backward as ATen computes it: (g * invstd) * w; through an add the gradient is g
@@ -184,12 +184,12 @@ def _make(s: Struct, kind: str, params: tuple, role: str) -> Any:
 _KERNELS: dict[tuple, CompiledKernel] = {}
 
 
-def _kernel(s: Struct, kind: str, params: tuple, role: str, layout: KernelLayout) -> CompiledKernel:
-    key = (s, kind, params, role, tuple(layout))
+def _kernel(s: Struct, name: str, params: tuple, role: str, layout: KernelLayout) -> CompiledKernel:
+    key = (s, name, params, role, tuple(layout))
     k = _KERNELS.get(key)
     if k is None:
-        safe = "".join(ch if ch.isalnum() else "_" for ch in f"{role}_{kind}_{len(_KERNELS)}")
-        k = _KERNELS[key] = CompiledKernel(_make(s, kind, params, role), f"meansparse_producer_{safe}")
+        safe = "".join(ch if ch.isalnum() else "_" for ch in f"{role}_{name}_{len(_KERNELS)}")
+        k = _KERNELS[key] = CompiledKernel(_make(s, name, params, role), f"meansparse_producer_{safe}")
     return k
 
 
@@ -237,23 +237,23 @@ class _ProducerFunction(torch.autograd.Function):
     def forward(ctx, info: ProducerInfo, aff: tuple, scales: tuple, m: Tensor, t: Tensor,  # type: ignore[override]
                 *leaves: Tensor) -> Tensor:
         ctx.info, ctx.scales = info, scales
-        if info.kind == "relu":
-            out = _kernel(info.struct, info.kind, info.params, "forward", info.layout)(*leaves, *aff, m, t)
+        if info.kernel == "relu":
+            out = _kernel(info.struct, info.kernel, info.params, "forward", info.layout)(*leaves, *aff, m, t)
             ctx.save_for_backward(out, m, t)
             return out
         y = _kernel(info.struct, "", (), "sparsify", info.layout)(*leaves, *aff, m, t)
-        return save_and_activate(ctx, y, m, t, info.kind, info.params)
+        return save_and_activate(ctx, y, m, t, info.kernel, info.params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # type: ignore[override]
         saved, m, t, g = backward_inputs(ctx, g)
         info: ProducerInfo = ctx.info
-        if info.kind == "relu":
-            grads = _kernel(info.struct, info.kind, info.params, f"relu_{info.mode}", info.layout)(
+        if info.kernel == "relu":
+            grads = _kernel(info.struct, info.kernel, info.params, f"relu_{info.mode}", info.layout)(
                 g, saved, m, t, *ctx.scales)
         else:
-            gy = ACTIVATIONS[info.kind].backward(g, saved, info.params)  # the ATen op eager autograd runs
+            gy = ACTIVATIONS[info.kernel].backward(g, saved, info.params)  # the ATen op eager autograd runs
             grads = _kernel(info.struct, "", (), info.mode, info.layout)(gy, saved, m, t, *ctx.scales)
         return (None, None, None, None, None, *grads)
 
@@ -261,10 +261,10 @@ class _ProducerFunction(torch.autograd.Function):
 def _run(info: ProducerInfo, aff: tuple, scales: tuple, m: Tensor, t: Tensor, leaves: tuple, grad: bool) -> Tensor:
     if grad:
         return _ProducerFunction.apply(info, aff, scales, m, t, *leaves)
-    if info.kind == "relu":
-        return _kernel(info.struct, info.kind, info.params, "forward", info.layout)(*leaves, *aff, m, t)
+    if info.kernel == "relu":
+        return _kernel(info.struct, info.kernel, info.params, "forward", info.layout)(*leaves, *aff, m, t)
     y = _kernel(info.struct, "", (), "sparsify", info.layout)(*leaves, *aff, m, t)
-    return act_eager(y, ActivationSpec(info.kind, info.params, False))
+    return act_eager(y, ActivationSpec(info.kernel, info.params, False))
 
 
 # ================================================================================ first-use check
@@ -272,7 +272,7 @@ _VERDICTS: dict[tuple, bool] = {}
 
 
 def compiled_kernels() -> dict[tuple, bool]:
-    """(producer, kind, params, role, layout) -> whether that kernel has been compiled in this process."""
+    """(producer, activation kernel, params, role, layout) -> whether that kernel has been compiled in this process."""
     return {key: k.compiled for key, k in _KERNELS.items()}
 
 
@@ -320,7 +320,7 @@ def _verified(info: ProducerInfo, op: MeanSparse, bns: tuple, aff: tuple, scales
         ok = None
     if ok is False:
         log.warning("meansparse: fused %s producer (%s) at %s differs from the eager reference on this torch "
-                    "build; that site keeps the unfused producer", describe(info.struct), info.kind, op.name)
+                    "build; that site keeps the unfused producer", describe(info.struct), info.kernel, op.name)
     _VERDICTS[vkey] = bool(ok) and compile_enabled()
     return _VERDICTS[vkey]
 
@@ -330,7 +330,7 @@ def _probe(info: ProducerInfo, bns: tuple, aff: tuple, scales: tuple, m: Tensor,
     gen = torch.Generator().manual_seed(0)
     cd = info.layout.channel_dim
     probe = [_probe_like(x, cd, info.layout.memory, gen).requires_grad_(grad) for _ in range(_count(info.struct)[0])]
-    spec = ActivationSpec(info.kind, info.params, False)
+    spec = ActivationSpec(info.kernel, info.params, False)
     # the operator's real centre, a threshold per channel that puts half the probe in the band
     with torch.enable_grad() if grad else torch.no_grad():
         xp = _reference(info.struct, bns, tuple(probe))
@@ -362,7 +362,7 @@ def _global_hooks() -> bool:
 
 def _eligible(op: MeanSparse, spec: ActivationSpec, bns: tuple, leaves: tuple) -> str | None:
     """The memory format key when the compiled producer path applies to this call, else None."""
-    if spec.kind not in SUPPORTED or spec.write_back or not all(isinstance(v, Tensor) for v in leaves):
+    if spec.kernel not in SUPPORTED or spec.write_back or not all(isinstance(v, Tensor) for v in leaves):
         return None
     if op._forward_hooks or op._forward_pre_hooks or _global_hooks():
         return None
@@ -399,7 +399,7 @@ def fused_site(op: MeanSparse, spec: ActivationSpec, s: Struct, bns: tuple, *lea
         terms = [_bn_terms(bn, x) for bn in bns]
         aff = tuple(v for bt in terms for v in (bt.a, bt.b))
         scales = tuple(v for bt in terms for v in (bt.invstd, bt.w))
-        info = ProducerInfo(s, spec.kind, spec.params, op.gradient,
+        info = ProducerInfo(s, spec.kernel, spec.params, op.gradient,
                             KernelLayout(memory, x.ndim, op.channel_dim(x.ndim)))
         if _verified(info, op, bns, aff, scales, m, t, x, grad):
             return _run(info, aff, scales, m, t, leaves, grad)
@@ -427,7 +427,7 @@ def absorb_producer(graph: Any, node: Any, root: nn.Module, spec: ActivationSpec
     """Rewrite the fused site ``node`` (``op(x, activation=spec)``) into ``fused_site(...)`` over the inputs
     of the BatchNorm / add that produced ``x``, when only the site reads it.  Returns whether it did."""
     op = root.get_submodule(node.target)
-    if spec.kind not in SUPPORTED or not isinstance(op, MeanSparse) or len(node.args) != 1:
+    if spec.kernel not in SUPPORTED or not isinstance(op, MeanSparse) or len(node.args) != 1:
         return False
     leaves: list = []
     bns: list = []

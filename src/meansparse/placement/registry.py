@@ -2,9 +2,10 @@
 adds, and the layout rules (which producers and consumers put channels first or last).
 
 Insertion (:mod:`meansparse.placement`) asks it which calls are activation sites and where the channels are;
-fusion (:mod:`meansparse.accel`) asks it how each activation is computed (its fusion ``kind`` and parameters).
-A class added with :func:`register_activation` gets an operator and is fused too: its own forward runs after a
-compiled sparsify kernel (kind ``"module"``).
+fusion (:mod:`meansparse.accel`) asks it how each activation is computed (its fusion ``kernel`` and
+parameters).  A class added with :func:`register_activation` gets an operator and is fused too: its own forward
+runs after a compiled sparsify kernel (kernel ``"generic"``).  A fusion kernel names a computation; a *site
+kind* ("module", "function", "method", "output", "add": :mod:`meansparse.core.site`) says where an operator sits.
 """
 
 from __future__ import annotations
@@ -44,27 +45,27 @@ __all__ = [
     "producer_hint",
     "consumer_hint",
     "is_transparent",
-    "GENERIC_KIND",
-    "IDENTITY",
+    "GENERIC_KERNEL",
+    "IDENTITY_KERNEL",
 ]
 
-#: Fusion kind of a registered activation class: its own forward runs after the compiled sparsify kernel.
-GENERIC_KIND = "module"
-#: Fusion kind of a site with no activation after it (a residual add, a module output): the operator alone.
-IDENTITY = "identity"
+#: Fusion kernel of a registered activation class: its own forward runs after the compiled sparsify kernel.
+GENERIC_KERNEL = "generic"
+#: Fusion kernel of a site with no activation after it (a residual add, a module output): the operator alone.
+IDENTITY_KERNEL = "identity"
 
 
 @dataclass(frozen=True)
 class Activation:
     """How placement names an activation and fusion computes it.
 
-    ``kind``: the fused computation ("relu", "gelu", ..., :data:`GENERIC_KIND`), or None: not fused.
+    ``kernel``: the fused computation ("relu", "gelu", ..., :data:`GENERIC_KERNEL`), or None: not fused.
     ``params``: (name, default) of the arguments after the input (functions) or of the attributes (modules)
-    that parametrise ``kind``.  ``inplace``: a function that works in place by itself (``relu_``).
+    that parametrise ``kernel``.  ``inplace``: a function that works in place by itself (``relu_``).
     """
 
     name: str
-    kind: str | None = None
+    kernel: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
     inplace: bool = False
     #: a gate as often as an activation (Tanh, Sigmoid): a site only where the model has no main activation
@@ -72,10 +73,10 @@ class Activation:
 
 
 class ActivationSpec(NamedTuple):
-    """A fusable activation call: ``kind`` with constant ``params``; ``write_back``: it was in place and later
+    """A fusable activation call: fusion ``kernel`` with constant ``params``; ``write_back``: it was in place and later
     code may read its input, so the result is copied back into it."""
 
-    kind: str
+    kernel: str
     params: tuple
     write_back: bool
 
@@ -93,12 +94,12 @@ _MODULES: dict[type[nn.Module], Activation] = {
     nn.PReLU: Activation("PReLU"),  # learnable slope: inserted, not fused
     nn.ReLU6: Activation("ReLU6", "hardtanh", (("min_val", 0.0), ("max_val", 6.0))),
     nn.Hardtanh: Activation("Hardtanh", "hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
-    nn.SELU: Activation("SELU", GENERIC_KIND),
-    nn.CELU: Activation("CELU", GENERIC_KIND),
-    nn.RReLU: Activation("RReLU", GENERIC_KIND),  # random slope in train mode: its own forward
-    nn.Tanh: Activation("Tanh", GENERIC_KIND, secondary=True),
-    nn.Sigmoid: Activation("Sigmoid", GENERIC_KIND, secondary=True),
-    nn.Hardsigmoid: Activation("Hardsigmoid", GENERIC_KIND, secondary=True),
+    nn.SELU: Activation("SELU", GENERIC_KERNEL),
+    nn.CELU: Activation("CELU", GENERIC_KERNEL),
+    nn.RReLU: Activation("RReLU", GENERIC_KERNEL),  # random slope in train mode: its own forward
+    nn.Tanh: Activation("Tanh", GENERIC_KERNEL, secondary=True),
+    nn.Sigmoid: Activation("Sigmoid", GENERIC_KERNEL, secondary=True),
+    nn.Hardsigmoid: Activation("Hardsigmoid", GENERIC_KERNEL, secondary=True),
 }
 
 # F.gelu / F.softplus / F.relu_ are C builtins shared with torch.*
@@ -152,7 +153,7 @@ def register_activation(obj: Any) -> Any:
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         if issubclass(obj, WRAPPERS):
             raise ValueError(f"{obj.__name__} cannot be registered as an activation")
-        _MODULES.setdefault(obj, Activation(obj.__name__, GENERIC_KIND))
+        _MODULES.setdefault(obj, Activation(obj.__name__, GENERIC_KERNEL))
     elif callable(obj):
         _FUNCTIONS.setdefault(obj, Activation(getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))))
     else:
@@ -167,7 +168,7 @@ def activation_classes() -> tuple[type[nn.Module], ...]:
 
 def module_activation(m: nn.Module) -> Activation | None:
     """The registry entry of an activation module: its exact class's, else (a subclass) its name without a
-    fusion kind (a subclass may change forward); None for anything else."""
+    fusion kernel (a subclass may change forward); None for anything else."""
     entry = _MODULES.get(type(m))
     if entry is not None:
         return entry
@@ -260,15 +261,15 @@ def module_spec(m: nn.Module) -> ActivationSpec | None:
     if m._forward_hooks or m._forward_pre_hooks:  # hooks would be skipped by a fused call
         return None
     entry = _MODULES.get(type(m))
-    if entry is None or entry.kind is None:
+    if entry is None or entry.kernel is None:
         return None
     inplace = bool(getattr(m, "inplace", False))
-    if entry.kind == GENERIC_KIND:
-        return None if inplace else ActivationSpec(GENERIC_KIND, (), False)
+    if entry.kernel == GENERIC_KERNEL:
+        return None if inplace else ActivationSpec(GENERIC_KERNEL, (), False)
     params = tuple(_constant(getattr(m, name, default)) for name, default in entry.params)
     if any(p is None for p in params):
         return None
-    return ActivationSpec(entry.kind, params, inplace)
+    return ActivationSpec(entry.kernel, params, inplace)
 
 
 def call_arguments(fn: Callable, args: tuple, kwargs: dict) -> dict | None:
@@ -304,7 +305,7 @@ def call_inplace(fn: Callable, args: tuple, kwargs: dict) -> bool:
 def function_spec(fn: Callable, args: tuple, kwargs: dict) -> ActivationSpec | None:
     """The fusable description of a call ``fn(*args, **kwargs)`` whose parameters are constants, or None."""
     entry = _FUNCTIONS.get(fn)
-    if entry is None or entry.kind is None or entry.kind == GENERIC_KIND:
+    if entry is None or entry.kernel is None or entry.kernel == GENERIC_KERNEL:
         return None
     bound = call_arguments(fn, args, kwargs)
     if bound is None:
@@ -313,12 +314,12 @@ def function_spec(fn: Callable, args: tuple, kwargs: dict) -> ActivationSpec | N
     params = tuple(_constant(bound.get(name, default)) for name, default in entry.params)
     if any(p is None for p in params):
         return None
-    return ActivationSpec(entry.kind, params, entry.inplace or bool(bound.get("inplace", False)))
+    return ActivationSpec(entry.kernel, params, entry.inplace or bool(bound.get("inplace", False)))
 
 
 def method_spec(name: str) -> ActivationSpec | None:
     entry = _METHODS.get(name)
-    return None if entry is None or entry.kind is None else ActivationSpec(entry.kind, (), entry.inplace)
+    return None if entry is None or entry.kernel is None else ActivationSpec(entry.kernel, (), entry.inplace)
 
 
 # ---------------------------------------------------------------------------------------------- adds
