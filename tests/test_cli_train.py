@@ -101,5 +101,5 @@ def test_finetune_places_operators_as_prepare_does(trained, tmp_path, capsys):
                      "act1", "--exclude", "act3", "--ms-momentum", "cumulative", "--out", tmp_path / "run")
     assert rc == 0, err
     ops = ms.operators(load_model_spec(str(tmp_path / "run" / "best")))
-    assert [o.site_name for o in ops] == ["net.act1"]
+    assert [o.site.name for o in ops] == ["net.act1"]
     assert json.loads((tmp_path / "run" / "best.json").read_text())["training"]["ms_momentum"] is None

@@ -7,14 +7,14 @@ import logging
 
 import torch
 
-from meansparse import _compile
+from meansparse import SiteInfo, _compile
 from meansparse.accel import FusedMeanSparse, kernels
 from meansparse.placement.registry import ActivationSpec
 
 
 def make_op(c=16):
     g = torch.Generator().manual_seed(0)
-    op = FusedMeanSparse(c, layout="NCHW", site_name="s")
+    op = FusedMeanSparse(c, layout="NCHW", site=SiteInfo(name="s"))
     op.set_statistics(torch.randn(c, generator=g) * 0.3, torch.rand(c, generator=g) + 0.5, num_samples=10)
     op.set_alpha(0.5)
     return op

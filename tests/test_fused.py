@@ -62,8 +62,8 @@ def test_fused_model_is_bit_identical_on_the_eager_path(name, mode, build_model,
     model = calibrated(ms.prepare(build_model(name), example_inputs=images), images)
     ref = copy.deepcopy(model)
     ms.fuse(model)
-    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]  # every site fused
-    assert [o.site_name for o in ms.operators(model)] == [o.site_name for o in ms.operators(ref)]
+    assert ms.fused_sites(model) == [o.site.name for o in ms.operators(model)]  # every site fused
+    assert [o.site.name for o in ms.operators(model)] == [o.site.name for o in ms.operators(ref)]
     for a, b in zip(outputs_and_grads(model, images, mode), outputs_and_grads(ref, images, mode), strict=True):
         assert torch.equal(a, b)
 
@@ -73,7 +73,7 @@ def test_inplace_activation_whose_input_is_read_later_is_not_fused(build_model, 
     model = calibrated(ms.prepare(base, example_inputs=images), images, 0.5)
     ref = copy.deepcopy(model)
     ms.fuse(model)
-    fused = {o.activation: o.fused_activation for o in ms.operators(model)}
+    fused = {o.site.activation: o.fused_activation for o in ms.operators(model)}
     assert fused["Tensor.relu_"] is None
     assert fused["F.relu"] == ("relu", (), False) and fused["F.gelu"] == ("gelu", ("none",), False)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_inplace_activation_whose_input_is_read_later_is_not_fused(build_model, 
 def test_inplace_module_activation_is_fused_when_private(build_model, images, eager_only):
     model = calibrated(ms.prepare(build_model("preact_wrn"), example_inputs=images), images)
     ms.fuse(model)
-    assert all(o.inplace and o.fused_activation == ("relu", (), False) for o in ms.operators(model))
+    assert all(o.site.inplace and o.fused_activation == ("relu", (), False) for o in ms.operators(model))
 
 
 def test_modules_method_fuses_wrappers(build_model, images, quiet, eager_only):
@@ -283,18 +283,18 @@ def test_add_and_output_sites_are_fused_bit_identically(name, kw, compiled, buil
     torch.manual_seed(0)
     x = torch.rand(64, 3, 32, 32)  # large enough for the compiled kernels at most sites
     model = calibrated(ms.prepare(build_model(name), example_inputs=x[:2], **kw), x, alpha=0.3)
-    kinds = {o.kind for o in ms.operators(model)}
+    kinds = {o.site.kind for o in ms.operators(model)}
     assert kinds & {"add", "output"}
     ref = copy.deepcopy(model)
     ms.fuse(model)
-    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]  # every site of the placement
+    assert ms.fused_sites(model) == [o.site.name for o in ms.operators(model)]  # every site of the placement
     for o in ms.operators(model):
-        if o.kind in ("add", "output"):
+        if o.site.kind in ("add", "output"):
             assert o.fused_activation == ("identity", (), False)
     if name == "preact_wrn":
-        assert [o.fused_producer for o in ms.operators(model) if o.kind == "add"] == ["add"] * 3
+        assert [o.fused_producer for o in ms.operators(model) if o.site.kind == "add"] == ["add"] * 3
     if name == "vit":  # fc1's output feeds only the GELU site, fc2's only its output site: sparsified in place
-        owned = [o.site_name for o in ms.operators(model) if kernels.owns_input(o)]
+        owned = [o.site.name for o in ms.operators(model) if kernels.owns_input(o)]
         assert any("fc2" in n for n in owned) and len(owned) >= 2
     for mode in ("exact", "straight_through"):
         for a, b in zip(outputs_and_grads(model, x, mode), outputs_and_grads(ref, x, mode), strict=True):
@@ -339,7 +339,7 @@ def test_modules_method_fuses_output_wrappers(build_model, images, quiet, eager_
                                   example_inputs=images), images)
     ref = copy.deepcopy(model)
     ms.fuse(model)
-    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]
+    assert ms.fused_sites(model) == [o.site.name for o in ms.operators(model)]
     assert isinstance(model.blocks[0], FusedMeanSparseOutput)
     for a, b in zip(outputs_and_grads(model, images, "exact"), outputs_and_grads(ref, images, "exact"), strict=True):
         assert torch.equal(a, b)
@@ -376,7 +376,7 @@ def test_sites_behind_identity_like_modules_are_fused(compiled, monkeypatch):
     model = calibrated(ms.prepare(_BehindIdentity().eval(), example_inputs=x[:2]), x, alpha=0.3)
     ref = copy.deepcopy(model)
     ms.fuse(model)
-    assert ms.fused_sites(model) == [o.site_name for o in ms.operators(model)]
+    assert ms.fused_sites(model) == [o.site.name for o in ms.operators(model)]
     producers = [o.fused_producer for o in ms.operators(model)]
     assert producers[0] is not None and producers[1] is None and producers[2] is not None  # dropout: not absorbed
     for mode in ("exact", "straight_through"):

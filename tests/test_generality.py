@@ -129,7 +129,7 @@ def check_calibration_and_formula(model: nn.Module, x: torch.Tensor, alpha: floa
         shape[cd] = -1
         m = op.running_mean.view(shape)
         t = (op.alpha * op.running_var.sqrt()).view(shape)
-        assert torch.equal(out, torch.where((xi - m).abs() < t, m, xi)), op.site_name
+        assert torch.equal(out, torch.where((xi - m).abs() < t, m, xi)), op.site.name
         checked.append(op)
 
     hooks = [op.register_forward_hook(formula) for op in ops]

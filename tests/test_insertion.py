@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import warnings
 
@@ -11,8 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import meansparse as ms
-from meansparse import MeanSparse
+from meansparse import MeanSparse, SiteInfo
 from meansparse.placement import MeanSparseActivation
+from meansparse.placement.candidates import Candidate, make_operator
+from meansparse.placement.fx_strategy import prepare_fx
+from meansparse.placement.module_strategy import prepare_modules
 
 # name -> (sites, sites after a residual add, expected (layout, channels) of the first site)
 EXPECTED = {
@@ -529,3 +533,46 @@ def test_a_train_graph_that_differs_from_the_model_is_not_used(images, monkeypat
     model.train()
     with pytest.raises(RuntimeError, match="eval mode only.*does not reproduce"):
         model(images)
+
+
+# ---------------------------------------------------------------------------------------------- the site record
+def test_an_operator_takes_its_candidates_record_and_holds_no_copies_of_its_fields():
+    assert list(inspect.signature(MeanSparse).parameters) == ["channels", "layout", "centering", "gradient", "site"]
+    c = Candidate(SiteInfo(name="blocks.0.act", activation="GELU", module_path="blocks.0.act", inplace=True))
+    op = make_operator(c, 3, "channel")
+    assert op.site is c.site and op.site.index == 3 and op.site.inplace and op.name == "blocks.0.act"
+    with pytest.raises(ValueError, match="site kind"):
+        SiteInfo(kind="gelu")
+
+
+class ResidualAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act1, self.act2 = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.GELU()
+
+    def forward(self, x):
+        y = self.act1(self.conv(x))
+        return self.act2(y + self.conv.weight.sum())  # a tensor + tensor add before the second activation
+
+
+@pytest.mark.parametrize("strategy", ["fx", "modules"])
+def test_candidates_operators_and_sites_share_one_record(strategy, images, quiet):
+    """The record a candidate holds is the operator's (the same object, numbered and, for the modules strategy,
+    completed by the probe) and ``ms.sites`` reads it back."""
+    chosen: list[Candidate] = []
+
+    def select(cands):
+        chosen.extend(cands)
+        return cands
+
+    model = ResidualAct().eval()
+    if strategy == "fx":
+        prepared = prepare_fx(model, None, select, "channel").prepared
+    else:
+        prepared, _ = prepare_modules(model, None, select, "channel", images, inplace=False, needs_probe=True)
+    ops = ms.operators(prepared)
+    assert len(ops) == len(chosen) > 0
+    by_index = {o.site.index: o for o in ops}
+    assert all(by_index[k].site is c.site for k, c in enumerate(chosen))
+    assert all(s.info is o.site for s, o in zip(ms.sites(prepared), ops, strict=True))
+    assert [o.site.after_residual_add for o in ops] == [False, True]  # the modules strategy's probe found it

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meansparse import MeanSparse, Moments
+from meansparse import MeanSparse, Moments, SiteInfo
 from meansparse._compile import compile_disabled_reason, compile_enabled
 from meansparse.core.moments import compiled_kernels
 
@@ -185,7 +185,7 @@ def test_fused_moments_update_matches_the_reference_and_flags_non_finite():
     bad[2, 5, 3, 3] = float("inf")
     acc.update_fast(bad, 1)
     assert not bool(acc.finite)
-    op = MeanSparse(8, layout="NCHW", site_name="s")
+    op = MeanSparse(8, layout="NCHW", site=SiteInfo(name="s"))
     op.start_observing()
     op(bad)
     assert not bool(op.observer_finite())

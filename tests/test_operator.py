@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meansparse import MeanSparse
+from meansparse import MeanSparse, SiteInfo
 
 CHANNEL_DIM = {"NCHW": 1, "NC": 1, "NLC": 2, "NHWC": 3}
 SHAPES = {"NCHW": (2, 5, 3, 4), "NC": (6, 5), "NLC": (2, 7, 5), "NHWC": (2, 3, 4, 5)}
@@ -18,7 +19,7 @@ SHAPES = {"NCHW": (2, 5, 3, 4), "NC": (6, 5), "NLC": (2, 7, 5), "NHWC": (2, 3, 4
 
 def make_op(c=5, layout="NCHW", centering="channel", seed=0, name="blk.act"):
     g = torch.Generator().manual_seed(seed)
-    op = MeanSparse(c, layout=layout, centering=centering, site_name=name)
+    op = MeanSparse(c, layout=layout, centering=centering, site=SiteInfo(name=name))
     op.set_statistics(torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.1, num_samples=100)
     return op
 
@@ -86,7 +87,7 @@ def test_matches_formula_property(layout, alpha, centering, seed):
 
 
 def test_alpha_zero_is_identity_bit_for_bit():
-    op = MeanSparse(site_name="s")  # even uncalibrated and with unknown layout
+    op = MeanSparse(site=SiteInfo(name="s"))  # even uncalibrated and with unknown layout
     x = torch.randn(2, 3, 4, 4)
     x[0, 0, 0, 0] = float("nan")
     assert op(x) is x
@@ -109,7 +110,7 @@ def test_low_and_high_precision(dtype):
 
 
 def test_strict_inequality_at_the_threshold():
-    op = MeanSparse(1, layout="NC", site_name="s")
+    op = MeanSparse(1, layout="NC", site=SiteInfo(name="s"))
     op.set_statistics(torch.tensor([1.0]), torch.tensor([4.0]))
     op.set_alpha(0.5)  # threshold exactly 1.0
     x = torch.tensor([[2.0], [0.0], [1.5], [0.5000001]])
@@ -136,7 +137,7 @@ def test_gradients_exact_and_straight_through():
 
 def test_inplace_mode_mutates_input():
     op = make_op(layout="NCHW")
-    op.inplace = True
+    op.site = replace(op.site, inplace=True)
     op.set_alpha(0.6)
     x = torch.randn(2, 5, 3, 3) * 2
     ref = make_op(layout="NCHW")
@@ -155,7 +156,7 @@ def test_layout_inferred_from_rank_and_hint():
         ((2, 3, 4, 5), None, "NCHW", 3),
         ((2, 3, 4, 5), "last", "NHWC", 5),
     ]:
-        op = MeanSparse(layout_hint=hint)
+        op = MeanSparse(site=SiteInfo(layout_hint=hint))
         op(torch.zeros(shape))
         assert (op.layout, op.channels) == (layout, c)
 
@@ -169,7 +170,7 @@ def test_bad_alpha_names_site(bad):
 
 
 def test_uncalibrated_site_with_alpha_raises():
-    op = MeanSparse(site_name="blocks.2.act")
+    op = MeanSparse(site=SiteInfo(name="blocks.2.act"))
     op.set_alpha(0.3)
     with pytest.raises(RuntimeError, match="blocks.2.act.*not calibrated"):
         op(torch.randn(2, 4, 3, 3))
@@ -196,7 +197,7 @@ def test_invalid_options():
 def test_state_dict_round_trip_syncs_python_mirrors():
     op = make_op(c=5, layout="NLC")
     op.set_alpha(0.25)
-    fresh = MeanSparse(layout="NLC", site_name="copy")  # lazy: channels unknown
+    fresh = MeanSparse(layout="NLC", site=SiteInfo(name="copy"))  # lazy: channels unknown
     fresh.load_state_dict(op.state_dict())
     assert fresh.alpha_value == 0.25 and fresh.calibrated and fresh.channels == 5
     x = torch.randn(2, 3, 5)
@@ -206,7 +207,7 @@ def test_state_dict_round_trip_syncs_python_mirrors():
     with pytest.raises(RuntimeError, match="alpha"):
         MeanSparse(layout="NLC").load_state_dict(sd)
     with pytest.raises(RuntimeError, match="checkpoint has 5 channels but the site has 7"):
-        MeanSparse(7, layout="NLC", site_name="x").load_state_dict(op.state_dict())
+        MeanSparse(7, layout="NLC", site=SiteInfo(name="x")).load_state_dict(op.state_dict())
 
 
 def test_half_model_keeps_working():
@@ -239,7 +240,7 @@ def test_torch_compile():
 
 
 def test_global_centering_uses_pooled_statistics():
-    op = MeanSparse(2, layout="NC", centering="global", site_name="g")
+    op = MeanSparse(2, layout="NC", centering="global", site=SiteInfo(name="g"))
     op.set_statistics(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]))
     op.set_alpha(1.0)
     # pooled mean 1, pooled var 1 + 1 = 2 -> threshold sqrt(2)
@@ -255,7 +256,7 @@ def test_global_centering_uses_pooled_statistics():
 def lean_op(c=16, layout="NCHW", seed=0, cls=MeanSparse):
     """A calibrated operator (alpha 0.5) with random statistics; ``cls`` may be a subclass (a fused one)."""
     g = torch.Generator().manual_seed(seed)
-    op = cls(c, layout=layout, site_name="s")
+    op = cls(c, layout=layout, site=SiteInfo(name="s"))
     op.set_statistics(torch.randn(c, generator=g) * 0.3, torch.rand(c, generator=g) + 0.5, num_samples=10)
     op.set_alpha(0.5)
     return op

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import meansparse as ms
+
+REPO = Path(__file__).resolve().parents[1]
+#: What every site entry of a state file holds, since format version 1 (older readers look these keys up).
+SITE_KEYS = {"index", "name", "activation", "layout", "channels", "centering", "after_residual_add", "module_path",
+             "kind", "calibrated"}
 
 
 def calibrated(model, images, **kw):
@@ -58,6 +64,29 @@ def test_file_is_safetensors_with_json_metadata(build_model, images, tmp_path):
         ("blocks.1.mlp.act", "NLC", 32),
     ]
     assert {"site.0.running_mean", "site.0.running_var", "site.0.alpha", "site.1.num_samples"} <= keys
+    assert all(set(s) == SITE_KEYS for s in info["sites"])
+
+
+def site_list(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["meansparse"])["sites"], {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_a_state_file_from_before_the_site_record_loads_and_saves_again_unchanged(tmp_path):
+    """A file meansparse 0.1.0 wrote when the operator kept its site facts as separate attributes (the
+    reference ReLU sweep): it loads into the operators' site records, and saving it again writes the same
+    site list and tensors, so older readers read the new files too."""
+    path = REPO / "experiments" / "results" / "sweep-relu-pgd" / "meansparse.safetensors"
+    saved, tensors = site_list(path)
+    model = ms.load(ms.models.load(str(REPO / "checkpoints" / "cifar10-resnet18-relu-pgd")), path)
+    got = [{"index": s.index, "name": s.name, "activation": s.activation, "kind": s.kind,
+            "module_path": s.module_path, "after_residual_add": s.after_residual_add, "layout": s.layout,
+            "channels": s.channels} for s in ms.sites(model)]
+    assert got == [{k: s[k] for k in got[0]} for s in saved] and len(got) == 17
+    ms.save(model, tmp_path / "again.safetensors")
+    again, again_tensors = site_list(tmp_path / "again.safetensors")
+    assert again == saved
+    assert again_tensors.keys() == tensors.keys() and all(torch.equal(again_tensors[k], v) for k, v in tensors.items())
 
 
 def test_round_trip_modules_method(build_model, images, tmp_path, quiet):

@@ -256,4 +256,4 @@ def test_alpha_per_site(digits, tmp_path):
     train(_ms_cfg(epochs=1, meansparse=per_site, alpha_schedule="constant", alpha_warmup=0.0), tmp_path,
           progress=False, train_data=digits)
     ops = ms.operators(load_model_spec(str(tmp_path / "best")))
-    assert {o.site_name: o.alpha_value for o in ops} == pytest.approx(per_site)
+    assert {o.site.name: o.alpha_value for o in ops} == pytest.approx(per_site)

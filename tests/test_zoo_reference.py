@@ -131,7 +131,7 @@ def test_import_reference_gives_the_same_logits(family, tmp_path):
     with torch.no_grad():
         got = model(x)
     assert torch.equal(got, expected)  # bit-identical on CPU
-    state = [(op.site_name, op.alpha_value, op.running_mean.clone(), op.running_var.clone()) for op in ops]
+    state = [(op.site.name, op.alpha_value, op.running_mean.clone(), op.running_var.clone()) for op in ops]
     ms.set_alpha(model, 0.0)
     with torch.no_grad():
         assert not torch.equal(model(x), expected)  # the imported thresholds do sparsify
@@ -142,7 +142,7 @@ def test_import_reference_gives_the_same_logits(family, tmp_path):
     fresh = copy.deepcopy(ms.remove(model))
     loaded = ms.load(fresh, tmp_path / "reference.safetensors", example_inputs=x[:1])
     for op, (name, alpha, mean, var) in zip(operators(loaded), state, strict=True):
-        assert op.site_name == name and op.alpha_value == alpha
+        assert op.site.name == name and op.alpha_value == alpha
         assert torch.equal(op.running_mean, mean) and torch.equal(op.running_var, var)
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)

@@ -20,7 +20,7 @@ from . import accel as _accel
 from . import data, models, zoo
 from .accel import fuse, fused_sites, tune_cpu_allocator, unfuse
 from .calibration import calibrate
-from .core import MeanSparse, Moments, operators
+from .core import MeanSparse, Moments, SiteInfo, operators
 from .evaluation import Ladder, Report
 from .fastpath import evaluate
 from .placement import (
@@ -73,6 +73,7 @@ __all__ = [
     "register_activation",
     "Moments",
     "Site",
+    "SiteInfo",
     "Ladder",
     "Report",
     "evaluate",

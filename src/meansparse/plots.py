@@ -123,7 +123,7 @@ def plot_feature_histogram(model: nn.Module, op: MeanSparse, x: torch.Tensor, pa
                    label=f"band μ ± {alpha:g}σ")
         ax.axvline(mu, color="k", lw=1)
         ax.set_yscale("log")
-        ax.set_title(f"{label}\n{getattr(op, 'site_name', '')} channel {channel}", fontsize=9)
+        ax.set_title(f"{label}\n{op.site.name} channel {channel}", fontsize=9)
         ax.set_xlabel("pre-activation value")
     axes[0].legend(fontsize=8)
     return _save(fig, path)

@@ -54,7 +54,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     site_list: list[dict[str, Any]] = []
     for op in ops:
-        i = op.site_index
+        i = op.site.index
         tensors[f"site.{i}.running_mean"] = op.running_mean.detach().float().cpu().contiguous()
         tensors[f"site.{i}.running_var"] = op.running_var.detach().float().cpu().contiguous()
         tensors[f"site.{i}.alpha"] = torch.tensor([op.alpha_value], dtype=torch.float64)
@@ -62,14 +62,14 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         site_list.append(
             {
                 "index": i,
-                "name": op.site_name,
-                "activation": op.activation,
+                "name": op.site.name,
+                "activation": op.site.activation,
                 "layout": op.layout,
                 "channels": op.channels,
                 "centering": op.centering,
-                "after_residual_add": op.after_residual_add,
-                "module_path": op.module_path,
-                "kind": op.kind,
+                "after_residual_add": op.site.after_residual_add,
+                "module_path": op.site.module_path,
+                "kind": op.site.kind,
                 "calibrated": op.calibrated,
             }
         )
@@ -154,7 +154,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, example_inputs: Any = N
         raise ValueError(f"{path} was prepared with a probe forward; pass example_inputs to load")
     model = prepare_from_config(base_model, cfg, example_inputs if probe_at_prepare else None)
     ops = operators(model)
-    names = [op.site_name for op in ops]
+    names = [op.site.name for op in ops]
     saved_names = [s["name"] for s in saved_sites]
     if names != saved_names:
         raise ValueError(f"meansparse.load({os.fspath(path)!r}): {_mismatch(saved_names, names)}")
@@ -168,13 +168,13 @@ def load(base_model: nn.Module, path: str | os.PathLike, example_inputs: Any = N
         c = s.get("channels")
         if c is not None and op.channels is not None and c != op.channels:
             raise ValueError(
-                f"meansparse.load: site '{op.site_name}' has {op.channels} channels in the model but "
+                f"meansparse.load: site '{op.name}' has {op.channels} channels in the model but "
                 f"{c} in {os.fspath(path)!r}"
             )
     # after the structural checks above, which say more when they fail
-    changed = [f"'{op.site_name}' {s['activation']} in the file, {op.activation} in the model"
+    changed = [f"'{op.name}' {s['activation']} in the file, {op.site.activation} in the model"
                for op, s in zip(ops, saved_sites, strict=True)
-               if s.get("activation") is not None and s["activation"] != op.activation]
+               if s.get("activation") is not None and s["activation"] != op.site.activation]
     problems = [p for p in (_base_problem(base_model, meta),
                             f"{len(changed)} site(s) have another activation ({'; '.join(changed[:3])})" if changed
                             else None) if p]

@@ -17,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..core import MeanSparse, operators
+from ..core import ACTIVATION_KINDS, MeanSparse, operators
 from ..placement import MeanSparseActivation, MeanSparseOutput, fx_class, get_record, mode_forwards
 from ..placement.record import attach, attached, detach, restore_class, swap_class, swapped
 from ..placement.registry import (
@@ -121,8 +121,8 @@ def _fuse_graph(graph: fx.Graph, root: nn.Module, producers: bool, owned: dict[M
         if not isinstance(op, MeanSparse) or node.kwargs or not node.users:
             continue
         own = private(node.args[0], root) if node.args else False
-        if op.kind in ("add", "output"):  # nothing to fuse after it: the operator alone, compiled
-            if op.inplace and not own:
+        if op.site.kind not in ACTIVATION_KINDS:  # nothing to fuse after it: the operator alone, compiled
+            if op.site.inplace and not own:
                 continue
             _fuse_operator(op, IDENTITY_SPEC, None)
             node.kwargs = {"activation": IDENTITY_SPEC}
@@ -136,7 +136,7 @@ def _fuse_graph(graph: fx.Graph, root: nn.Module, producers: bool, owned: dict[M
         spec = _node_spec(act, node, root)
         if spec is None:
             continue
-        if spec.write_back or op.inplace:  # in place: only when nobody else can see the input tensor
+        if spec.write_back or op.site.inplace:  # in place: only when nobody else can see the input tensor
             if not private(node.args[0], root):
                 continue
             spec = ActivationSpec(spec.kernel, spec.params, False)
@@ -205,7 +205,7 @@ def fuse(model: nn.Module, *, producers: bool = True) -> nn.Module:
         elif type(child) is MeanSparseOutput:
             swap_class(child, FusedMeanSparseOutput)
             _fuse_operator(child.meansparse, IDENTITY_SPEC, None)
-            _own_input(child.meansparse, fresh_module(child.module) and not child.meansparse.inplace)
+            _own_input(child.meansparse, fresh_module(child.module) and not child.meansparse.site.inplace)
     for m in list(model.modules()):
         rec = get_record(m)
         if rec is not None and rec.config.get("method") == "fx" and not swapped(m):
@@ -228,4 +228,4 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 def fused_sites(model: nn.Module) -> list[str]:
     """Names of the sites currently fused with their activation."""
-    return [op.site_name for op in operators(model) if op.fused_activation is not None]
+    return [op.site.name for op in operators(model) if op.fused_activation is not None]

@@ -1,4 +1,5 @@
-"""The core layer: the operator, its band arithmetic, channel layouts and exact streaming moments.
+"""The core layer: the operator and its site record, its band arithmetic, channel layouts and exact streaming
+moments.
 
 Imports only torch and the package's small base (``_utils``, ``_compile``); every other layer builds on it.
 """
@@ -19,8 +20,12 @@ from .operator import (
     check_sharpness,
     operators,
 )
+from .site import ACTIVATION_KINDS, SITE_KINDS, SiteInfo
 
 __all__ = [
+    "ACTIVATION_KINDS",
+    "SITE_KINDS",
+    "SiteInfo",
     "CENTERINGS",
     "ATTACK_MODES",
     "DEFAULT_SHARPNESS",

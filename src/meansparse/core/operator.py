@@ -27,6 +27,7 @@ from .._utils import is_compiling, same_versions, tensor_versions
 from .band import StraightThrough, SurrogateGradient, in_band, soft_sparsify, sparsify, sparsify_lean
 from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
 from .moments import Moments
+from .site import SiteInfo
 
 __all__ = ["MeanSparse", "operators", "check_alpha", "check_centering", "check_momentum", "check_sharpness",
            "ATTACK_MODES", "CENTERINGS", "DEFAULT_SHARPNESS", "GRADIENTS", "TRAIN_STATISTICS"]
@@ -80,12 +81,14 @@ def check_momentum(value: Any) -> float | None:
 def operators(model: nn.Module) -> list[MeanSparse]:
     """All MeanSparse operators of ``model``, ordered by site index (execution order)."""
     ops = [m for m in model.modules() if isinstance(m, MeanSparse)]
-    return sorted(ops, key=lambda o: o.site_index)
+    return sorted(ops, key=lambda o: o.site.index)
 
 
 class MeanSparse(nn.Module):
     """Mean-centred sparsification of one activation input (see module docstring).
 
+    ``site``: where it sits (:class:`~meansparse.core.site.SiteInfo`, the record placement made; its name
+    appears in every error message, its ``layout_hint`` and ``inplace`` are the only facts the operator uses).
     Buffers: ``running_mean`` / ``running_var`` (float32, ``[C]``; empty until the channel count is
     known), ``alpha`` (0-dim float32) and ``num_samples`` (int64, elements per channel seen at
     calibration; 0 means uncalibrated).  ``alpha`` and the calibrated flag are mirrored as Python values
@@ -108,30 +111,16 @@ class MeanSparse(nn.Module):
         centering: str = "channel",
         gradient: str = "exact",
         *,
-        layout_hint: str | None = None,
-        inplace: bool = False,
-        site_name: str = "",
-        site_index: int = -1,
-        activation: str = "",
-        after_residual_add: bool = False,
-        module_path: str = "",
-        kind: str = "module",
+        site: SiteInfo | None = None,
     ) -> None:
         super().__init__()
-        self.site_name = site_name
+        self.site = SiteInfo() if site is None else site
         self.centering = check_centering(centering)
         self.gradient = gradient  # validated by the property setter
         self.sharpness = DEFAULT_SHARPNESS  # of the soft threshold, in the attack-only modes
         self._layout: str | None = None
         if layout is not None:
             self.layout = layout
-        self.layout_hint = layout_hint
-        self.inplace = bool(inplace)
-        self.site_index = site_index
-        self.activation = activation
-        self.after_residual_add = bool(after_residual_add)
-        self.module_path = module_path
-        self.kind = kind
         self._channels: int | None = None
         self._alpha_value = 0.0
         self._calibrated = False
@@ -154,7 +143,7 @@ class MeanSparse(nn.Module):
     # ------------------------------------------------------------------ descriptive state
     @property
     def name(self) -> str:
-        return self.site_name or "<unnamed>"
+        return self.site.name or "<unnamed>"
 
     @property
     def layout(self) -> str | None:
@@ -316,7 +305,7 @@ class MeanSparse(nn.Module):
     def see(self, x: Tensor) -> None:
         """Fix the layout and channel count from the first input (a no-op once both are known)."""
         if self._layout is None:
-            self.layout = infer_layout(x.ndim, self.layout_hint)
+            self.layout = infer_layout(x.ndim, self.site.layout_hint)
         if self._channels is None:
             self._allocate(int(x.shape[self.channel_dim(x.ndim)]))
 
@@ -375,7 +364,7 @@ class MeanSparse(nn.Module):
         return hit
 
     def apply_band(self, x: Tensor, in_place: bool) -> Tensor:
-        """The operator on a ready input; ``in_place`` honours ``self.inplace`` (the activation after us is
+        """The operator on a ready input; ``in_place`` honours ``self.site.inplace`` (the activation after us is
         in-place: later users of x expect it mutated).  Same values as :func:`~meansparse.core.band.sparsify`,
         with fewer full-size temporaries: the mask is computed without autograd and, when no gradient is
         needed, the result reuses the ``x - m`` buffer (or ``x`` itself when in place)."""
@@ -384,7 +373,7 @@ class MeanSparse(nn.Module):
 
     def _band(self, x: Tensor, m: Tensor, t: Tensor, in_place: bool) -> Tensor:
         """:meth:`apply_band` with a given (centre, threshold), broadcastable and of ``x``'s dtype."""
-        write_back = in_place and self.inplace
+        write_back = in_place and self.site.inplace
         if self._gradient in ATTACK_MODES:
             out = self._attack_band(x, m, t)
             return x.copy_(out) if write_back else out

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._utils import model_device, preserved_state, shallow_copy
+from ..core import ACTIVATION_KINDS, SiteInfo
 from .candidates import Candidate, make_operator, matches, unique_names
 from .registry import (
     activation_classes,
@@ -168,17 +169,9 @@ def _activation_candidate(node: fx.Node, gm: fx.GraphModule, names: set[str] | N
     inp, _ = _input_of(node)
     if not isinstance(inp, fx.Node):
         return None
-    return Candidate(
-        name=base,
-        activation=act,
-        kind=kind,
-        module_path=path,
-        after_residual_add=is_tensor_add(inp),
-        layout_hint=_producer_hint(inp, gm),
-        inplace=inplace,
-        node=node,
-        order=order,
-    )
+    site = SiteInfo(name=base, activation=act, kind=kind, module_path=path, after_residual_add=is_tensor_add(inp),
+                    layout_hint=_producer_hint(inp, gm), inplace=inplace)
+    return Candidate(site, node=node, order=order)
 
 
 def _candidates(
@@ -195,19 +188,16 @@ def _candidates(
         if outputs and node.op == "call_module" and matches(outputs, str(node.target)):
             mod = gm.get_submodule(node.target)
             if not isinstance(mod, WRAPPERS):
-                cands.append(Candidate(
-                    name=f"{node.target}.output", activation=type(mod).__name__, kind="output",
-                    module_path=str(node.target), after_residual_add=False, layout_hint=_after_hint(node, gm),
-                    inplace=False, node=node, order=order,
-                ))
+                site = SiteInfo(name=f"{node.target}.output", activation=type(mod).__name__, kind="output",
+                                module_path=str(node.target), layout_hint=_after_hint(node, gm))
+                cands.append(Candidate(site, node=node, order=order))
         if residual_adds and is_tensor_add(node):
             scope = _node_scope(node)
-            cands.append(Candidate(
-                name=f"{scope}.add" if scope else "add", activation="add", kind="add", module_path=scope,
-                after_residual_add=True, layout_hint=_after_hint(node, gm),
-                # x += y: later readers of x must see the operator's output
-                inplace=is_inplace_add(node.op, node.target), node=node, order=order,
-            ))
+            site = SiteInfo(name=f"{scope}.add" if scope else "add", activation="add", kind="add", module_path=scope,
+                            after_residual_add=True, layout_hint=_after_hint(node, gm),
+                            # x += y: later readers of x must see the operator's output
+                            inplace=is_inplace_add(node.op, node.target))
+            cands.append(Candidate(site, node=node, order=order))
     unique_names(cands)
     return cands
 
@@ -294,10 +284,10 @@ def _train_graph(model: nn.Module, names: set[str] | None, outputs: Sequence[re.
     if tgm.code == gm.code:
         return None, None
     tcands = _candidates(tgm, names, outputs, residual_adds)
-    if [c.name for c in tcands] != [c.name for c in cands]:
+    if [c.site.name for c in tcands] != [c.site.name for c in cands]:
         return None, "its activation sites differ between train and eval mode"
-    by_name = {c.name: c for c in tcands}
-    return (tgm, [by_name[c.name] for c in chosen]), None
+    by_name = {c.site.name: c for c in tcands}
+    return (tgm, [by_name[c.site.name] for c in chosen]), None
 
 
 def _insert(gm: fx.GraphModule, ops: nn.ModuleList, attr: str, chosen: list[Candidate], prepared: nn.Module,
@@ -307,7 +297,7 @@ def _insert(gm: fx.GraphModule, ops: nn.ModuleList, attr: str, chosen: list[Cand
     gm.add_module(attr, ops)
     for k, c in enumerate(chosen):  # in graph order, so an activation sees an earlier add's operator
         node: fx.Node = c.node
-        if c.kind in ("output", "add"):  # on the node's output: every user reads the operator instead
+        if c.site.kind not in ACTIVATION_KINDS:  # on the node's output: every user reads the operator instead
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(f"{attr}.{k}", (node,))
             node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)

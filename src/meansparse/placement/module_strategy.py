@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .._utils import as_args, eval_mode, model_device, preserved_state, shallow_copy
-from ..core import MeanSparse
+from ..core import MeanSparse, SiteInfo
 from .candidates import Candidate, make_operator, matches
 from .registry import (
     ADD_METHOD_NAMES,
@@ -158,8 +158,8 @@ def _probe(
             made = mode.produced(inputs[0] if inputs else None)
             rec.after_residual_add = made.tensor_add
             hint = producer_hint(made.func) if made.func is not None else None
-            if hint is not None:
-                op.layout_hint = hint
+            if hint is not None:  # before the operator's forward: it infers its layout from the hint
+                op.site = replace(op.site, layout_hint=hint)
 
     def enter(name: str, is_act: bool):
         def pre(mod, inputs):
@@ -282,17 +282,9 @@ def prepare_modules(
         if id(child) in wrappers:
             parent_at(qname)._modules[attr] = wrappers[id(child)]  # registered twice: one operator
             continue
-        c = Candidate(
-            name=qname,
-            activation=type(child).__name__,
-            kind="module",
-            module_path=qname,
-            after_residual_add=False,
-            layout_hint=_sibling_hint(parent, attr),
-            inplace=getattr(child, "inplace", False) is True,
-            module=child,
-            order=reg_order,
-        )
+        site = SiteInfo(name=qname, activation=type(child).__name__, kind="module", module_path=qname,
+                        layout_hint=_sibling_hint(parent, attr), inplace=getattr(child, "inplace", False) is True)
+        c = Candidate(site, module=child, order=reg_order)
         w = MeanSparseActivation(child, make_operator(c, -1, centering, device))
         wrappers[id(child)] = w
         parent_at(qname)._modules[attr] = w
@@ -301,17 +293,10 @@ def prepare_modules(
 
     def after_candidate(qname: str, kind: str, order: float, hint: str | None) -> Candidate:
         mod = model.get_submodule(qname)
-        return Candidate(
-            name=f"{qname}.{'add' if kind == 'add' else 'output'}",
-            activation="add" if kind == "add" else type(mod).__name__,
-            kind=kind,
-            module_path=qname,
-            after_residual_add=kind == "add",
-            layout_hint=hint,
-            inplace=False,
-            module=mod,
-            order=order,
-        )
+        site = SiteInfo(name=f"{qname}.{'add' if kind == 'add' else 'output'}",
+                        activation="add" if kind == "add" else type(mod).__name__, kind=kind, module_path=qname,
+                        after_residual_add=kind == "add", layout_hint=hint)
+        return Candidate(site, module=mod, order=order)
 
     # the probes leave no cache behind in the user's modules (in place, the user's model is the prepared one)
     untouched = nullcontext if inplace else partial(preserved_state, model)
@@ -323,17 +308,16 @@ def prepare_modules(
             rec = probe.ops[id(c.op)]
             if rec.order is not None:
                 c.order = rec.order
-                c.after_residual_add = rec.after_residual_add
-                c.layout_hint = c.op.layout_hint or c.layout_hint
+                c.site = c.op.site = replace(c.op.site, after_residual_add=rec.after_residual_add)
             else:
                 c.order = 1e9 + c.order  # never called in the probe: after every called site
             if rec.calls > 1:
-                reused.append(f"{c.name} ({rec.calls} calls)")
+                reused.append(f"{c.site.name} ({rec.calls} calls)")
         for (qname, kind), rec in probe.after.items():
             c = after_candidate(qname, kind, rec.order, rec.hint or producer_hint(model.get_submodule(qname)))
             cands.append(c)
             if rec.calls > 1:
-                reused.append(f"{c.name} ({rec.calls} calls)")
+                reused.append(f"{c.site.name} ({rec.calls} calls)")
         _warn_coverage(probe, residual_adds, reused)
     elif needs_probe or residual_adds:
         what = "residual_adds=True" if residual_adds else "selecting by after_residual_add"
@@ -365,7 +349,7 @@ def prepare_modules(
                     reg.parent._modules[reg.attr] = c.module
     # operators on module outputs: wrap every registration of the module, inner modules first (an outer
     # wrapper would hide the path to the inner ones)
-    for c in sorted(chosen, key=lambda c: -c.module_path.count(".")):
+    for c in sorted(chosen, key=lambda c: -c.site.module_path.count(".")):
         if c.wrapper is not None:
             continue
         c.op = make_operator(c, -1, centering, device)
@@ -378,11 +362,8 @@ def prepare_modules(
                 parent._modules[reg.attr] = output_wrapper
     ops = []
     for k, c in enumerate(chosen):
-        op = c.op
-        op.site_index = k
-        op.site_name = c.name
-        op.after_residual_add = c.after_residual_add
-        ops.append(op)
+        c.site = c.op.site = replace(c.site, index=k)
+        ops.append(c.op)
     if example_inputs is not None and any(op.channels is None for op in ops):
         with untouched(), eval_mode(target), torch.no_grad():  # operators added after the probe see data now too
             target(*as_args(example_inputs))

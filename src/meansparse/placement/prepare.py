@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .._utils import as_args, eval_mode, preserved_state
-from ..core import check_centering, operators
+from ..core import ACTIVATION_KINDS, check_centering, operators
 from .candidates import Candidate, SelectionError, select
 from .fx_strategy import ModeForwards, prepare_fx
 from .module_strategy import prepare_modules, registrations
@@ -143,8 +143,6 @@ def _as_list(v: str | Sequence[str] | None) -> list[str]:
     return list(v)
 
 
-ACTIVATION_KINDS = ("module", "function", "method")
-
 
 def prepare(
     model: nn.Module,
@@ -251,7 +249,7 @@ def _prepare(
 
     def chosen(cands: list[Candidate]) -> list[Candidate]:
         if found is not None:
-            found["activation"] = any(c.kind in ACTIVATION_KINDS for c in cands)
+            found["activation"] = any(c.site.kind in ACTIVATION_KINDS for c in cands)
         return select(cands, inc, exc, after_residual_add, indices)
 
     config = {

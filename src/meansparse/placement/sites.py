@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core import TRAIN_STATISTICS, MeanSparse, check_alpha, check_momentum, check_sharpness, operators
+from ..core import TRAIN_STATISTICS, MeanSparse, SiteInfo, check_alpha, check_momentum, check_sharpness, operators
 from .prepare import prepare
 from .record import get_record
 
@@ -17,31 +17,41 @@ __all__ = ["Site", "gradient_mode", "learn_statistics", "sites", "set_alpha", "s
 
 @dataclass(frozen=True)
 class Site:
-    """One insertion site: where an operator sits and what it sees."""
+    """One insertion site: where an operator sits (``info``: the operator's own record, not a copy) and what it
+    sees.  ``index``, ``name``, ``activation``, ``kind``, ``module_path`` and ``after_residual_add`` read
+    ``info`` (see :class:`~meansparse.core.SiteInfo`)."""
 
-    index: int
-    name: str  # qualified name, used by include/exclude regexes and set_alpha
-    activation: str  # "ReLU", "F.gelu", "Tensor.relu", ...; kind "output": the module class; kind "add": "add"
+    info: SiteInfo
     layout: str | None  # NCHW / NC / NLC / NHWC (NCL for channel-first 3-D); None until data is seen
     channels: int | None
-    after_residual_add: bool  # the operator's input is the result of a tensor + tensor add
-    module_path: str = ""  # the activation module, or the module whose forward calls the function / the add
-    # "module", "function", "method": before an activation called that way; "output": on a module's output;
-    # "add": on the output of a tensor + tensor add (a residual connection)
-    kind: str = "module"
 
     @classmethod
     def of(cls, op: MeanSparse) -> Site:
-        return cls(
-            index=op.site_index,
-            name=op.site_name,
-            activation=op.activation,
-            layout=op.layout,
-            channels=op.channels,
-            after_residual_add=op.after_residual_add,
-            module_path=op.module_path,
-            kind=op.kind,
-        )
+        return cls(op.site, op.layout, op.channels)
+
+    @property
+    def index(self) -> int:
+        return self.info.index
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def activation(self) -> str:
+        return self.info.activation
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def module_path(self) -> str:
+        return self.info.module_path
+
+    @property
+    def after_residual_add(self) -> bool:
+        return self.info.after_residual_add
 
 
 def sites(model: nn.Module) -> list[Site]:
@@ -59,7 +69,7 @@ def set_alpha(model: nn.Module, alpha: float | Mapping[str | int, float]) -> nn.
     if not ops:
         raise ValueError("model has no MeanSparse operators; call meansparse.prepare(model) first")
     if isinstance(alpha, Mapping):
-        by_name = {o.site_name: o for o in ops}
+        by_name = {o.site.name: o for o in ops}
         plan = []
         for key, value in alpha.items():
             if isinstance(key, bool) or not isinstance(key, (int, str)):

@@ -271,7 +271,7 @@ def _pairs(ref_sites: list[tuple[str, nn.Module]], ops: list) -> Iterator[tuple[
     """The reference's sites next to the prepared model's, checked: same count, same channels in order."""
     for i in range(max(len(ref_sites), len(ops))):
         ref_name = ref_sites[i][0] if i < len(ref_sites) else "<none>"
-        ours = ops[i].site_name if i < len(ops) else "<none>"
+        ours = ops[i].site.name if i < len(ops) else "<none>"
         c_ref = ref_sites[i][1].running_mean.numel() if i < len(ref_sites) else None
         c_ours = ops[i].channels if i < len(ops) else None
         if c_ref is None or c_ours is None or c_ref != c_ours:
