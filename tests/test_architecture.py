@@ -16,26 +16,24 @@ FILES = sorted(ROOT.rglob("*.py"))
 
 #: Layer -> the layers it may import (besides itself).  The first component of a module's name under
 #: ``meansparse`` is its layer; ``meansparse/__init__`` (the public API) may import everything.
+#: The base layer (docs/architecture.md): torch only, importable by every layer whose row says "base".
+BASE = {"_utils", "_compile", "version", "distributed", "pgd"}
 ALLOWED: dict[str, set[str]] = {
-    "_utils": set(),
-    "_compile": set(),
-    "version": set(),
-    "distributed": set(),
-    "pgd": set(),
-    "core": {"_utils", "_compile"},
-    "placement": {"core", "_utils"},
-    "accel": {"core", "placement", "_utils", "_compile"},
-    "calibration": {"core", "placement", "_utils"},
-    "serialization": {"core", "placement", "_utils", "version"},
-    "data": {"_utils"},  # atomic file writes (atomic_path)
-    "models": {"_utils"},  # the tensor hash checkpoints record (tensors_sha256)
+    **{m: set() for m in BASE},
+    "core": BASE,
+    "placement": {"core"} | BASE,
+    "accel": {"core", "placement"} | BASE,
+    "calibration": {"core", "placement"} | BASE,
+    "serialization": {"core", "placement"} | BASE,
+    "data": BASE,  # atomic file writes (atomic_path)
+    "models": BASE,  # the tensor hash checkpoints record (tensors_sha256)
     # core: import_reference installs statistics in the operators; serialization: a trained checkpoint's operators
     "zoo": {"core", "placement", "serialization", "models"},
-    "evaluation": {"core", "placement", "_utils", "version", "distributed", "pgd"},
-    "search": {"core", "placement", "evaluation", "_utils"},
-    "training": {"core", "placement", "calibration", "serialization", "evaluation", "zoo", "data", "models", "pgd",
-                 "version", "_utils"},
-    "plots": {"core", "_utils"},
+    "evaluation": {"core", "placement"} | BASE,
+    # search, training, plots: "the layers above them in this table"
+    "search": {"core", "placement", "evaluation"} | BASE,
+    "training": {"core", "placement", "calibration", "serialization", "evaluation", "zoo", "data", "models"} | BASE,
+    "plots": {"core"} | BASE,
     "fastpath": {"core", "accel", "evaluation", "_utils"},
     "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
                  "models", "training", "plots", "zoo", "fastpath", "_utils"},
@@ -135,3 +133,14 @@ def test_a_violation_would_be_caught(tmp_path):
     bad.write_text("def f():\n    from ..operator import _hidden\n    from ... import prepare\n")
     found = imports(bad, "meansparse.core.band.bad")
     assert ("meansparse.core.operator", "_hidden") in found and ("meansparse", "prepare") in found
+
+
+def test_torch_distributed_is_used_through_the_base_layers_helpers():
+    """Rank, world size and collectives go through ``meansparse.distributed`` (base layer: core, calibration
+    and the rest may import it), not through checks written again next to their use."""
+    users = sorted(module_name(p) for p in FILES for t, _ in imports(p) if t.startswith("torch.distributed"))
+    assert set(users) == {"meansparse.distributed"}, users
+
+
+def test_the_base_layer_is_importable_by_the_layers_docs_put_above_it():
+    assert all("distributed" in ALLOWED[name] for name in ("core", "placement", "calibration", "accel"))

@@ -114,6 +114,9 @@ def test_helpers_without_process_group():
     assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
     assert distributed.broadcast_object(3) == 3
+    assert distributed.sum_over_ranks(5) == 5
+    t = torch.arange(3)
+    assert len(distributed.all_gather(t)) == 1 and distributed.all_gather(t)[0] is t
     distributed.barrier()
     assert distributed.shard_indices(7, 1, 3).tolist() == [1, 4]
     data = ImageSet(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.arange(5))

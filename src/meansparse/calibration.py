@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._utils import atomic_path, model_device, tensors_sha256, writing
 from .core import MeanSparse, Moments, operators
+from .distributed import is_main, sum_over_ranks, world_size
 from .placement import get_record
 
 __all__ = ["calibrate"]
@@ -86,27 +87,14 @@ def _check_batch(x: Tensor, batch: int) -> None:
                          + "; check_inputs=False skips this check for a model that takes other inputs")
 
 
-def _progress(progress: bool, total: int | None):
+def _progress_bar(enabled: bool, total: int | None):
+    """The tqdm bar of the pass (images), shown on rank 0 only: one bar per job, not per rank."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a runtime dependency
         return None
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        progress = False  # one bar per job, not per rank
-    return tqdm(total=total, unit="img", unit_scale=True, desc="meansparse calibrate", disable=not progress)
-
-
-def _dist_sum(value: int) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([value], dtype=torch.int64, device=dev)
-    dist.all_reduce(t)
-    return int(t.item())
+    return tqdm(total=total, unit="img", unit_scale=True, desc="meansparse calibrate",
+                disable=not (enabled and is_main()))
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -311,9 +299,7 @@ def calibrate(
 
     resume = None
     if state_path is not None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             raise ValueError("calibrate: state_path (resuming) is not supported under torch.distributed")
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -321,7 +307,7 @@ def calibrate(
 
     modes = [(m, m.training) for m in model.modules()]
     previous = [op.observer for op in ops]
-    bar = _progress(progress, _total(loader, max_batches))
+    bar = _progress_bar(progress, _total(loader, max_batches))
     batches = images = 0
     input_shape = None
     items = None
@@ -373,7 +359,7 @@ def calibrate(
         moments: list[Moments] = [op.stop_observing() for op in ops]
         for m in moments:  # the same merge code combines ranks (no-op without a process group)
             m.all_reduce()
-        if _dist_sum(batches) == 0:
+        if sum_over_ranks(batches) == 0:
             raise ValueError("calibration loader yielded no batches")
         unseen = [op.name for op, m in zip(ops, moments, strict=True) if m.count is None or m.total == 0]
         if unseen:

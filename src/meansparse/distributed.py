@@ -23,6 +23,9 @@ __all__ = [
     "rank",
     "world_size",
     "is_main",
+    "collective_device",
+    "all_gather",
+    "sum_over_ranks",
     "barrier",
     "shard_indices",
     "shard",
@@ -44,10 +47,11 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
-def world_size() -> int:
+def world_size(group: Any = None) -> int:
+    """Ranks in ``group`` (the default group when None); 1 without a process group."""
     import torch.distributed as dist
 
-    return dist.get_world_size() if is_initialized() else 1
+    return dist.get_world_size(group) if is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -60,6 +64,38 @@ def barrier() -> None:
 
     if is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """Where the tensors of a collective over ``group`` live: the current CUDA device under nccl, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+    """Every rank's ``t`` (the same shape and dtype on every rank) in rank order; ``[t]`` without a group."""
+    import torch.distributed as dist
+
+    w = world_size(group)
+    if w == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(w)]
+    dist.all_gather(out, t, group=group)
+    return out
+
+
+def sum_over_ranks(value: int) -> int:
+    """``value`` summed over every rank (``value`` itself without a process group)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def shard_indices(n: int, rank_: int | None = None, world: int | None = None) -> torch.Tensor:

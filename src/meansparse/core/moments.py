@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._compile import COMPILE_MIN_NUMEL, CompiledKernel, compile_enabled
 from .._utils import is_compiling
+from ..distributed import all_gather, collective_device, world_size
 
 __all__ = ["Moments", "CHUNK_ELEMENTS", "GROUP_ROWS", "compiled_kernels"]
 
@@ -327,17 +328,11 @@ class Moments:
         Every rank gathers (count, mean, M2) of every rank and folds them in rank order with
         :meth:`merge`, so all ranks end with identical, exact statistics.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if world_size(group) == 1:
             return self
-        world = dist.get_world_size(group)
-        if world == 1:
-            return self
-        device = self._collective_device(dist, group)
+        device = collective_device(group)
         local_c = -1 if self.count is None else int(self.count.numel())
-        cs = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(cs, torch.tensor([local_c], dtype=torch.int64, device=device), group=group)
+        cs = all_gather(torch.tensor([local_c], dtype=torch.int64, device=device), group)
         counts = {int(c.item()) for c in cs} - {-1}
         if len(counts) > 1:
             raise ValueError(f"ranks disagree on the channel count: {sorted(counts)}")
@@ -348,19 +343,13 @@ class Moments:
             packed = torch.zeros(3, c, dtype=torch.float64, device=device)
         else:
             packed = torch.stack([self.count, self.mean_, self.m2]).to(device)
-        gathered = [torch.empty_like(packed) for _ in range(world)]
-        dist.all_gather(gathered, packed, group=group)
+        gathered = all_gather(packed, group)
         home = self.count.device if self.count is not None else torch.device("cpu")
         acc = Moments()
         for g in gathered:
             acc.merge(Moments.from_stats(g[0].to(home), g[1].to(home), g[2].to(home)))
         self.count, self.mean_, self.m2, self.finite = acc.count, acc.mean_, acc.m2, None
         return self
-
-    def _collective_device(self, dist, group) -> torch.device:
-        if dist.get_backend(group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     def __repr__(self) -> str:
         return f"Moments(channels={self.channels}, total={self.total:g})"
