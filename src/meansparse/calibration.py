@@ -17,6 +17,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ def _plan(loader: Any, max_batches: int | None) -> dict[str, Any]:
             "max_batches": max_batches}
 
 
-class _Progress:
+class _ResumeState:
     """What a resumable pass has folded so far: per-site (count, mean, M2) as of the last completed batch, how
     many batches and images that is, and what it belongs to (the model's weights hash, the sites, the batch
     settings, fingerprints of the first and the last batch), all checked before a later call continues it."""
@@ -210,6 +211,23 @@ class _Progress:
         with writing(self.path, "the previous progress file, if any, is kept"), atomic_path(self.path) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in self.snapshot.items()}, str(tmp), metadata=meta)
 
+    def save_after(self, cause: BaseException) -> None:
+        """``cause`` stopped the pass: save what the completed batches folded in, if any, so that a later call
+        continues from there; a failing write (a full disk) must not hide ``cause``."""
+        if not (self.batches and self.snapshot):
+            return
+        try:
+            self.save()
+        except OSError as e:
+            cause.add_note(str(e.strerror or e))
+
+    def finish(self, keep: bool) -> None:
+        """The pass succeeded: update the file to hold all of it (``keep``), else remove it."""
+        if keep:
+            self.save()  # the whole pass: the caller removes it once its own result is written
+        elif self.path.exists():
+            self.path.unlink()
+
 
 def _describe(plan: dict[str, Any]) -> str:
     """Batch settings in words."""
@@ -226,14 +244,6 @@ def _stop_workers(items: Any) -> None:
     stop = getattr(items, "_shutdown_workers", None)
     if callable(stop):
         stop()
-
-
-def _save_progress(resume: _Progress, cause: BaseException) -> None:
-    """Save progress after ``cause`` stopped the pass; a failing write (a full disk) must not hide ``cause``."""
-    try:
-        resume.save()
-    except OSError as e:
-        cause.add_note(str(e.strerror or e))
 
 
 def _fingerprint(x: Tensor) -> str:
@@ -254,6 +264,108 @@ def _check_finite(ops: list[MeanSparse], batch: int) -> None:
                 f"MeanSparse site '{op.name}': non-finite values (NaN/Inf) in the input at calibration batch {batch} "
                 "(or values whose squares overflow the input's dtype)"
             )
+
+
+@dataclass
+class _Tally:
+    """What a pass has folded in: batches and images (those of a resumed pass included), the shape of a tensor
+    input (recorded for ``load``) and the seconds it took."""
+
+    batches: int = 0
+    images: int = 0
+    input_shape: list[int] | None = None
+    elapsed: float = 0.0
+
+
+def _resume_state(model: nn.Module, ops: list[MeanSparse], loader: Any, max_batches: int | None,
+                  state_path: str | os.PathLike | None, save_every: int) -> _ResumeState | None:
+    """The resumable pass's state for ``state_path`` (None: not resumable), its settings checked."""
+    if state_path is None:
+        return None
+    if world_size() > 1:
+        raise ValueError("calibrate: state_path (resuming) is not supported under torch.distributed")
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
+    return _ResumeState(Path(state_path), ops, _model_sha256(model), _plan(loader, max_batches))
+
+
+def _model_input(x: Any, batch: int, device: torch.device | None, check_inputs: bool) -> tuple[Any, int]:
+    """A batch's model input on ``device`` (a tensor checked first, unless ``check_inputs`` is False), and the
+    images it holds."""
+    if not isinstance(x, Tensor):
+        return x, 1
+    if check_inputs:
+        _check_batch(x, batch)
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    return x, int(x.shape[0]) if x.ndim else 1
+
+
+def _fold_batches(model: nn.Module, loader: Iterable[Any], ops: list[MeanSparse], device: torch.device | None,
+                  check_inputs: bool, max_batches: int | None, resume: _ResumeState | None, bar: Any,
+                  save_every: int) -> _Tally:
+    """Run the model on each batch after those ``resume`` already holds (their first and last checked), with the
+    operators observing; the state is saved every ``save_every`` batches."""
+    tally = _Tally() if resume is None else _Tally(resume.batches, resume.images)
+    start = time.perf_counter()
+    items = iter(loader)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(items):
+                x = _inputs(batch)
+                if resume is not None and i < resume.batches:  # folded in before the interruption
+                    resume.check_skipped(x, i)
+                    if max_batches is not None and i + 1 >= max_batches:
+                        break
+                    continue
+                x, n = _model_input(x, i, device, check_inputs)
+                if tally.input_shape is None and isinstance(x, Tensor):
+                    tally.input_shape = list(x.shape[1:])
+                for op in ops:
+                    op.batch_index = i
+                model(x)
+                _check_finite(ops, i)
+                tally.batches += 1
+                tally.images += n
+                if resume is not None:
+                    resume.completed(x, n)
+                    if tally.batches % save_every == 0:
+                        resume.save()
+                if bar is not None:
+                    bar.update(n)
+                    bar.set_postfix(batches=tally.batches, refresh=False)
+                if max_batches is not None and tally.batches >= max_batches:
+                    break  # stop before fetching (and paying for) another batch
+    finally:
+        _stop_workers(items)
+    tally.elapsed = time.perf_counter() - start
+    return tally
+
+
+def _install_statistics(ops: list[MeanSparse], batches: int) -> None:
+    """End observing, merge every rank's moments (the same merge code; no-op without a process group) and give
+    them to the operators; a site that received no input stays uncalibrated (warned)."""
+    moments: list[Moments] = [op.stop_observing() for op in ops]
+    for m in moments:
+        m.all_reduce()
+    if sum_over_ranks(batches) == 0:
+        raise ValueError("calibration loader yielded no batches")
+    unseen = [op.name for op, m in zip(ops, moments, strict=True) if m.count is None or m.total == 0]
+    if unseen:
+        warnings.warn(
+            f"meansparse.calibrate: {len(unseen)} site(s) received no input and stay uncalibrated: {unseen[:10]}",
+            stacklevel=3,
+        )
+    for op, m in zip(ops, moments, strict=True):
+        if m.count is not None and m.total > 0:
+            op.set_statistics(m.mean, m.var, num_samples=int(m.total))
+
+
+def _record_input_shape(model: nn.Module, shape: list[int] | None) -> None:
+    """Note the input shape in the prepared model's record: ``load`` probes a fresh model with it."""
+    rec = get_record(model) or next((r for r in map(get_record, model.modules()) if r is not None), None)
+    if rec is not None and shape is not None:
+        rec.config["input_shape"] = shape
 
 
 def calibrate(
@@ -296,95 +408,30 @@ def calibrate(
     if device is not None:
         model.to(device)
     dev = torch.device(device) if device is not None else model_device(model)
-
-    resume = None
-    if state_path is not None:
-        if world_size() > 1:
-            raise ValueError("calibrate: state_path (resuming) is not supported under torch.distributed")
-        if save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {save_every}")
-        resume = _Progress(Path(state_path), ops, _model_sha256(model), _plan(loader, max_batches))
-
+    resume = _resume_state(model, ops, loader, max_batches, state_path, save_every)
     modes = [(m, m.training) for m in model.modules()]
     previous = [op.observer for op in ops]
     bar = _progress_bar(progress, _total(loader, max_batches))
-    batches = images = 0
-    input_shape = None
-    items = None
     try:
         model.eval()
         for op in ops:
             op.start_observing()
         if resume is not None:
             resume.load(dev)
-            batches, images = resume.batches, resume.images
-            if bar is not None and images:
-                bar.update(images)
-        start = time.perf_counter()
-        with torch.no_grad():
-            items = iter(loader)
-            for i, batch in enumerate(items):
-                x = _inputs(batch)
-                if resume is not None and i < resume.batches:  # folded in before the interruption
-                    resume.check_skipped(x, i)
-                    if max_batches is not None and i + 1 >= max_batches:
-                        break
-                    continue
-                if isinstance(x, Tensor):
-                    if check_inputs:
-                        _check_batch(x, i)
-                    if dev is not None:
-                        x = x.to(dev, non_blocking=True)
-                    n = int(x.shape[0]) if x.ndim else 1
-                    if input_shape is None:
-                        input_shape = list(x.shape[1:])
-                else:
-                    n = 1
-                for op in ops:
-                    op.batch_index = i
-                model(x)
-                _check_finite(ops, i)
-                batches += 1
-                images += n
-                if resume is not None:
-                    resume.completed(x, n)
-                    if batches % save_every == 0:
-                        resume.save()
-                if bar is not None:
-                    bar.update(n)
-                    bar.set_postfix(batches=batches, refresh=False)
-                if max_batches is not None and batches >= max_batches:
-                    break  # stop before fetching (and paying for) another batch
-        elapsed = time.perf_counter() - start
-        moments: list[Moments] = [op.stop_observing() for op in ops]
-        for m in moments:  # the same merge code combines ranks (no-op without a process group)
-            m.all_reduce()
-        if sum_over_ranks(batches) == 0:
-            raise ValueError("calibration loader yielded no batches")
-        unseen = [op.name for op, m in zip(ops, moments, strict=True) if m.count is None or m.total == 0]
-        if unseen:
-            warnings.warn(
-                f"meansparse.calibrate: {len(unseen)} site(s) received no input and stay uncalibrated: {unseen[:10]}",
-                stacklevel=2,
-            )
-        for op, m in zip(ops, moments, strict=True):
-            if m.count is not None and m.total > 0:
-                op.set_statistics(m.mean, m.var, num_samples=int(m.total))
-        rec = get_record(model) or next((r for r in map(get_record, model.modules()) if r is not None), None)
-        if rec is not None and input_shape is not None:
-            rec.config["input_shape"] = input_shape
-        if bar is not None and elapsed > 0:
-            bar.set_postfix(images_per_s=f"{images / elapsed:.1f}", batches=batches)
-        if resume is not None and keep_state:
-            resume.save()  # the whole pass: the caller removes it once its own result is written
-        elif resume is not None and resume.path.exists():
-            resume.path.unlink()
+            if bar is not None and resume.images:
+                bar.update(resume.images)
+        tally = _fold_batches(model, loader, ops, dev, check_inputs, max_batches, resume, bar, save_every)
+        _install_statistics(ops, tally.batches)
+        _record_input_shape(model, tally.input_shape)
+        if bar is not None and tally.elapsed > 0:
+            bar.set_postfix(images_per_s=f"{tally.images / tally.elapsed:.1f}", batches=tally.batches)
+        if resume is not None:
+            resume.finish(keep_state)
     except BaseException as e:
-        if resume is not None and resume.batches and resume.snapshot:
-            _save_progress(resume, e)  # nothing folded in so far is lost: a later call continues from here
+        if resume is not None:
+            resume.save_after(e)  # nothing folded in so far is lost: a later call continues from here
         raise
     finally:
-        _stop_workers(items)
         if bar is not None:
             bar.close()
         for op, obs in zip(ops, previous, strict=True):
