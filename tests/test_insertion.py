@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 import warnings
@@ -17,6 +18,7 @@ from meansparse.placement import MeanSparseActivation
 from meansparse.placement.candidates import Candidate, make_operator
 from meansparse.placement.fx_strategy import prepare_fx
 from meansparse.placement.module_strategy import prepare_modules
+from meansparse.placement.prepare import PrepareOptions, prepare
 
 # name -> (sites, sites after a residual add, expected (layout, channels) of the first site)
 EXPECTED = {
@@ -576,3 +578,11 @@ def test_candidates_operators_and_sites_share_one_record(strategy, images, quiet
     assert all(by_index[k].site is c.site for k, c in enumerate(chosen))
     assert all(s.info is o.site for s, o in zip(ms.sites(prepared), ops, strict=True))
     assert [o.site.after_residual_add for o in ops] == [False, True]  # the modules strategy's probe found it
+
+
+def test_prepare_options_hold_exactly_prepares_arguments():
+    """``prepare`` passes its arguments on as one ``PrepareOptions`` value: the two lists must not drift apart."""
+    params = list(inspect.signature(prepare).parameters)[1:]
+    assert [f.name for f in dataclasses.fields(PrepareOptions)] == params
+    assert all(f.default == inspect.signature(prepare).parameters[f.name].default
+               for f in dataclasses.fields(PrepareOptions))

@@ -26,6 +26,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,14 +36,14 @@ from torch.utils._pytree import tree_flatten
 from .._utils import as_args, eval_mode, preserved_state
 from ..core import ACTIVATION_KINDS, check_centering, operators
 from .candidates import Candidate, SelectionError, select
-from .fx_strategy import ModeForwards, prepare_fx
+from .fx_strategy import FxResult, ModeForwards, prepare_fx
 from .module_strategy import prepare_modules, registrations
 from .presets import register_family_activations, resolve_preset
 from .record import PreparedRecord, clear_record, get_record, set_record
 from .registry import activation_lookalikes, activation_names, secondary_names
 from .wrappers import WRAPPERS, MeanSparseActivation, MeanSparseOutput
 
-__all__ = ["prepare", "prepare_from_config", "remove", "FxPrepared", "fx_class", "mode_forwards"]
+__all__ = ["prepare", "PrepareOptions", "prepare_from_config", "remove", "FxPrepared", "fx_class", "mode_forwards"]
 
 
 class FxPrepared:
@@ -144,6 +145,24 @@ def _as_list(v: str | Sequence[str] | None) -> list[str]:
 
 
 
+@dataclass(frozen=True, eq=False)
+class PrepareOptions:
+    """The arguments of :func:`prepare` besides the model, as one value (their meaning: see there)."""
+
+    exclude: str | Sequence[str] | None = None
+    include: str | Sequence[str] | None = None
+    indices: int | Sequence[int] | None = None
+    centering: str = "channel"
+    activations: Iterable[Any] | None = None
+    example_inputs: Any = None
+    method: str = "auto"
+    inplace: bool = False
+    after_residual_add: bool | None = None
+    outputs: str | Sequence[str] | None = None
+    residual_adds: bool = False
+    preset: str | None = None
+
+
 def prepare(
     model: nn.Module,
     exclude: str | Sequence[str] | None = None,
@@ -178,21 +197,22 @@ def prepare(
     Tanh / Sigmoid / Hardsigmoid (mostly gates) get sites only in a model with no other known activation;
     a model with no activation site at all is a warning naming the modules that look like activations.
     """
-    kw = dict(exclude=exclude, include=include, indices=indices, centering=centering, example_inputs=example_inputs,
-              method=method, inplace=inplace, after_residual_add=after_residual_add, outputs=outputs,
-              residual_adds=residual_adds, preset=preset)
+    options = PrepareOptions(
+        exclude=exclude, include=include, indices=indices, centering=centering, activations=activations,
+        example_inputs=example_inputs, method=method, inplace=inplace, after_residual_add=after_residual_add,
+        outputs=outputs, residual_adds=residual_adds, preset=preset,
+    )
     found: dict[str, bool] = {}
-    prepared = _prepare(model, activations=activations, found=found, **kw)
+    prepared = _prepare(model, options, found)
     if activations is not None or found.get("activation", True):
         return prepared
-    secondary = sorted(secondary_names())
     alt_found: dict[str, bool] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the first attempt has already said what there was to say
-        alt = _prepare(remove(prepared), activations=secondary, found=alt_found, **kw)
+        alt = _prepare(remove(prepared), replace(options, activations=sorted(secondary_names())), alt_found)
     if alt_found.get("activation"):
         return alt
-    prepared = _prepare(remove(alt), activations=None, found={}, **kw)
+    prepared = _prepare(remove(alt), options, {})
     _warn_no_activation(model)
     return prepared
 
@@ -206,35 +226,36 @@ def _warn_no_activation(model: nn.Module) -> None:
                   f"activation; {hint}.", stacklevel=3)
 
 
-def _prepare(
-    model: nn.Module,
-    exclude: str | Sequence[str] | None = None,
-    include: str | Sequence[str] | None = None,
-    indices: int | Sequence[int] | None = None,
-    centering: str = "channel",
-    activations: Iterable[Any] | None = None,
-    example_inputs: Any = None,
-    method: str = "auto",
-    inplace: bool = False,
-    *,
-    after_residual_add: bool | None = None,
-    outputs: str | Sequence[str] | None = None,
-    residual_adds: bool = False,
-    preset: str | None = None,
-    found: dict[str, bool] | None = None,
-) -> nn.Module:
-    """:func:`prepare`; ``found["activation"]`` says whether the model had activation sites to select from.
-    """
-    if method not in ("auto", "fx", "modules"):
-        raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {method!r}")
-    check_centering(centering)
+@dataclass(frozen=True)
+class _Plan:
+    """What ``prepare`` does with its options on this model: the preset's arguments merged in, every pattern
+    checked, the activation names normalised."""
+
+    names: set[str] | None  # activation class / function names, None: every known one
+    include: list[str]
+    exclude: list[str]
+    outputs: list[str]
+    residual_adds: bool
+    method: str  # "auto", "fx" or "modules"
+    preset: str | None  # the preset's resolved name
+
+    @property
+    def output_patterns(self) -> list[re.Pattern]:
+        return [re.compile(p) for p in self.outputs]
+
+
+def _plan(model: nn.Module, options: PrepareOptions) -> _Plan:
+    """Check ``options`` against ``model`` and merge the preset's arguments into them."""
+    if options.method not in ("auto", "fx", "modules"):
+        raise ValueError(f"method must be 'auto', 'fx' or 'modules', got {options.method!r}")
+    check_centering(options.centering)
     if any(isinstance(m, WRAPPERS) for m in model.modules()):
         raise ValueError("model is already prepared (it contains MeanSparse operators); call meansparse.remove first")
-    names = activation_names(activations)
-    inc, exc, outs = _as_list(include), _as_list(exclude), _as_list(outputs)
-    preset_name = None
-    if preset is not None:
-        preset_name, spec = resolve_preset(preset, model)
+    names = activation_names(options.activations)
+    inc, exc, outs = _as_list(options.include), _as_list(options.exclude), _as_list(options.outputs)
+    residual_adds, method, preset_name = options.residual_adds, options.method, None
+    if options.preset is not None:
+        preset_name, spec = resolve_preset(options.preset, model)
         exc = list(spec.get("exclude", ())) + exc
         outs = list(spec.get("outputs", ())) + outs
         residual_adds = bool(residual_adds or spec.get("residual_adds", False))
@@ -245,87 +266,125 @@ def _prepare(
             re.compile(p)  # fail early on a bad pattern
         except re.error as e:
             raise ValueError(f"bad regular expression {p!r} for include/exclude/outputs: {e}") from None
-    out_patterns = [re.compile(p) for p in outs]
+    return _Plan(names, inc, exc, outs, residual_adds, method, preset_name)
+
+
+def _config(plan: _Plan, options: PrepareOptions) -> dict[str, Any]:
+    """The record's config: the arguments that re-apply this ``prepare`` (save/load, pickling)."""
+    indices = options.indices
+    config = {
+        "include": plan.include,
+        "exclude": plan.exclude,
+        "indices": [indices] if isinstance(indices, int) else (None if indices is None else list(indices)),
+        "after_residual_add": options.after_residual_add,
+        "centering": options.centering,
+        "activations": None if plan.names is None else sorted(plan.names),
+        "method": plan.method,
+        "probed": options.example_inputs is not None,
+        "outputs": plan.outputs,
+        "residual_adds": bool(plan.residual_adds),
+        "preset": plan.preset,  # informative: its arguments are already in the entries above
+    }
+    args = _probe_args(options)
+    if args is not None and len(args) == 1 and isinstance(args[0], Tensor) and args[0].ndim >= 1:
+        config["input_shape"] = list(args[0].shape[1:])
+    return config
+
+
+def _probe_args(options: PrepareOptions) -> tuple | None:
+    return None if options.example_inputs is None else as_args(options.example_inputs)
+
+
+def _selector(plan: _Plan, options: PrepareOptions,
+              found: dict[str, bool] | None) -> Callable[[list[Candidate]], list[Candidate]]:
+    """What a strategy calls with its candidates to get the selected ones; ``found["activation"]`` then says
+    whether the model had activation sites to select from."""
 
     def chosen(cands: list[Candidate]) -> list[Candidate]:
         if found is not None:
             found["activation"] = any(c.site.kind in ACTIVATION_KINDS for c in cands)
-        return select(cands, inc, exc, after_residual_add, indices)
+        return select(cands, plan.include, plan.exclude, options.after_residual_add, options.indices)
 
-    config = {
-        "include": inc,
-        "exclude": exc,
-        "indices": [indices] if isinstance(indices, int) else (None if indices is None else list(indices)),
-        "after_residual_add": after_residual_add,
-        "centering": centering,
-        "activations": None if names is None else sorted(names),
-        "method": method,
-        "probed": example_inputs is not None,
-        "outputs": outs,
-        "residual_adds": bool(residual_adds),
-        "preset": preset_name,  # informative: its arguments are already in the entries above
-    }
-    args = None if example_inputs is None else as_args(example_inputs)
-    if args is not None and len(args) == 1 and isinstance(args[0], Tensor) and args[0].ndim >= 1:
-        config["input_shape"] = list(args[0].shape[1:])
+    return chosen
 
+
+def _prepare(model: nn.Module, options: PrepareOptions, found: dict[str, bool] | None = None) -> nn.Module:
+    """:func:`prepare` with one set of activations: fx, falling back to modules when ``method="auto"``."""
+    plan = _plan(model, options)
+    config = _config(plan, options)
+    chosen = _selector(plan, options, found)
     before = {id(m): m.training for m in model.modules()}
-    if method in ("auto", "fx"):
-        try:
-            fx = prepare_fx(model, names, chosen, centering, out_patterns, residual_adds)
-            prepared = fx.prepared
-            prepared.__class__ = fx_class(type(model), fx.forward, fx.modes)
-            if args is not None:  # the probe leaves no cache behind in the user's modules
-                with preserved_state(model), eval_mode(model), torch.no_grad():
-                    ref = model(*args)
-                with preserved_state(model), eval_mode(prepared), torch.no_grad():
-                    got = prepared(*args)  # also fixes layouts and channel counts
-                if not _same_outputs(ref, got):
-                    raise RuntimeError("the traced model does not reproduce the original outputs")
-                if fx.modes is not None and fx.modes.train is not None:
-                    issue = _train_probe(model, prepared, args)
-                    if issue is not None:  # eval mode stays available; train mode says why it is not
-                        prepared.__class__ = fx_class(type(model), fx.forward,
-                                                      fx.modes._replace(train=None, issue=issue))
-        except SelectionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
-            if method == "fx":
-                raise RuntimeError(f"torch.fx could not prepare {type(model).__name__}: {e}") from e
-            warnings.warn(
-                f"meansparse.prepare: torch.fx tracing of {type(model).__name__} failed "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); falling back to "
-                "method='modules' (activation modules only).",
-                stacklevel=2,
-            )
-        else:
-            config["method"] = "fx"
-            if inplace:  # validated on the shallow copy: now convert the model object itself
-                for k, v in prepared.__dict__.items():
-                    model.__dict__.setdefault(k, v)  # tracing constants
-                model._modules[fx.attr] = prepared._modules[fx.attr]
-                cls = type(model)
-                model.__class__ = type(prepared)
-                set_record(model, PreparedRecord(original=None, config=config, original_class=cls, attr=fx.attr,
-                                                 code=fx.code))
-                return _match_mode(model, before)
-            set_record(prepared, PreparedRecord(original=model, config=config, attr=fx.attr, code=fx.code))
+    if plan.method in ("auto", "fx"):
+        prepared = _prepare_fx(model, plan, options, config, chosen)
+        if prepared is not None:
             return _match_mode(prepared, before)
-
     target, _ = prepare_modules(
         model,
-        names,
+        plan.names,
         chosen,
-        centering,
-        example_inputs,
-        inplace,
-        needs_probe=after_residual_add is not None,
-        outputs=out_patterns,
-        residual_adds=residual_adds,
+        options.centering,
+        options.example_inputs,
+        options.inplace,
+        needs_probe=options.after_residual_add is not None,
+        outputs=plan.output_patterns,
+        residual_adds=plan.residual_adds,
     )
     config["method"] = "modules"
-    set_record(target, PreparedRecord(original=None if inplace else model, config=config))
+    set_record(target, PreparedRecord(original=None if options.inplace else model, config=config))
     return _match_mode(target, before)
+
+
+def _prepare_fx(model: nn.Module, plan: _Plan, options: PrepareOptions, config: dict[str, Any],
+                chosen: Callable[[list[Candidate]], list[Candidate]]) -> nn.Module | None:
+    """The model prepared by tracing (checked on the example inputs), or None after a tracing failure with
+    ``method="auto"`` (warned: the modules strategy takes over)."""
+    try:
+        fx = prepare_fx(model, plan.names, chosen, options.centering, plan.output_patterns, plan.residual_adds)
+        prepared = fx.prepared
+        prepared.__class__ = fx_class(type(model), fx.forward, fx.modes)
+        args = _probe_args(options)
+        if args is not None:
+            _check_traced(model, prepared, fx, args)
+    except SelectionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
+        if plan.method == "fx":
+            raise RuntimeError(f"torch.fx could not prepare {type(model).__name__}: {e}") from e
+        warnings.warn(
+            f"meansparse.prepare: torch.fx tracing of {type(model).__name__} failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); falling back to "
+            "method='modules' (activation modules only).",
+            stacklevel=3,
+        )
+        return None
+    config["method"] = "fx"
+    if not options.inplace:
+        set_record(prepared, PreparedRecord(original=model, config=config, attr=fx.attr, code=fx.code))
+        return prepared
+    # validated on the shallow copy: now convert the model object itself
+    for k, v in prepared.__dict__.items():
+        model.__dict__.setdefault(k, v)  # tracing constants
+    model._modules[fx.attr] = prepared._modules[fx.attr]
+    cls = type(model)
+    model.__class__ = type(prepared)
+    set_record(model, PreparedRecord(original=None, config=config, original_class=cls, attr=fx.attr, code=fx.code))
+    return model
+
+
+def _check_traced(model: nn.Module, prepared: nn.Module, fx: FxResult, args: tuple) -> None:
+    """The probe forward: the traced model must reproduce the original's outputs (it also fixes layouts and
+    channel counts); a train-mode graph that does not reproduce train mode is taken away, saying why.  The probe
+    leaves no cache behind in the user's modules."""
+    with preserved_state(model), eval_mode(model), torch.no_grad():
+        ref = model(*args)
+    with preserved_state(model), eval_mode(prepared), torch.no_grad():
+        got = prepared(*args)
+    if not _same_outputs(ref, got):
+        raise RuntimeError("the traced model does not reproduce the original outputs")
+    if fx.modes is not None and fx.modes.train is not None:
+        issue = _train_probe(model, prepared, args)
+        if issue is not None:  # eval mode stays available; train mode says why it is not
+            prepared.__class__ = fx_class(type(model), fx.forward, fx.modes._replace(train=None, issue=issue))
 
 
 @contextmanager
