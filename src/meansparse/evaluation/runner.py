@@ -144,8 +144,8 @@ def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, 
     vacuous = vacuous_eps(norm, eps, first_x)
     if vacuous:
         plan.warnings.append(vacuous)
-    if not operators(model) and any(a.kind in ("bpda", "surrogate", "adaptive")
-                                    or (a.kind == "transfer" and base_model is None) for a in built):
+    if not operators(model) and any(a.family in ("bpda", "surrogate", "adaptive")
+                                    or (a.family == "transfer" and base_model is None) for a in built):
         plan.warnings.append("the model has no MeanSparse operators: bpda-*, sg-* / smooth-* / ens-*, transfer "
                              "(without base_model) and adaptive reduce to their plain versions")
     return plan
@@ -273,7 +273,7 @@ def breakdown_row(attack: Attack, out: AttackOutcome, robust: torch.Tensor, plan
     """The report's row for one attack; ``robust`` is the worst case after it."""
     n, mask, attacked = plan.n, out.mask, out.n_attacked
     return {
-        "attack": attack.name, "kind": attack.kind, "n_attacked": attacked,
+        "attack": attack.name, "kind": attack.family, "n_attacked": attacked,
         "n_broken": int((mask == 0).sum()),
         "robust_accuracy": float((mask == 1).sum()) / n if plan.individual else float(robust.sum()) / n,
         "cumulative_accuracy": float(robust.sum()) / n,
