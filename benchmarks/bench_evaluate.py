@@ -14,7 +14,7 @@ resume file.  The two run interleaved (ours, reference, ours, reference ...).
 
 ``--attack apgd-ce`` compares ``ms.evaluate(attacks=["apgd-ce"])`` with pyautoattack's ``APGDAttack.perturb``
 called per batch.  ``--fused-vs-eager`` instead compares ``ms.evaluate`` on the MeanSparse model with the eager
-operator against the same model after ``ms.fuse`` (what ``--fuse`` changes on the command line), and checks
+operator against the same model after ``ms.fuse`` (what ``--path fused`` changes on the command line), and checks
 that the two reports are identical.
 
     python benchmarks/bench_evaluate.py --threads 2 --checkpoint checkpoints/cifar10-resnet18-gelu-pgd \
@@ -143,28 +143,28 @@ def main() -> None:
                 warm(compiled_model)
                 last["compile_seconds"] = time.perf_counter() - start
                 ms.evaluate(compiled_model, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
-                            progress=False, fuse=False, ladder=False, indicators=False)  # its batch shapes, compiled
+                            progress=False, path="eager", ladder=False, indicators=False)  # its batch shapes, compiled
             except Exception as e:  # noqa: BLE001 - report and time the other variants
                 print(f"whole-model torch.compile({args.whole_compile}) failed: {type(e).__name__}: {e}")
                 last["compile_error"] = f"{type(e).__name__}: {e}"
                 compiled_model = None
     state_dir = tempfile.mkdtemp()
 
-    def ours(net=model, key="report", fuse="auto"):  # with a resume file, as the CLI runs it (a fresh one each time)
+    def ours(net=model, key="report", path="auto"):  # with a resume file, as the CLI runs it (a fresh one each time)
         last["runs"] = last.get("runs", 0) + 1
-        path = f"{state_dir}/state-{last['runs']}.json"
+        state = f"{state_dir}/state-{last['runs']}.json"
         last[key] = ms.evaluate(net, x, y, eps=eps, attacks=[attack], batch_size=args.batch_size,
-                                progress=False, state_path=path, fuse=fuse, ladder=False, indicators=False)
+                                progress=False, state_path=state, path=path, ladder=False, indicators=False)
 
     if args.defaults:
         defaults(args, model, base, x, y, eps, state_dir)
         return
     if args.fused_vs_eager:
-        variants = {"evaluate, eager operator": lambda: ours(eager_model, "eager", fuse=False),
+        variants = {"evaluate, eager operator": lambda: ours(eager_model, "eager", path="eager"),
                     "evaluate, fused": ours}
         if compiled_model is not None:
             variants[f"evaluate, whole-model torch.compile({args.whole_compile})"] = \
-                lambda: ours(compiled_model, "compiled", fuse=False)
+                lambda: ours(compiled_model, "compiled", path="eager")
         fused_vs_eager(args, variants, last)
         return
 

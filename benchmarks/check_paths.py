@@ -1,8 +1,8 @@
 """The evaluation paths side by side on one device: eager operator, fused kernels and the whole model compiled
-(``ms.evaluate(fuse=False / True / "whole-model")``), each running the CLI's default attack list (AutoAttack,
+(``ms.evaluate(path="eager" / "fused" / "compiled")``), each running the CLI's default attack list (AutoAttack,
 BPDA, transfer, Square; fewer iterations) on a small digits CNN with MeanSparse.  It checks that every path
 runs every attack (CUDA graphs included) and prints time, accuracies and whether the reports match the eager
-one, then what ``fuse="auto"`` would choose for a full-size job on this device.
+one, then what ``path="auto"`` would choose for a full-size job on this device.
 
     python benchmarks/check_paths.py --device cuda
     python benchmarks/check_paths.py --threads 2          # the same on the CPU
@@ -20,8 +20,7 @@ from bench_evaluate import digits_model
 import meansparse as ms
 from meansparse.data import Batches, load_dataset
 from meansparse.evaluation.attacks.registry import DEFAULT_ATTACKS
-from meansparse.evaluation.budget import estimated_passes
-from meansparse.fastpath import attack_objects, plan_fusion
+from meansparse.fastpath import choose_path
 
 OPTIONS = {"aa": {"steps": 10, "queries": 100}, "apgd-ce": {"steps": 10}, "apgd-t": {"steps": 10},
            "transfer": {"steps": 10}, "square": {"queries": 100}}
@@ -42,12 +41,12 @@ def main() -> None:
     ms.calibrate(model, Batches(load_dataset("digits", "train"), 256), progress=False)
     ms.set_alpha(model, 0.5)
     rows, reports, out = [], {}, {"environment": environment(args.threads), "paths": {}}
-    for name, fuse in (("eager operator", False), ("fused", True), ("whole model compiled", "whole-model")):
+    for name, path in (("eager operator", "eager"), ("fused", "fused"), ("whole model compiled", "compiled")):
         for run in ("first (compiles)", "second"):
             start = time.perf_counter()
             try:
                 r = ms.evaluate(model, x, y, eps=0.1, attacks=DEFAULT_ATTACKS, attack_options=OPTIONS,
-                                batch_size=args.batch_size, progress=False, fuse=fuse, base_model=base)
+                                batch_size=args.batch_size, progress=False, path=path, base_model=base)
             except Exception as e:  # noqa: BLE001 - report every path
                 rows.append([name, run, "failed", f"{type(e).__name__}: {str(e)[:150]}", "", ""])
                 break
@@ -62,10 +61,10 @@ def main() -> None:
     print(f"{describe(out['environment'])}\ndigits small_cnn + MeanSparse (alpha 0.5), {args.n} test images, batch "
           f"{args.batch_size}; attacks {', '.join(DEFAULT_ATTACKS)} (10 steps, 100 queries)\n")
     print(fmt_table(rows, ["path", "run", "seconds", "clean", "worst case", "report = eager's"]))
-    full = estimated_passes(attack_objects(DEFAULT_ATTACKS), 10_000)  # the standard attacks on 10,000 images
-    d = plan_fusion(model, x[: args.batch_size].to(device), full, "auto")
+    full = ms.EvaluationSpec().estimated_passes(10_000)  # the standard attacks on 10,000 images
+    d = choose_path(model, x[: args.batch_size].to(device), full, "auto")
     out["auto_full_job"] = d.as_dict()
-    print(f"\nfuse='auto' for the default attacks at full strength on 10,000 images: {d.path} ({d.reason})")
+    print(f"\npath='auto' for the default attacks at full strength on 10,000 images: {d.description} ({d.reason})")
     write_json(args.json, out)
 
 

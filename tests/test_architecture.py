@@ -30,13 +30,15 @@ ALLOWED: dict[str, set[str]] = {
     # core: import_reference installs statistics in the operators; serialization: a trained checkpoint's operators
     "zoo": {"core", "placement", "serialization", "models"},
     "evaluation": {"core", "placement"} | BASE,
-    # search, training, plots: "the layers above them in this table"
-    "search": {"core", "placement", "evaluation"} | BASE,
+    # search, training, plots: "the layers above them in this table"; search: accel, fastpath: a search runs its
+    # whole α grid on one execution path
+    "search": {"core", "placement", "evaluation", "accel", "fastpath"} | BASE,
     "training": {"core", "placement", "calibration", "serialization", "evaluation", "zoo", "data", "models"} | BASE,
     "plots": {"core"} | BASE,
     "fastpath": {"core", "accel", "evaluation", "_utils"},
+    "pipeline_report": {"core", "accel", "data", "evaluation", "search", "plots"},
     "pipeline": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
-                 "models", "training", "plots", "zoo", "fastpath", "_utils"},
+                 "models", "training", "plots", "zoo", "fastpath", "pipeline_report", "_utils"},
     "cli": {"core", "placement", "accel", "calibration", "serialization", "evaluation", "search", "data",
             "models", "training", "pipeline", "distributed", "zoo", "fastpath", "_utils", "_compile", "version"},
 }
@@ -144,3 +146,49 @@ def test_torch_distributed_is_used_through_the_base_layers_helpers():
 
 def test_the_base_layer_is_importable_by_the_layers_docs_put_above_it():
     assert all("distributed" in ALLOWED[name] for name in ("core", "placement", "calibration", "accel"))
+
+
+#: the most parameters a public function (or class) of the package takes: an evaluation's settings travel in one
+#: EvaluationSpec, not loose through signatures (issue #23)
+MAX_PARAMETERS = 13
+#: public callables allowed more, and why
+WIDER = {
+    # a result record: one field per reported quantity, built by the runner and by Report.from_json
+    "Report": "a result record",
+    # placement.prepare's 13 placement options plus fuse=True (the model-level action, kept as it is)
+    "prepare": "placement.prepare plus fuse",
+}
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    import importlib
+    import inspect
+    import pkgutil
+
+    packages = ["meansparse"] + [f"meansparse.{m.name}" for m in pkgutil.iter_modules(meansparse.__path__) if m.ispkg]
+    packages += ["meansparse.evaluation.attacks"]
+    out = []
+    for package in packages:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                out.append((f"{package}.{name}", obj))
+    return out
+
+
+def test_no_public_function_takes_more_than_13_parameters():
+    import inspect
+
+    found = _public_callables()
+    assert any(name == "meansparse.evaluate" for name, _ in found)
+    wide = []
+    for name, obj in found:
+        try:
+            signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+        except (TypeError, ValueError):  # a builtin without a signature
+            continue
+        count = len([p for p in signature.parameters.values() if p.name != "self"])
+        if count > MAX_PARAMETERS and name.rpartition(".")[2] not in WIDER:
+            wide.append(f"{name}: {count}")
+    assert not wide, f"more than {MAX_PARAMETERS} parameters: {wide}"

@@ -89,3 +89,20 @@ def test_aa_builder_caps_targets_for_few_classes(models):
     base, _ = models
     adversary = AutoAttackStandard(eps=EPS).build(base, seed=0, device="cpu", n_classes=5)
     assert adversary.apgd_targeted.n_target_classes == 4 and adversary.fab.n_target_classes == 4
+
+
+def test_an_attack_has_a_family_and_reports_it_under_kind():
+    """``Attack.family`` is what the attack knows of the model; reports and resume files keep their "kind" key,
+    and a subclass written when the attribute was called ``kind`` still works, with a warning."""
+    import pytest
+
+    from meansparse.evaluation.attacks import FAMILIES
+
+    assert {ms.evaluation.build_attack(n).family for n in ("apgd-ce", "bpda-apgd-ce", "sg-apgd-ce", "transfer",
+                                                            "square", "adaptive", "clean")} == set(FAMILIES)
+    assert ms.evaluation.build_attack("square").settings()["kind"] == "black-box"
+    with pytest.warns(DeprecationWarning, match="Old.kind is now Old.family"):
+        class Old(ms.evaluation.Attack):
+            name = "old"
+            kind = "black-box"
+    assert Old().family == "black-box" and Old().settings()["kind"] == "black-box"

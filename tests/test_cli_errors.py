@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import meansparse as ms
-from meansparse import pipeline
+from meansparse import pipeline_report
 from meansparse.cli import build_parser, main
 from meansparse.data import Batches, load_digits
 from meansparse.evaluation import APGD, BPDA, Report, Square, Transfer, masking_findings
@@ -100,13 +100,13 @@ def fake_cifar(tmp_path, monkeypatch):
 # ------------------------------------------------------------------- 1. same attacks on both sides
 def test_demo_attacks_the_base_and_the_meansparse_model_alike(ckpt, tmp_path, capsys, monkeypatch):
     titles = []
-    real_plot = pipeline.plot_alpha_curve
+    real_plot = pipeline_report.plot_alpha_curve
 
     def spy(rows, path, **kw):
         titles.append(kw)
         return real_plot(rows, path, **kw)
 
-    monkeypatch.setattr(pipeline, "plot_alpha_curve", spy)
+    monkeypatch.setattr(pipeline_report, "plot_alpha_curve", spy)
     rc, _, err = cli(capsys, "demo", "--model", ckpt, "--out", tmp_path, "--n-holdout", 60, "--n-sweep-robust", 20,
                      "--n-test", 30, "--alphas", "0,0.3", "--batch-size", 16, "--calibration-batches", 2,
                      "--attacks", "apgd-ce,bpda-apgd-ce,transfer", "--option", "apgd-ce.steps=2",
@@ -499,7 +499,8 @@ def test_every_option_has_help_with_its_default():
                 continue
             assert action.help, f"{name} {action.option_strings} has no help"
             shown = p._get_formatter()._get_help_string(action)
-            flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                       argparse._StoreConstAction))  # e.g. --fuse, an alias of --path fused
             assert flag or action.required or "default" in shown.lower(), f"{name} {action.option_strings}"
     demo = sub.choices["demo"].format_help()
     assert "10,000 CIFAR-10 images" in " ".join(demo.split())

@@ -83,10 +83,25 @@ def test_schedule_and_per_site_search(calibrated):
     assert res2.chosen["worst_case"] >= res2.rows[1]["worst_case"] or not res2.rows[1]["feasible"]
 
 
-def test_pipeline_writes_a_complete_report(tmp_path):
+def test_pipeline_writes_a_complete_report(tmp_path, monkeypatch):
+    from meansparse import pipeline
+
     cfg = PipelineConfig(n_holdout=100, n_sweep_robust=40, n_test=60, alphas=(0.0, 0.2), train_epochs=2,
                          attacks=("apgd-ce", "bpda-apgd-ce", "transfer"), attack_options=FAST, progress=False)
+    given = copy.deepcopy(cfg)
+    # the job runs through the public API users call: ms.search_alpha, then ms.evaluate for each row
+    assert pipeline.evaluate is ms.evaluate and pipeline.search_alpha is ms.search_alpha
+    assert not {"whole_model_compiled", "choose_path", "on_path", "fuse", "decide_path"} & set(vars(pipeline))
+    calls = []
+    for name in ("evaluate", "search_alpha"):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     summary = run(cfg, tmp_path)
+    assert calls[0] == "search_alpha" and calls.count("evaluate") >= 2
+    assert cfg == given and cfg.eps is None  # the run resolves into its own values, never into the config
+    assert summary["eps"] == pipeline.DIGITS_EPS
+    assert summary["execution"]["path"] in ("eager", "fused") and summary["fuse"]["reason"]
     for f in ("report.md", "summary.json", "sweep.json", "before.json", "after.json", "meansparse.safetensors",
               "alpha_curve.png", "feature_histogram.png"):
         assert (tmp_path / f).exists(), f
@@ -110,19 +125,50 @@ def test_unavailable_device_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "model").exists()  # nothing trained
 
 
-def test_pipeline_with_fuse_reports_the_same_numbers(tmp_path):
-    """--fuse changes the speed, not the numbers: the fused model is bit-identical on the CPU."""
+def test_pipeline_on_each_path_reports_the_same_numbers(tmp_path):
+    """--path fused changes the speed, not the numbers: the fused model is bit-identical on the CPU."""
     cfg = dict(n_holdout=60, n_sweep_robust=20, n_test=40, alphas=(0.0, 0.2), train_epochs=1,
                attacks=("apgd-ce", "bpda-apgd-ce"), attack_options=FAST, progress=False)
     plain = run(PipelineConfig(**cfg), tmp_path / "plain")
-    fused = run(PipelineConfig(**cfg, fuse=True), tmp_path / "fused")
+    fused = run(PipelineConfig(**cfg, path="fused"), tmp_path / "fused")
+    assert fused["execution"]["path"] == "fused" and fused["fuse"]["fuse"]
     for key in ("before", "after"):
         assert fused[key]["robust"] == plain[key]["robust"] and fused[key]["clean"] == plain[key]["clean"]
     assert fused["alpha"] == plain["alpha"]
     # the GPU's default path, forced here: the test rows run compiled (float rounding, not bit for bit)
-    whole = run(PipelineConfig(**cfg, fuse="whole-model"), tmp_path / "whole")
+    whole = run(PipelineConfig(**cfg, path="compiled"), tmp_path / "whole")
     assert whole["fuse"]["path"] == "whole model compiled" and whole["alpha"] == plain["alpha"]
+    assert whole["execution"]["path"] == "compiled"
+    before = json.loads((tmp_path / "whole" / "before.json").read_text())
+    assert before["metadata"]["run"]["execution"]["path"] == "compiled"  # both rows ran on the same path
     for key in ("before", "after"):
         assert whole[key]["clean"] == plain[key]["clean"]
         assert abs(whole[key]["worst_case"] - plain[key]["worst_case"]) <= 2 / 40
     assert "- operator: whole model compiled" in (tmp_path / "whole" / "report.md").read_text()
+
+
+def test_the_older_fuse_setting_of_the_pipeline_is_its_path():
+    with pytest.warns(DeprecationWarning, match="path='fused'"):
+        assert PipelineConfig(fuse=True).path == "fused"
+    with pytest.warns(DeprecationWarning, match="path='compiled'"):
+        assert PipelineConfig(fuse="whole-model").path == "compiled"
+    with pytest.raises(ValueError, match="fuse must be"):
+        PipelineConfig(fuse="sometimes")
+    with pytest.raises(ValueError, match="path must be one of"):
+        run(PipelineConfig(path="whole-model", progress=False), "unused")
+
+
+def test_search_takes_a_spec(calibrated):
+    """A spec and the equivalent keywords give the same search; keywords replace the spec's fields."""
+    _, model, hold = calibrated
+    spec = ms.EvaluationSpec(eps=0.1, attacks=("apgd-ce", "bpda-apgd-ce"), attack_options=FAST, batch_size=256)
+    seen = []
+    a = ms.search_alpha(model, hold.float(), hold.labels, (0.2,), spec, n_robust=60, progress=False,
+                        announce=seen.append)
+    b = ms.search_alpha(model, hold.float(), hold.labels, (0.2,), attacks=("apgd-ce", "bpda-apgd-ce"), **_kw())
+    assert a.to_json() == b.to_json()
+    assert seen and seen[0].path in ("eager", "fused")
+    c = ms.search_alpha(model, hold.float(), hold.labels, (0.2,), spec, n_robust=60, progress=False, seed=1)
+    assert c.settings == a.settings  # same attacks and budgets, another seed
+    objective = ms.search.AlphaObjective(model, hold.float(), hold.labels, spec, n_robust=60)
+    assert objective.spec == spec and objective.attacks == ["apgd-ce", "bpda-apgd-ce"]

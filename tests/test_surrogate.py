@@ -101,7 +101,7 @@ def test_margin_loss():
 
 def test_wrapped_names_options_and_budget():
     a = build_attack("sg-apgd-mt", eps=EPS, steps=7, n_target_classes=3, sharpness=[1, 2, 8])
-    assert a.name == "sg-apgd-mt" and a.kind == "surrogate" and a.sharpness == (1.0, 2.0, 8.0)
+    assert a.name == "sg-apgd-mt" and a.family == "surrogate" and a.sharpness == (1.0, 2.0, 8.0)
     assert a.inner.steps == 7 and a.inner.loss == "margin"
     assert attack_passes(a.settings()) == 7 * 3 * 3
     ens = build_attack("ens-apgd-ce", eps=EPS, steps=5, sharpness=2)

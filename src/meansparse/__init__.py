@@ -21,7 +21,7 @@ from . import data, models, zoo
 from .accel import fuse, fused_sites, tune_cpu_allocator, unfuse
 from .calibration import calibrate
 from .core import MeanSparse, Moments, SiteInfo, operators
-from .evaluation import Ladder, Report
+from .evaluation import EvaluationSpec, Ladder, Report
 from .fastpath import evaluate
 from .placement import (
     AlphaSchedule,
@@ -74,6 +74,7 @@ __all__ = [
     "Moments",
     "Site",
     "SiteInfo",
+    "EvaluationSpec",
     "Ladder",
     "Report",
     "evaluate",

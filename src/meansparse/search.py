@@ -9,8 +9,9 @@ Statistics are calibrated once beforehand; only α changes between evaluations.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._utils import model_device
+from .accel.auto import PathDecision
 from .core import check_alpha, operators
-from .evaluation import attack_budget, evaluate
+from .evaluation import EvaluationSpec, attack_budget, evaluate
 from .evaluation.examples import as_examples, chunk_indices
+from .evaluation.spec import resolve_spec
+from .fastpath import choose_path, first_batch, on_path
 from .placement import set_alpha
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 #: the plain attack first (the "plain" column), then the strongest cheap MeanSparse-aware one
 DEFAULT_SEARCH_ATTACKS = ("apgd-ce", "sg-apgd-margin")
+#: what a search's spec defaults to where it differs from ``EvaluationSpec()``'s
+SEARCH_DEFAULTS = {"attacks": DEFAULT_SEARCH_ATTACKS, "batch_size": 256}
 AlphaSpec = float | Mapping[int, float]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,33 +110,41 @@ def schedule(a: float, r: float, n_sites: int) -> dict[int, float]:
 class AlphaObjective:
     """Evaluates one α setting: clean accuracy on all of x, worst case on x[:n_robust] (cascade mode).
 
+    ``spec`` (or keyword ``settings``, as for ``ms.evaluate``; default attacks ``DEFAULT_SEARCH_ATTACKS``, batch
+    size 256): the threat model, attacks and options, seed, batch size, workers and device; every α runs them
+    in cascade mode, one rung, without indicators or sanity checks (the search ranks α on held-out images; the
+    number to quote comes from the final evaluation).  The model runs as it is (the searches put it on
+    ``spec.path`` for their whole grid).
     ``x, y``: tensors, or a data set of (image, label) with ``y`` None (streamed batch by batch, decoded in
-    ``workers`` processes; every α decodes the held-out images again instead of keeping them in memory)."""
+    ``spec.workers`` processes; every α decodes the held-out images again instead of keeping them in memory)."""
 
-    def __init__(self, model: nn.Module, x: Any, y: Any = None, *, n_robust: int = 200,
-                 attacks: Sequence[str] = DEFAULT_SEARCH_ATTACKS, norm: str = "Linf", eps: float = 8 / 255,
-                 attack_options: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int = 256,
-                 seed: int = 0, state_dir: str | Path | None = None, progress: bool = False,
-                 workers: int = 0) -> None:
+    def __init__(self, model: nn.Module, x: Any, y: Any = None, spec: EvaluationSpec | None = None, *,
+                 n_robust: int = 200, state_dir: str | Path | None = None, progress: bool = False,
+                 **settings: Any) -> None:
         if not operators(model):
             raise ValueError("search_alpha needs a prepared and calibrated model (ms.prepare + ms.calibrate)")
         self.model = model
-        self.examples = as_examples(x, y, workers)
+        self.spec = resolve_spec(spec, settings, **SEARCH_DEFAULTS)
+        self.examples = as_examples(x, y, self.spec.workers)
         self.n_robust = min(n_robust, len(self.examples))
-        self.attacks = list(attacks)
-        self.kw = dict(norm=norm, eps=eps, attack_options=attack_options, batch_size=batch_size, seed=seed)
+        self.attacks = [a if isinstance(a, str) else a.name for a in self.spec.attacks]
         self.state_dir = Path(state_dir) if state_dir else None
         self.progress = progress
         self.n_sites = len(operators(model))
         #: called as (attack, batch) after every newly attacked batch (progress inside one α step)
         self.on_batch: Callable[[str, int], None] | None = None
         self.attack_settings: dict[str, Any] = {}
+        self._each = self.spec.replace(mode="cascade", ladder=False, indicators=False, sanity=False)
+
+    def passes(self, evaluations: int) -> float:
+        """Forward + backward passes over single examples that ``evaluations`` α settings cost."""
+        return sweep_passes(self.spec, evaluations, len(self.examples), self.n_robust)
 
     @torch.no_grad()
     def clean(self) -> float:
         device = model_device(self.model) or torch.device("cpu")
         correct, n = 0, len(self.examples)
-        with closing(self.examples.batches(chunk_indices(n, self.kw["batch_size"]))) as fetched:
+        with closing(self.examples.batches(chunk_indices(n, self.spec.batch_size))) as fetched:
             for xb, yb in fetched:
                 pred = self.model(xb.to(device)).argmax(1).cpu()
                 correct += (pred == yb).sum().item()
@@ -139,9 +155,8 @@ class AlphaObjective:
         state = self.state_dir / f"{tag}.json" if self.state_dir else None
         # one rung, no indicators: the search ranks α on held-out images; the number to quote comes from the
         # final evaluation, which climbs the budget ladder
-        report = evaluate(self.model, self.examples.head(self.n_robust), attacks=self.attacks,
-                          individual=False, state_path=state, progress=self.progress, callback=self.on_batch,
-                          ladder=False, indicators=False, **self.kw)
+        report = evaluate(self.model, self.examples.head(self.n_robust), None, self._each, state_path=state,
+                          progress=self.progress, callback=self.on_batch)
         self.attack_settings = report.metadata["attack_settings"]  # the same for every α
         plain = report.robust_accuracy[self.attacks[0]]  # the first attack of a cascade saw every example
         return {"clean": self.clean(), "plain": plain, "worst_case": report.worst_case_accuracy,
@@ -165,7 +180,7 @@ def _follow(bar: Any, objective: AlphaObjective, step: str) -> None:
     (cascade: a later attack has at most as many batches as the first)."""
     if bar.disable:
         return
-    n = -(-objective.n_robust // objective.kw["batch_size"])
+    n = -(-objective.n_robust // objective.spec.batch_size)
     bar.set_postfix_str(f"{step}: attacking with {', '.join(objective.attacks)}")
 
     def done(attack: str, batch: int) -> None:
@@ -190,17 +205,40 @@ def _run_grid(objective: AlphaObjective, specs: list[tuple[Any, AlphaSpec, str]]
     return rows
 
 
+@contextmanager
+def _grid_path(objective: AlphaObjective, evaluations: int, other_passes: float,
+               announce: Callable[[PathDecision], None] | None) -> Iterator[None]:
+    """The model on ``spec.path`` for a whole grid of ``evaluations`` α settings ("auto": decided on the grid's
+    work plus ``other_passes``; the whole-model compile would recompile for every α, so a sweep never runs it)."""
+    decision = choose_path(objective.model, first_batch(objective.examples, None, objective.spec.batch_size),
+                           objective.passes(evaluations), objective.spec.path, other_passes=other_passes,
+                           alpha_varies=True)
+    log.info("meansparse: α search: %s: %s", decision.description, decision.reason)
+    if announce is not None:
+        announce(decision)
+    with on_path(objective.model, decision):
+        yield
+
+
+def _search_args(kwargs: dict[str, Any]) -> tuple[float, bool, float, Callable[[PathDecision], None] | None]:
+    """(clean_budget, progress, other_passes, announce) out of a search's keyword arguments; the rest are the
+    objective's."""
+    return (kwargs.pop("clean_budget", 0.005), kwargs.pop("progress", True), kwargs.pop("other_passes", 0.0),
+            kwargs.pop("announce", None))
+
+
 def search_alpha(model: nn.Module, x: Any, y: Any = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                 *, clean_budget: float = 0.005, n_robust: int = 200,
-                 attacks: Sequence[str] = DEFAULT_SEARCH_ATTACKS, norm: str = "Linf", eps: float = 8 / 255,
-                 attack_options: Mapping[str, Mapping[str, Any]] | None = None, batch_size: int = 256,
-                 seed: int = 0, state_dir: str | Path | None = None, progress: bool = True,
-                 workers: int = 0) -> AlphaSearchResult:
+                 spec: EvaluationSpec | None = None, *, clean_budget: float = 0.005, n_robust: int = 200,
+                 state_dir: str | Path | None = None, progress: bool = True, other_passes: float = 0.0,
+                 announce: Callable[[PathDecision], None] | None = None, **settings: Any) -> AlphaSearchResult:
     """Sweep one global α on HELD-OUT data; pick the best worst case within the clean-accuracy budget.
 
-    `attacks[0]` is the plain white-box attack whose (masked) curve is shown; the rest run only on the
-    examples it left robust. `state_dir` makes the sweep resumable (one evaluation state per α).
-    `x, y`: tensors, or a data set of (image, label) with `y` None, streamed (`workers` decoding processes).
+    ``spec`` (or keyword ``settings``: ``eps=..., attacks=..., batch_size=...``; see :class:`AlphaObjective`):
+    ``spec.attacks[0]`` is the plain white-box attack whose (masked) curve is shown; the rest run only on the
+    examples it left robust.  The grid runs on ``spec.path`` ("auto": the fused kernels when the sweep, plus
+    ``other_passes`` of the rest of the job, pays for compiling them; ``announce(decision)`` is told which).
+    ``state_dir`` makes the sweep resumable (one evaluation state per α).  ``x, y``: tensors, or a data set of
+    (image, label) with ``y`` None, streamed (``spec.workers`` decoding processes).
     """
     alphas = sorted({float(a) for a in alphas})
     try:
@@ -210,27 +248,28 @@ def search_alpha(model: nn.Module, x: Any, y: Any = None, alphas: Sequence[float
         raise ValueError(f"alphas must be finite and >= 0, got {alphas}") from None
     if alphas[0] != 0.0:
         alphas = [0.0, *alphas]  # the clean budget is relative to the unmodified model
-    objective = AlphaObjective(model, x, y, n_robust=n_robust, attacks=attacks, norm=norm, eps=eps,
-                               attack_options=attack_options, batch_size=batch_size, seed=seed,
-                               state_dir=state_dir, workers=workers)
-    rows = _run_grid(objective, [(a, a, f"alpha-{a:g}") for a in alphas], clean_budget, progress)
-    result = _finish(rows, objective, clean_budget, {"kind": "global", "alphas": alphas, "eps": eps, "norm": norm})
+    objective = AlphaObjective(model, x, y, spec, n_robust=n_robust, state_dir=state_dir, **settings)
+    with _grid_path(objective, len(alphas), other_passes, announce):
+        rows = _run_grid(objective, [(a, a, f"alpha-{a:g}") for a in alphas], clean_budget, progress)
+    result = _finish(rows, objective, clean_budget, {"kind": "global", "alphas": alphas, "eps": objective.spec.eps,
+                                                     "norm": objective.spec.norm})
     set_alpha(model, result.chosen_alpha)
     return result
 
 
 def search_schedule(model: nn.Module, x: Any, y: Any = None, a_values: Sequence[float] = DEFAULT_ALPHAS,
                     ratios: Sequence[float] = (0.6, 0.8, 1.0, 1.25), **kwargs: Any) -> AlphaSearchResult:
-    """Per-layer α as a depth schedule α_k = a·r^k (r = 1 is the global α), same objective and budget."""
-    clean_budget = kwargs.pop("clean_budget", 0.005)
-    progress = kwargs.pop("progress", True)
+    """Per-layer α as a depth schedule α_k = a·r^k (r = 1 is the global α), same objective and budget; the
+    keyword arguments are :func:`search_alpha`'s."""
+    clean_budget, progress, other_passes, announce = _search_args(kwargs)
     objective = AlphaObjective(model, x, y, **kwargs)
     specs: list[tuple[Any, AlphaSpec, str]] = [({"a": 0.0, "r": 1.0}, schedule(0.0, 1.0, objective.n_sites),
                                                  "sched-0")]
     for a in sorted({float(v) for v in a_values} - {0.0}):
         for r in ratios:
             specs.append(({"a": a, "r": float(r)}, schedule(a, r, objective.n_sites), f"sched-{a:g}-{r:g}"))
-    rows = _run_grid(objective, specs, clean_budget, progress)
+    with _grid_path(objective, len(specs), other_passes, announce):
+        rows = _run_grid(objective, specs, clean_budget, progress)
     result = _finish(rows, objective, clean_budget, {"kind": "schedule", "ratios": list(ratios)})
     set_alpha(model, result.chosen_alpha)
     return result
@@ -239,10 +278,21 @@ def search_schedule(model: nn.Module, x: Any, y: Any = None, a_values: Sequence[
 def search_per_site(model: nn.Module, x: Any, y: Any, start: float,
                     candidates: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4), rounds: int = 1,
                     callback: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any) -> AlphaSearchResult:
-    """Coordinate ascent over sites from a global α `start`: each site tries every candidate, others fixed."""
-    clean_budget = kwargs.pop("clean_budget", 0.005)
-    progress = kwargs.pop("progress", True)
+    """Coordinate ascent over sites from a global α `start`: each site tries every candidate, others fixed; the
+    keyword arguments are :func:`search_alpha`'s."""
+    clean_budget, progress, other_passes, announce = _search_args(kwargs)
     objective = AlphaObjective(model, x, y, **kwargs)
+    evaluations = 2 + rounds * objective.n_sites * len(candidates)  # an upper bound: a candidate equal to α skips
+    with _grid_path(objective, evaluations, other_passes, announce):
+        rows = _ascend(objective, float(start), candidates, rounds, clean_budget, progress, callback)
+    result = _finish(rows, objective, clean_budget, {"kind": "per_site", "start": start, "rounds": rounds})
+    set_alpha(model, result.chosen_alpha)
+    return result
+
+
+def _ascend(objective: AlphaObjective, start: float, candidates: Sequence[float], rounds: int, clean_budget: float,
+            progress: bool, callback: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """The rows of :func:`search_per_site`: α = 0, the start, then every site's candidates in turn."""
     zero = dict.fromkeys(range(objective.n_sites), 0.0)
     base = _row("α=0", zero, objective(zero, "site-base"))
     base_clean = base["clean"]
@@ -268,6 +318,11 @@ def search_per_site(model: nn.Module, x: Any, y: Any, start: float,
                 if row["feasible"] and row["worst_case"] > best["worst_case"] + 1e-9:
                     best, current = row, trial
     bar.close()
-    result = _finish(rows, objective, clean_budget, {"kind": "per_site", "start": start, "rounds": rounds})
-    set_alpha(model, result.chosen_alpha)
-    return result
+    return rows
+
+
+def sweep_passes(spec: EvaluationSpec, evaluations: int, n_clean: int, n_robust: int) -> float:
+    """Forward + backward passes over single examples a search of ``evaluations`` α settings costs: each
+    attacks ``n_robust`` held-out images with ``spec`` and classifies all ``n_clean`` (a forward pass is
+    about a third of a forward + backward one)."""
+    return evaluations * (spec.estimated_passes(min(n_robust, n_clean)) + n_clean / 3)

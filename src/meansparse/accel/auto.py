@@ -27,7 +27,13 @@ from .._utils import model_device
 from ..core import operators
 from .fused import fused_sites
 
-__all__ = ["FuseDecision", "fuse_decision", "MIN_EAGER_SECONDS", "MIN_EAGER_SECONDS_CUDA", "BACKWARD_FACTOR"]
+__all__ = ["PATHS", "PathDecision", "decide_path", "MIN_EAGER_SECONDS", "MIN_EAGER_SECONDS_CUDA",
+           "BACKWARD_FACTOR"]
+
+#: The execution paths: the operator as written, the fused operator + activation kernels, the whole model under
+#: one torch.compile (:mod:`.whole_model`).
+PATHS = ("eager", "fused", "compiled")
+_WORDS = {"eager": "eager operator", "fused": "fused", "compiled": "whole model compiled"}
 
 #: Estimated eager work (seconds) from which compiling the fused kernels pays off: compile overhead divided by
 #: the fraction of a step fusing saves, with a margin (benchmarks/bench_compile.py, docs/benchmarks.md).
@@ -41,22 +47,33 @@ BACKWARD_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
-class FuseDecision:
-    """Whether to fuse (or compile the whole model), and the one-line reason (what the report's metadata and
-    the command line show)."""
+class PathDecision:
+    """Which execution path a job runs (one of :data:`PATHS`) and the one-line reason (what the report's
+    metadata and the command line show)."""
 
-    fuse: bool
+    path: str
     reason: str
     estimated_eager_seconds: float | None = None
-    whole_model: bool = False  # torch.compile of the whole model (accel.whole_model) instead of fusing
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {self.path!r}")
 
     @property
-    def path(self) -> str:
-        """The path in words: "fused", "whole model compiled" or "eager operator"."""
-        return "whole model compiled" if self.whole_model else "fused" if self.fuse else "eager operator"
+    def description(self) -> str:
+        """The path in words: "eager operator", "fused" or "whole model compiled"."""
+        return _WORDS[self.path]
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"path": self.path}
+        """What ``report.metadata["run"]["execution"]`` records."""
+        return asdict(self) | {"description": self.description}
+
+    def legacy_dict(self) -> dict:
+        """The record's shape before the path was one value (``report.metadata["run"]["fuse"]``, the demo's
+        ``summary["fuse"]``): kept so that readers of older reports keep working."""
+        return {"fuse": self.path == "fused", "reason": self.reason,
+                "estimated_eager_seconds": self.estimated_eager_seconds, "whole_model": self.path == "compiled",
+                "path": self.description}
 
 
 @torch.no_grad()
@@ -78,26 +95,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fuse_decision(model: nn.Module, example: torch.Tensor, passes: float) -> FuseDecision:
-    """Whether ``model`` should run fused for a job of ``passes`` forward + backward passes over single
-    examples; ``example`` (a batch of inputs) is timed once, eagerly, to turn passes into seconds."""
+def decide_path(model: nn.Module, example: torch.Tensor, passes: float, other_passes: float = 0.0) -> PathDecision:
+    """The path ``model`` should run for a job of ``passes`` forward + backward passes over single examples;
+    ``example`` (a batch of inputs) is timed once, eagerly, to turn passes into seconds.  ``other_passes``:
+    the rest of the job on this model (an α sweep, another evaluation): the fused kernels, compiled once per
+    process, serve it too, so it counts on the CPU; the whole-model compile does not outlive one call."""
     ops = operators(model)
     if not ops:
-        return FuseDecision(False, "the model has no MeanSparse operators")
+        return PathDecision("eager", "the model has no MeanSparse operators")
     if fused_sites(model):
-        return FuseDecision(True, "the model was already fused")
+        return PathDecision("fused", "the model was already fused")
     device = model_device(model) or torch.device("cpu")
     if device.type not in ("cpu", "cuda"):
-        return FuseDecision(False, f"on {device.type} no compiled path was measured; the eager operator")
+        return PathDecision("eager", f"on {device.type} no compiled path was measured; the eager operator")
     if not compile_enabled():
         reason = compile_disabled_reason() or "MEANSPARSE_COMPILE=0 or no torch.compile"
-        return FuseDecision(False, f"torch.compile is not available here ({reason})")
-    seconds = passes * BACKWARD_FACTOR * _seconds_per_example(model, example)
+        return PathDecision("eager", f"torch.compile is not available here ({reason})")
     cuda = device.type == "cuda"
+    seconds = (passes + (0.0 if cuda else other_passes)) * BACKWARD_FACTOR * _seconds_per_example(model, example)
     what = "the whole model (torch.compile, CUDA graphs)" if cuda else "the fused kernels"
     threshold = MIN_EAGER_SECONDS_CUDA if cuda else MIN_EAGER_SECONDS
     if seconds < threshold:
-        return FuseDecision(False, f"a short job (about {seconds:.0f} s of eager work) does not pay for compiling "
-                                   f"{what} (worth it from about {threshold:.0f} s)", seconds)
-    return FuseDecision(not cuda, f"about {seconds:.0f} s of eager work: compiling {what} pays off", seconds,
-                        whole_model=cuda)
+        return PathDecision("eager", f"a short job (about {seconds:.0f} s of eager work) does not pay for "
+                                     f"compiling {what} (worth it from about {threshold:.0f} s)", seconds)
+    return PathDecision("compiled" if cuda else "fused", f"about {seconds:.0f} s of eager work: compiling {what} "
+                                                         "pays off", seconds)

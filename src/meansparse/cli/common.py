@@ -20,15 +20,15 @@ import torch
 from .._utils import resolve_device
 from .._utils import writable_dir as _writable_dir
 from ..data import first_images
-from ..evaluation import check_attack_names
+from ..evaluation import PATHS, check_attack_names
 from ..evaluation.validation import check_options_used
 from ..models import CLASS_ADVICE, check_input_shape, checkpoint_paths, class_mismatch, probe_model, read_config
 from ..zoo.spec import SPEC_HELP, load_model_spec
 
 __all__ = [
-    "FUSE_HELP",
+    "PATH_HELP",
     "HelpFormatter",
-    "add_fuse_args",
+    "add_path_args",
     "parse_eps",
     "parse_options",
     "positive_int",
@@ -71,16 +71,21 @@ __all__ = [
     "data_loader",
 ]
 
-#: ``--fuse`` of ``evaluate``, ``demo`` and ``sweep``
-FUSE_HELP = "fuse each operator with its activation (and BN/add producer): same numbers, faster on CPU"
+#: ``--path`` of ``evaluate``, ``demo`` and ``sweep``: how the model runs (``EvaluationSpec.path``)
+PATH_HELP = ("execution path: auto (fused kernels on the CPU, the whole model compiled on CUDA, when torch.compile "
+             "works and the job is long enough to pay for compiling; the report says which ran and why), eager "
+             "(the operator as written), fused (each operator fused with its activation and BN/add producer: same "
+             "numbers, faster on the CPU) or compiled (the whole model under one torch.compile: numbers agree to "
+             "float rounding)")
 
 
-def add_fuse_args(p: argparse.ArgumentParser) -> None:
-    """``--fuse`` / ``--no-fuse``; neither: fused when that pays off (meansparse.accel.auto)."""
-    p.add_argument("--fuse", dest="fuse", action="store_true", default=None,
-                   help=FUSE_HELP + " (default: when torch.compile works and the job is long enough to pay for "
-                                    "compiling; the report says which ran and why)")
-    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="always run the eager operator")
+def add_path_args(p: argparse.ArgumentParser) -> None:
+    """``--path auto|eager|fused|compiled`` (default auto), with ``--fuse`` (= ``--path fused``) and
+    ``--no-fuse`` (= ``--path eager``) kept as its aliases; the parsed value is ``args.path``."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--path", dest="path", choices=PATHS, default="auto", help=PATH_HELP)
+    group.add_argument("--fuse", dest="path", action="store_const", const="fused", help="same as --path fused")
+    group.add_argument("--no-fuse", dest="path", action="store_const", const="eager", help="same as --path eager")
 
 
 def parse_eps(text: str) -> float:

@@ -23,9 +23,10 @@ from .._utils import WriteError, atomic_path, writing
 from ..core import operators
 from ..data import SPLIT_NAMES, as_xy
 from ..distributed import is_main, launch
-from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS
+from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, EvaluationSpec
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
 from ..evaluation.adversarial import TENSOR_FILE as ADVERSARIAL_TENSOR
+from ..evaluation.spec import mode_of
 from ..fastpath import evaluate
 from ..placement import set_alpha
 from ..serialization import load as load_state
@@ -34,7 +35,7 @@ from .common import (
     add_class_mismatch_arg,
     add_data_args,
     add_device_arg,
-    add_fuse_args,
+    add_path_args,
     add_stream_args,
     check_attacks,
     check_data_fits,
@@ -57,7 +58,7 @@ from .common import (
     writable_file,
 )
 
-__all__ = ["add_evaluate_parser", "run_evaluate", "OUTPUT_FILES"]
+__all__ = ["add_evaluate_parser", "evaluation_spec", "run_evaluate", "OUTPUT_FILES"]
 
 #: the files evaluate writes into --out (besides the resume file)
 OUTPUT_FILES = ("report.json", "report.md", ADVERSARIAL_TENSOR, ADVERSARIAL_INDEX)
@@ -99,7 +100,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per attacked batch")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sample and of every attack batch")
     add_device_arg(p)
-    add_fuse_args(p)
+    add_path_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
     p.add_argument("--single-rung", action="store_true",
                    help="no budget ladder: run the attacks once (by default the masking-proof attacks are repeated "
@@ -202,16 +203,21 @@ def _run_evaluate(args: argparse.Namespace, device: str, main: bool) -> int:
     return 0
 
 
+def evaluation_spec(args: argparse.Namespace, device: str) -> EvaluationSpec:
+    """The :class:`~meansparse.evaluation.EvaluationSpec` of parsed ``evaluate`` arguments."""
+    return EvaluationSpec(norm=args.norm, eps=args.eps, attacks=tuple(comma_list(args.attacks)),
+                          attack_options=parse_options(args.option), mode=mode_of(args.individual),
+                          ladder=not args.single_rung, indicators=not args.no_indicators, sanity=args.sanity,
+                          seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=device,
+                          path=args.path)
+
+
 def _run(args: argparse.Namespace, model: Any, x: Any, y: Any, state: Path | None, out: Path, device: str,
          main: bool) -> Any:
     """The evaluation itself (``ms.evaluate``: the fast path when it pays off)."""
-    return evaluate(model, x, y, fuse="auto" if args.fuse is None else args.fuse,
-                    norm=args.norm, eps=args.eps, attacks=comma_list(args.attacks), batch_size=args.batch_size,
-                    seed=args.seed, state_path=state, progress=not args.no_progress, device=device,
-                    individual=args.individual, attack_options=parse_options(args.option), sanity=args.sanity,
-                    workers=args.workers, adversarial_dir=out if args.save_adversarial else None,
-                    ladder=not args.single_rung, indicators=not args.no_indicators,
-                    announce=lambda d: main and print(f"meansparse evaluate: {d.path}: {d.reason}",
+    return evaluate(model, x, y, evaluation_spec(args, device), state_path=state, progress=not args.no_progress,
+                    adversarial_dir=out if args.save_adversarial else None,
+                    announce=lambda d: main and print(f"meansparse evaluate: {d.description}: {d.reason}",
                                                       file=sys.stderr))
 
 

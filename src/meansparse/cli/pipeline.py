@@ -11,8 +11,8 @@ from ..zoo.spec import SPEC_HELP
 from .common import (
     HelpFormatter,
     add_class_mismatch_arg,
-    add_fuse_args,
     add_model_spec_args,
+    add_path_args,
     add_preset_arg,
     add_split_args,
     add_stream_args,
@@ -75,7 +75,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "standard budget)")
     add_threads_arg(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the models run")
-    add_fuse_args(p)
+    add_path_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     add_stream_args(p)
     add_class_mismatch_arg(p)
@@ -127,7 +127,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                          attack_options=parse_options(args.option) or None,
                          calibration_batches=args.calibration_batches,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                         train_epochs=args.train_epochs, device=args.device, fuse=args.fuse,
+                         train_epochs=args.train_epochs, device=args.device, path=args.path,
                          dataset=args.dataset, threat_model=args.threat_model, weights=args.weights,
                          pretrained=args.pretrained, preset=preset_of(args),
                          workers=args.workers, preprocessing=resolve_preprocessing(args, args.model),

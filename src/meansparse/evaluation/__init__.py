@@ -32,13 +32,14 @@ from .ladder import Ladder
 from .masking import masking_findings
 from .report import Report, attack_budget
 from .sanity import SanityFinding, sanity_checks
+from .spec import PATHS, EvaluationSpec
 from .validation import check_attack_names
 
 __all__ = [
     "AdversarialSet", "load_adversarial", "rejudge",
     "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "PGD", "APGDTargeted", "AdaptivePGD",
-    "Attack", "AutoAttackStandard", "Clean", "FABTargeted", "Ladder", "Report", "SanityFinding", "Square",
-    "SquareWarm", "Surrogate", "Transfer", "attack_budget", "attack_failure_indicators", "build_attack",
-    "check_attack_names", "derive_seed", "evaluate", "masking_findings",
+    "Attack", "AutoAttackStandard", "Clean", "EvaluationSpec", "FABTargeted", "Ladder", "PATHS", "Report",
+    "SanityFinding", "Square", "SquareWarm", "Surrogate", "Transfer", "attack_budget", "attack_failure_indicators",
+    "build_attack", "check_attack_names", "derive_seed", "evaluate", "masking_findings",
     "model_hash", "sanity_checks", "zero_alphas"
 ]

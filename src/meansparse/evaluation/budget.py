@@ -1,8 +1,8 @@
 """How much model work an evaluation is: forward + backward passes per example, from each attack's settings.
 
 An upper bound (a cascade stops early on broken examples, APGD may stop a restart early); what it is for is
-telling a seconds-long job from an hours-long one, e.g. to decide whether compiling fused kernels pays off
-(:func:`meansparse.accel.auto.fuse_decision`).
+telling a seconds-long job from an hours-long one, e.g. to decide whether compiling pays off
+(:func:`meansparse.accel.auto.decide_path`).
 """
 
 from __future__ import annotations

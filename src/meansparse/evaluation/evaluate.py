@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any
 
@@ -14,13 +14,12 @@ from .._utils import frozen_parameters
 from ..core import operators
 from ..distributed import broadcast_object
 from ..distributed import rank as dist_rank
-from .attacks import DEFAULT_ATTACKS, Attack
 from .examples import as_examples
 from .indicators import INDICATOR_PROBE_N, attack_failure_indicators
-from .ladder import Ladder
 from .report import RUN_KEY, Report
 from .runner import run_evaluation
 from .sanity import sanity_checks
+from .spec import EvaluationSpec, resolve_spec
 from .validation import evaluation_device
 
 __all__ = ["add_indicators", "add_sanity_findings", "evaluate", "sanity_attacks"]
@@ -34,16 +33,15 @@ def sanity_attacks(model: nn.Module, sanity: bool | Sequence[str]) -> list[str]:
     return ["apgd-ce", "bpda-apgd-ce"] if operators(model) else ["apgd-ce"]
 
 
-def add_sanity_findings(report: Report, model: nn.Module, x: Any, y: Any, names: Sequence[str], *,
-                        batch_size: int, seed: int, device: torch.device,
-                        attack_options: Mapping[str, Mapping[str, Any]] | None) -> None:
-    """Run ``sanity_checks`` for each attack in ``names`` and add its findings to ``report`` (failures also
-    as warnings). Under torch.distributed rank 0 runs the checks and shares the findings."""
+def add_sanity_findings(report: Report, model: nn.Module, x: Any, y: Any, names: Sequence[str],
+                        spec: EvaluationSpec) -> None:
+    """Run ``sanity_checks`` for each attack in ``names`` with ``spec``'s threat model, seed, batch size, device
+    and attack options, and add its findings to ``report`` (failures also as warnings). Under
+    torch.distributed rank 0 runs the checks and shares the findings."""
     for name in names:
         found = None
         if dist_rank() == 0:
-            findings = sanity_checks(model, x, y, norm=report.norm, eps=report.eps, attack=name, seed=seed,
-                                     batch_size=batch_size, device=device, attack_options=attack_options)
+            findings = sanity_checks(model, x, y, spec, attack=name)
             found = ([f.to_dict() for f in findings],
                      [f"sanity check failed: {f.check}: {f.message}" for f in findings if not f.passed])
         dicts, failed = broadcast_object(found)
@@ -70,71 +68,44 @@ def add_indicators(report: Report, model: nn.Module, examples: Any, *, base_mode
                         for i in report.indicators if i["verdict"] == "FAIL"]
 
 
-def evaluate(
-    model: nn.Module,
-    x: Any,
-    y: torch.Tensor | None = None,
-    norm: str = "Linf",
-    eps: float = 8 / 255,
-    attacks: Sequence[str | Attack] = DEFAULT_ATTACKS,
-    base_model: nn.Module | None = None,
-    batch_size: int = 128,
-    seed: int = 0,
-    state_path: str | PathLike | None = None,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-    *,
-    individual: bool | None = None,
-    attack_options: Mapping[str, Mapping[str, Any]] | None = None,
-    sanity: bool | Sequence[str] = False,
-    callback: Callable[[str, int], None] | None = None,
-    adversarial_dir: str | PathLike | None = None,
-    workers: int = 0,
-    ladder: Ladder | bool = True,
-    indicators: bool = True,
-) -> Report:
-    """Per-example worst-case robust accuracy of ``model`` on (x, y) over ``attacks``.
+def evaluate(model: nn.Module, x: Any, y: torch.Tensor | None = None, spec: EvaluationSpec | None = None, *,
+             base_model: nn.Module | None = None, state_path: str | PathLike | None = None, progress: bool = True,
+             callback: Callable[[str, int], None] | None = None, adversarial_dir: str | PathLike | None = None,
+             **settings: Any) -> Report:
+    """Per-example worst-case robust accuracy of ``model`` on (x, y) under ``spec``, the model run as it is
+    (``ms.evaluate`` also picks the fast path, ``spec.path``).
 
+    ``spec``: an :class:`EvaluationSpec` (threat model, attacks and options, mode, ladder, indicators, sanity
+    checks, seed, batch size, workers, device); keyword ``settings`` build one (``eps=8/255, attacks=[...]``,
+    ``individual=False`` for ``mode="cascade"``) or replace fields of the one given.
     ``x``: float NCHW in [0, 1]; ``y``: integer labels; the model must be in eval mode and return logits.
     Or ``x``: a sized data set of ``(image, label)`` by index (a ``torch.utils.data.Dataset``, a
     ``meansparse.data`` stream) and ``y`` None: only the batches being worked on are fetched (decoded in
-    ``workers`` DataLoader processes when > 0), each validated before it counts; the state file's data hash
-    is then computed example by example during the clean pass.
-    ``attacks``: names from ``ATTACK_NAMES`` (or ``Attack`` instances), run in order; ``attack_options``
-    overrides their defaults by name (``bpda-X`` falls back to X's options), e.g.
-    ``{"apgd-ce": {"steps": 20}, "adaptive": {"lam": 10.0}}``.
-    ``individual``: every attack sees every clean-correct example (honest per-attack numbers); False = cascade
-    (each attack only sees examples still robust, as AutoAttack does: same worst case, cheaper). Default:
-    individual up to ``INDIVIDUAL_MAX_N`` examples.
+    ``spec.workers`` DataLoader processes when > 0), each validated before it counts; the state file's data
+    hash is then computed example by example during the clean pass.
+    ``base_model``: the model without MeanSparse, the source of the transfer attack.
     ``state_path``: JSON file with per-batch results; a rerun with the same path skips finished batches and
-    gives the same report. Batch b of attack a is seeded from ``derive_seed(seed, a, b)``.
-    ``sanity``: also run ``sanity_checks`` (True: APGD-CE, plus BPDA-APGD-CE on a MeanSparse model; or a
-    list of attack names); failures become warnings.
+    gives the same report.
     ``callback(attack, batch)`` runs after every newly computed batch has been saved.
-    ``ladder``: after the attacks, repeat the masking-proof ones with 2x then 4x the budget on the examples
-    still robust until a rung breaks at most 0.5 % of them (``report.converged``; a :class:`Ladder` sets
-    other factors or share; False: a single rung).
-    ``indicators``: attack-failure indicators on the first clean-correct examples (``report.indicators``;
-    a failed one is also a warning).
     ``adversarial_dir``: write the per-example worst-case adversarial images there (``adversarial.pt`` in
     RobustBench's external-evaluation format, ``adversarial.json``; :mod:`meansparse.evaluation.adversarial`);
     with ``state_path`` the breaking candidates are kept per batch under it, so a resumed run has them too.
+    The report's ``converged`` and ``indicators`` come from the ladder and the indicators; failed sanity
+    checks and indicators are also warnings.
     """
     started = time.perf_counter()
-    report = run_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
-                            batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
-                            device=device, individual=individual, attack_options=attack_options, callback=callback,
-                            adversarial_dir=adversarial_dir, workers=workers, ladder=ladder)
+    spec = resolve_spec(spec, settings)
+    report = run_evaluation(model, x, y, spec, base_model=base_model, state_path=state_path, progress=progress,
+                            callback=callback, adversarial_dir=adversarial_dir)
     name = getattr(x, "name", None)  # a meansparse stream (ImageStream) says which data set it is
     if isinstance(name, str) and name:
         report.metadata.setdefault("data", {"name": name, "n": len(x)})
-    examples = as_examples(x, y, workers)  # the examples that were evaluated (CPU tensors, or the data set)
-    if indicators:
+    examples = as_examples(x, y, spec.workers)  # the examples that were evaluated (CPU tensors, or the data set)
+    if spec.indicators:
         with frozen_parameters(model, base_model):
-            add_indicators(report, model, examples, base_model=base_model, seed=seed,
-                           device=evaluation_device(model, device))
-    if sanity:
-        add_sanity_findings(report, model, examples, None, sanity_attacks(model, sanity), batch_size=batch_size,
-                            seed=seed, device=evaluation_device(model, device), attack_options=attack_options)
+            add_indicators(report, model, examples, base_model=base_model, seed=spec.seed,
+                           device=evaluation_device(model, spec.device))
+    if spec.sanity:
+        add_sanity_findings(report, model, examples, None, sanity_attacks(model, spec.sanity), spec)
     report.metadata[RUN_KEY]["wall_time_s"] = time.perf_counter() - started  # the checks are part of the run
     return report

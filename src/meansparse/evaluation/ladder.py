@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .attacks import Attack
-from .masking import ADAPTIVE_KINDS
+from .masking import ADAPTIVE_FAMILIES
 
 __all__ = ["CONVERGED_SHARE", "DEFAULT_FACTORS", "Ladder", "ladder_findings", "resolve_ladder"]
 
@@ -50,7 +50,7 @@ class Ladder:
 
     def rung(self, attacks: Sequence[Attack], factor: int) -> list[Attack]:
         """The attacks of the rung with ``factor``: every masking-proof attack, scaled."""
-        return [a.scaled(factor) for a in attacks if a.kind in ADAPTIVE_KINDS]
+        return [a.scaled(factor) for a in attacks if a.family in ADAPTIVE_FAMILIES]
 
     def done(self, rungs: list[dict[str, Any]], n: int) -> bool:
         """Whether to stop climbing after the rung records ``rungs`` (rung 1 first)."""

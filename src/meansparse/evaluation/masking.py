@@ -11,11 +11,12 @@ import torch
 from .attacks import Attack
 from .budget import attack_passes
 
-__all__ = ["ADAPTIVE_KINDS", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "effective_kind", "masking_findings"]
+__all__ = ["ADAPTIVE_FAMILIES", "MASKING_MARGIN", "WHITE_BOX", "MaskingFindings", "effective_family",
+           "masking_findings"]
 
 MASKING_MARGIN = 0.01  # 1 point
 WHITE_BOX = "white-box"
-ADAPTIVE_KINDS = ("bpda", "surrogate", "transfer", "black-box", "adaptive")
+ADAPTIVE_FAMILIES = ("bpda", "surrogate", "transfer", "black-box", "adaptive")
 
 
 class MaskingFindings(NamedTuple):
@@ -26,21 +27,21 @@ class MaskingFindings(NamedTuple):
     extra_breaks: dict[str, int]
 
 
-def effective_kind(attack: Attack, has_operators: bool) -> str:
+def effective_family(attack: Attack, has_operators: bool) -> str:
     """What an attack amounts to on the model: without MeanSparse operators ``bpda-X`` is X, ``transfer``
     without a base model crafts on the model itself and ``adaptive`` has no penalty, so all three are plain
     white-box attacks there (comparing them with white-box attacks compares equals, not masking)."""
     if has_operators:
-        return attack.kind
-    if attack.kind in ("bpda", "surrogate", "adaptive") or (attack.kind == "transfer"
+        return attack.family
+    if attack.family in ("bpda", "surrogate", "adaptive") or (attack.family == "transfer"
                                                 and getattr(attack, "base_model", None) is None):
         return WHITE_BOX
-    return attack.kind
+    return attack.family
 
 
 def _budget_caveat(attack: Attack, attacks: Sequence[Attack]) -> str:
     """For ``bpda-X`` given more work than the plain ``X`` beside it: part of the gap may be that budget."""
-    if attack.kind != "bpda" or not attack.name.startswith("bpda-"):
+    if attack.family != "bpda" or not attack.name.startswith("bpda-"):
         return ""
     plain = next((a for a in attacks if a.name == attack.name[len("bpda-"):]), None)
     if plain is None:
@@ -61,10 +62,10 @@ def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor
     best plain white-box accuracy; (b) in both modes, it breaks more than ``margin`` of the examples that
     survived every plain white-box attack that saw them.  ``has_operators=False`` (a model without
     MeanSparse): BPDA, self-transfer and adaptive attacks count as the white-box attacks they reduce to
-    (:func:`effective_kind`), so only black-box (or a transfer from another model) evidence can fire.
+    (:func:`effective_family`), so only black-box (or a transfer from another model) evidence can fire.
     """
-    kinds = {a.name: effective_kind(a, has_operators) for a in attacks}
-    white = [a.name for a in attacks if kinds[a.name] == WHITE_BOX]
+    families = {a.name: effective_family(a, has_operators) for a in attacks}
+    white = [a.name for a in attacks if families[a.name] == WHITE_BOX]
     extra: dict[str, int] = {}
     if not white:
         return MaskingFindings([], extra)
@@ -74,7 +75,7 @@ def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor
     best_white = min(white_acc.values())
     offenders = []
     for a in attacks:
-        if kinds[a.name] not in ADAPTIVE_KINDS:
+        if families[a.name] not in ADAPTIVE_FAMILIES:
             continue
         m = masks[a.name]
         extra[a.name] = int(((m == 0) & survived_white).sum())

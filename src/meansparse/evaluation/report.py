@@ -81,9 +81,11 @@ RUN_KEY = "run"
 
 
 def operator_path(decision: Mapping[str, Any]) -> str:
-    """The path a run took, from its recorded decision ("fused", "whole model compiled", "eager operator"); older
-    records have no "path"."""
-    return decision.get("path") or ("fused" if decision.get("fuse") else "eager operator")
+    """The path a run took in words ("eager operator", "fused", "whole model compiled"), from its recorded
+    decision: ``metadata["run"]["execution"]`` (its "description"), or the older ``["fuse"]`` record (whose
+    "path" is the words; the oldest have no "path")."""
+    return (decision.get("description") or decision.get("path")
+            or ("fused" if decision.get("fuse") else "eager operator"))
 
 
 @dataclass
@@ -164,8 +166,9 @@ class Report:
         run = meta.get(RUN_KEY, {})
         if "wall_time_s" in run:
             lines.append(f"- wall time: {run['wall_time_s']:.1f} s")
-        if "fuse" in run:
-            lines.append(f"- operator: {operator_path(run['fuse'])} ({run['fuse']['reason']})")
+        decision = run.get("execution") or run.get("fuse")  # "fuse": the record of older reports
+        if decision:
+            lines.append(f"- operator: {operator_path(decision)} ({decision['reason']})")
         lines += ["", "| attack | kind | attacked | broken | robust accuracy | worst case after it |",
                   "|---|---|---:|---:|---:|---:|"]
         column_note = "on its own" if self.mode == "individual" else "cumulative"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -34,18 +34,16 @@ from .attacks import Attack
 from .examples import ExampleSource, as_examples, chunk_indices
 from .hashing import config_hash, example_digests, examples_hash, model_hash
 from .judge import attack_batch, check_finite
-from .ladder import Ladder, ladder_findings, resolve_ladder
+from .ladder import Ladder, ladder_findings
 from .masking import masking_findings
 from .messages import library_warnings
 from .report import RUN_KEY, Report
+from .spec import INDIVIDUAL_MAX_N, EvaluationSpec
 from .state import EvaluationState
-from .validation import build_attacks, check_labels, check_settings, evaluation_device, vacuous_eps
+from .validation import build_attacks, check_labels, check_models, evaluation_device, vacuous_eps
 
 __all__ = ["INDIVIDUAL_MAX_N", "AttackOutcome", "BatchResult", "EvaluationPlan", "Outcomes", "breakdown_row",
            "build_report", "clean_pass", "plan_evaluation", "run_attack", "run_attacks", "run_config", "run_evaluation"]
-
-INDIVIDUAL_MAX_N = 1000  # individual mode by default up to this many examples (every attack sees all)
-
 
 @dataclass
 class EvaluationPlan:
@@ -119,17 +117,14 @@ def _progress(name: str, total: int, enabled: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, attacks: Sequence[str | Attack],
-                    base_model: nn.Module | None, batch_size: int, seed: int, device: str | torch.device | None,
-                    individual: bool | None, attack_options: Mapping[str, Mapping[str, Any]] | None,
-                    workers: int = 0, ladder: Ladder | bool | None = None) -> EvaluationPlan:
-    """Validate every argument (a ValueError before any attack runs) and fix the mode.  ``x, y``: tensors, or
-    a data set of (image, label) with ``y`` None (see :func:`as_examples`); a streamed source's batches are
-    validated as they are fetched, before anything about them is counted."""
-    check_settings(model, norm, eps, batch_size, base_model)
-    examples = as_examples(x, y, workers)
-    eps = float(eps)
-    device = evaluation_device(model, device)
+def plan_evaluation(model: nn.Module, x: Any, y: Any, spec: EvaluationSpec,
+                    base_model: nn.Module | None = None) -> EvaluationPlan:
+    """Check the models and the data against ``spec`` (a ValueError before any attack runs) and fix the mode.
+    ``x, y``: tensors, or a data set of (image, label) with ``y`` None (see :func:`as_examples`); a streamed
+    source's batches are validated as they are fetched, before anything about them is counted."""
+    check_models(model, base_model)
+    examples = as_examples(x, y, spec.workers)
+    device = evaluation_device(model, spec.device)
     first_x, first_y = examples.first()
     labels = examples.known_labels()
     labels = first_y if labels is None else labels
@@ -137,15 +132,14 @@ def plan_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float, 
     if base_model is not None:
         check_labels(base_model, first_x, labels, device)
     examples.n_classes = n_classes
-    built = build_attacks(attacks, norm, eps, base_model, attack_options, n_classes)
-    individual = len(examples) <= INDIVIDUAL_MAX_N if individual is None else bool(individual)
-    plan = EvaluationPlan(examples, norm, eps, device, n_classes, built, individual, batch_size, int(seed),
-                          data_hash=examples.data_hash(), ladder=resolve_ladder(ladder))
-    vacuous = vacuous_eps(norm, eps, first_x)
+    built = build_attacks(spec.attacks, spec.norm, spec.eps, base_model, spec.attack_options, n_classes)
+    plan = EvaluationPlan(examples, spec.norm, spec.eps, device, n_classes, built, spec.individual_for(len(examples)),
+                          spec.batch_size, spec.seed, data_hash=examples.data_hash(), ladder=spec.ladder)
+    vacuous = vacuous_eps(spec.norm, spec.eps, first_x)
     if vacuous:
         plan.warnings.append(vacuous)
-    if not operators(model) and any(a.kind in ("bpda", "surrogate", "adaptive")
-                                    or (a.kind == "transfer" and base_model is None) for a in built):
+    if not operators(model) and any(a.family in ("bpda", "surrogate", "adaptive")
+                                    or (a.family == "transfer" and base_model is None) for a in built):
         plan.warnings.append("the model has no MeanSparse operators: bpda-*, sg-* / smooth-* / ens-*, transfer "
                              "(without base_model) and adaptive reduce to their plain versions")
     return plan
@@ -273,7 +267,7 @@ def breakdown_row(attack: Attack, out: AttackOutcome, robust: torch.Tensor, plan
     """The report's row for one attack; ``robust`` is the worst case after it."""
     n, mask, attacked = plan.n, out.mask, out.n_attacked
     return {
-        "attack": attack.name, "kind": attack.kind, "n_attacked": attacked,
+        "attack": attack.name, "kind": attack.family, "n_attacked": attacked,
         "n_broken": int((mask == 0).sum()),
         "robust_accuracy": float((mask == 1).sum()) / n if plan.individual else float(robust.sum()) / n,
         "cumulative_accuracy": float(robust.sum()) / n,
@@ -373,20 +367,15 @@ def build_report(model: nn.Module, plan: EvaluationPlan, config: Mapping[str, An
     )
 
 
-def run_evaluation(model: nn.Module, x: Any, y: Any, *, norm: str, eps: float,
-                   attacks: Sequence[str | Attack], batch_size: int, seed: int, progress: bool,
-                   device: str | torch.device | None, individual: bool | None,
-                   attack_options: Mapping[str, Mapping[str, Any]] | None, base_model: nn.Module | None = None,
-                   state_path: str | PathLike | None = None,
+def run_evaluation(model: nn.Module, x: Any, y: Any, spec: EvaluationSpec, *, base_model: nn.Module | None = None,
+                   state_path: str | PathLike | None = None, progress: bool = True,
                    callback: Callable[[str, int], None] | None = None,
-                   adversarial_dir: str | PathLike | None = None, workers: int = 0,
-                   ladder: Ladder | bool | None = None) -> Report:
-    """``evaluate`` without its sanity checks; the arguments mean the same."""
+                   adversarial_dir: str | PathLike | None = None) -> Report:
+    """``evaluate`` without its indicators and sanity checks (``spec.indicators`` / ``spec.sanity`` are not
+    run here); the arguments mean the same."""
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    plan = plan_evaluation(model, x, y, norm=norm, eps=eps, attacks=attacks, base_model=base_model,
-                           batch_size=batch_size, seed=seed, device=device, individual=individual,
-                           attack_options=attack_options, workers=workers, ladder=ladder)
+    plan = plan_evaluation(model, x, y, spec, base_model)
     world, me = dist_world_size(), dist_rank()
 
     def open_state() -> tuple[dict[str, Any], EvaluationState]:

@@ -5,7 +5,7 @@ attack, not the model, is the weak part: typically gradient masking."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from .attacks import build_attack, options_for, split_wrapper
 from .attacks.registry import WRAPPER_OPTIONS
 from .examples import as_examples
 from .runner import run_evaluation
+from .spec import EvaluationSpec, resolve_spec
 from .validation import vacuous_eps
 
 __all__ = ["SanityFinding", "large_eps", "sanity_checks"]
@@ -61,12 +62,10 @@ def _monotone(check: str, title: str, key: str, shown: list[str], keys: list[str
         {f"{key}={k}": v for k, v in zip(keys, accs)})
 
 
-def sanity_checks(model: nn.Module, x: Any, y: Any = None, *, norm: str = "Linf", eps: float = 8 / 255,
+def sanity_checks(model: nn.Module, x: Any, y: Any = None, spec: EvaluationSpec | None = None, *,
                   attack: str = "apgd-ce", eps_factors: Sequence[float] = (0.5, 1.0, 2.0),
                   budgets: Sequence[int] | None = None, huge_eps: float | None = None, zero_tolerance: float = 0.02,
-                  tolerance: float = 0.01, seed: int = 0, batch_size: int = 128,
-                  device: str | torch.device | None = None,
-                  attack_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[SanityFinding]:
+                  tolerance: float = 0.01, **settings: Any) -> list[SanityFinding]:
     """Run ``attack`` at several eps and budgets; one finding per check (``passed`` False = suspicious).
 
     - ``eps-meaningful`` (only when it fails): ``eps`` covers the whole box, so every check is vacuous;
@@ -75,13 +74,17 @@ def sanity_checks(model: nn.Module, x: Any, y: Any = None, *, norm: str = "Linf"
     - ``budget-monotone``: accuracy with ``budgets`` steps (queries for Square; default: a fifth of the
       configured budget, then the full one) must not rise by more than ``tolerance``.
 
-    ``x, y`` as for ``evaluate`` (tensors, or a data set of (image, label) with ``y`` None).
+    ``spec`` (or keyword ``settings``, as for ``evaluate``): the threat model, seed, batch size, device,
+    workers and the attack options ``attack`` runs with; its attacks, mode, ladder and indicators are not
+    used (each check is one attack, individual, one rung).  ``x, y`` as for ``evaluate`` (tensors, or a data
+    set of (image, label) with ``y`` None).
     """
+    spec = resolve_spec(spec, settings)
+    norm, eps = spec.norm, spec.eps
     key = _budget_key(attack)
     if key is None:
         raise ValueError(f"sanity checks need a real attack, not {attack!r}")
-    options = dict(attack_options or {})
-    base_opts = options_for(attack, options)
+    base_opts = options_for(attack, dict(spec.attack_options))
     if budgets is None:
         inner_opts = {k: v for k, v in base_opts.items() if k not in WRAPPER_OPTIONS}
         default = getattr(build_attack(split_wrapper(attack)[1], norm=norm, eps=eps, **inner_opts), key)
@@ -93,15 +96,15 @@ def sanity_checks(model: nn.Module, x: Any, y: Any = None, *, norm: str = "Linf"
             opts = dict(base_opts)
             if budget is not None:
                 opts[key] = budget
-            r = run_evaluation(model, x, y, norm=norm, eps=e, attacks=(attack,), batch_size=batch_size,
-                               seed=seed, progress=False, device=device, individual=True,
-                               attack_options={attack: opts})
+            check = spec.replace(eps=e, attacks=(attack,), attack_options={attack: opts}, mode="individual",
+                                 ladder=False, indicators=False, sanity=False)
+            r = run_evaluation(model, x, y, check, progress=False)
             cache[(e, budget)] = r.robust_accuracy[attack]
         return cache[(e, budget)]
 
     findings = []
     if y is None:
-        x = as_examples(x)  # wrapped once: every check below streams the same examples
+        x = as_examples(x, None, spec.workers)  # wrapped once: every check below streams the same examples
     vacuous = vacuous_eps(norm, eps, x if isinstance(x, torch.Tensor) else x.first()[0])
     if vacuous:  # every check below would pass trivially: accuracy is ~0 at this eps whatever the attack
         findings.append(SanityFinding("eps-meaningful", False, vacuous, {"eps": eps}))

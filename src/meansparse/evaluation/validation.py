@@ -15,9 +15,9 @@ from .attacks import ATTACK_NAMES, Attack, build_attack, options_for, split_wrap
 from .attacks.registry import WARM_START
 from .judge import check_finite
 
-__all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_inputs", "check_labels",
-           "check_options_used",
-           "check_settings", "check_tensors", "evaluation_device", "vacuous_eps"]
+__all__ = ["NEED_4_CLASSES", "Examples", "build_attacks", "check_attack_names", "check_batch_size", "check_inputs",
+           "check_labels", "check_models", "check_options_used", "check_settings", "check_tensors",
+           "check_threat_model", "evaluation_device", "vacuous_eps"]
 
 #: attacks whose DLR loss or target classes need at least 4 classes
 NEED_4_CLASSES = ("apgd-t", "apgd-mt", "apgd-dlr", "fab-t", "aa", "transfer")
@@ -39,6 +39,13 @@ def check_inputs(model: nn.Module, x: Any, y: Any, norm: str, eps: float, batch_
 
 def check_settings(model: nn.Module, norm: str, eps: float, batch_size: int, base_model: nn.Module | None) -> None:
     """The models' type and mode, the threat model and the batch size (everything but the data)."""
+    check_models(model, base_model)
+    check_threat_model(norm, eps)
+    check_batch_size(batch_size)
+
+
+def check_models(model: nn.Module, base_model: nn.Module | None) -> None:
+    """Both models are modules in eval mode (train mode would change dropout / batch-norm during an attack)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for label, m in (("model", model), ("base_model", base_model)):
@@ -48,11 +55,18 @@ def check_settings(model: nn.Module, norm: str, eps: float, batch_size: int, bas
         if training:
             raise ValueError(f"{label} is in train mode ({', '.join(training[:3])}…): call {label}.eval() "
                              "first; dropout/batch-norm statistics would change during the attack")
+
+
+def check_threat_model(norm: str, eps: float) -> None:
+    """``norm`` is Linf or L2 and ``eps`` a finite number > 0."""
     if norm not in ("Linf", "L2"):
         raise ValueError(f"unknown norm {norm!r}: use 'Linf' or 'L2'")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
@@ -106,9 +120,10 @@ def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: tor
 
 
 def build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_model: nn.Module | None,
-                  attack_options: Mapping[str, Mapping[str, Any]] | None, n_classes: int) -> list[Attack]:
+                  attack_options: Mapping[str, Mapping[str, Any]] | None, n_classes: int | None) -> list[Attack]:
     """The attacks to run, in order: names are built with their options (``bpda-X`` falls back to X's),
-    instances are checked against the threat model; names must be unique."""
+    instances are checked against the threat model; names must be unique.  ``n_classes`` None (no model yet):
+    the attacks that need 4 classes are not checked."""
     if isinstance(attacks, str):
         attacks = (attacks,)
     if len(attacks) == 0:
@@ -135,7 +150,7 @@ def build_attacks(attacks: Sequence[str | Attack], norm: str, eps: float, base_m
     if dupes:
         raise ValueError(f"attack names must be unique, repeated: {dupes}")
     needs_dlr = [a.name for a in built if split_wrapper(a.name)[1] in NEED_4_CLASSES]
-    if needs_dlr and n_classes < 4:
+    if needs_dlr and n_classes is not None and n_classes < 4:
         raise ValueError(f"{needs_dlr} need at least 4 classes (DLR loss / targets); the model has {n_classes}")
     return built
 

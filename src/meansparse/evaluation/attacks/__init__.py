@@ -9,7 +9,7 @@ margin loss and warm start handed to the library's APGD and Square).
 from .adaptive import AdaptivePGD
 from .apgd import APGD, APGDTargeted, margin_loss
 from .autoattack import AutoAttackStandard, keep_tracer
-from .base import KINDS, LIBRARY_LOGGER, NORMS, Attack, SuccessTracker, num_classes, require_pyautoattack
+from .base import FAMILIES, LIBRARY_LOGGER, NORMS, Attack, SuccessTracker, num_classes, require_pyautoattack
 from .bpda import BPDA
 from .clean import Clean
 from .fab import FABTargeted
@@ -28,7 +28,7 @@ from .surrogate import GradientMix, Surrogate
 from .transfer import Transfer, zero_alphas
 
 __all__ = [
-    "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "KINDS", "LIBRARY_LOGGER", "NORMS",
+    "APGD", "ATTACK_NAMES", "BPDA", "BPDA_ATTACKS", "DEFAULT_ATTACKS", "FAMILIES", "LIBRARY_LOGGER", "NORMS",
     "PGD", "SURROGATE_ATTACKS", "APGDTargeted", "AdaptivePGD", "Attack", "AutoAttackStandard", "Clean", "FABTargeted",
     "GradientMix", "Square", "SquareWarm", "SuccessTracker", "Surrogate", "Transfer", "build_attack", "keep_tracer",
     "margin_loss", "num_classes", "options_for", "require_pyautoattack", "split_wrapper", "zero_alphas"

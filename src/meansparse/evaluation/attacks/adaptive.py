@@ -23,7 +23,7 @@ class AdaptivePGD(Attack):
     """
 
     name = "adaptive"
-    kind = "adaptive"
+    family = "adaptive"
 
     def __init__(self, *, norm: str = "Linf", eps: float = 8 / 255, lam: float = 1.0, steps: int = 50,
                  step_size: float | None = None, random_start: bool = True, name: str | None = None) -> None:

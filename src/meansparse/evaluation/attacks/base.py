@@ -7,18 +7,22 @@ that leave the threat model, so a wrapper can never inflate a success rate.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["KINDS", "LIBRARY_LOGGER", "NORMS", "Attack", "SuccessTracker", "Wrapper", "num_classes",
+__all__ = ["FAMILIES", "LIBRARY_LOGGER", "NORMS", "Attack", "SuccessTracker", "Wrapper", "num_classes",
            "require_pyautoattack"]
 
 NORMS = ("Linf", "L2")
 #: logger handed to pyautoattack's APGD so its zero-gradient alarms end up in the report
 LIBRARY_LOGGER = "meansparse.evaluation.pyautoattack"
-KINDS = ("clean", "white-box", "bpda", "surrogate", "transfer", "black-box", "adaptive")
+#: what an attack knows of the model it attacks (``Attack.family``): nothing (clean), its gradients (white-box),
+#: straight-through or surrogate gradients through the operators (bpda, surrogate), another model's gradients
+#: (transfer), only its outputs (black-box), or the operator's band (adaptive)
+FAMILIES = ("clean", "white-box", "bpda", "surrogate", "transfer", "black-box", "adaptive")
 
 
 def require_pyautoattack() -> Any:
@@ -41,12 +45,20 @@ def num_classes(model: nn.Module, x: torch.Tensor) -> int:
 class Attack:
     """One attack under one threat model (norm, eps).
 
-    Subclasses set ``name`` and ``kind`` and implement ``_run``; ``settings()`` is what the report records,
-    so every parameter that changes the result must appear there.
+    Subclasses set ``name`` and ``family`` (one of :data:`FAMILIES`) and implement ``_run``; ``settings()`` is
+    what the report records, so every parameter that changes the result must appear there.
     """
 
     name: str = "attack"
-    kind: str = "white-box"
+    family: str = "white-box"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        legacy = vars(cls).get("kind")
+        if isinstance(legacy, str) and "family" not in vars(cls):  # a subclass written before the rename
+            warnings.warn(f"{cls.__name__}.kind is now {cls.__name__}.family (the attack's family)",
+                          DeprecationWarning, stacklevel=2)
+            cls.family = legacy
 
     def __init__(self, *, norm: str = "Linf", eps: float = 8 / 255) -> None:
         if norm not in NORMS:
@@ -67,7 +79,8 @@ class Attack:
         return {}
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "norm": self.norm, "eps": self.eps, **self.params()}
+        # "kind" is the family's key in reports and resume files (their format predates the name)
+        return {"name": self.name, "kind": self.family, "norm": self.norm, "eps": self.eps, **self.params()}
 
     #: budget attributes that ``scaled`` multiplies (each attack's own; wrappers scale what they wrap)
     scalable: tuple[str, ...] = ("steps", "queries")

@@ -15,7 +15,7 @@ class BPDA(Wrapper):
     our own because only this package knows its operators; the inner attack is unchanged.
     """
 
-    kind = "bpda"
+    family = "bpda"
 
     def __init__(self, inner: Attack) -> None:
         super().__init__(inner)

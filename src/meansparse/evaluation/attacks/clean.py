@@ -11,7 +11,7 @@ class Clean(Attack):
     """No perturbation: the clean accuracy expressed as an attack (useful as a baseline row)."""
 
     name = "clean"
-    kind = "clean"
+    family = "clean"
 
     def _run(self, model, x, y, seed):
         return x.clone()

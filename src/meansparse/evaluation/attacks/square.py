@@ -17,7 +17,7 @@ class Square(Attack):
     """
 
     name = "square"
-    kind = "black-box"
+    family = "black-box"
 
     def __init__(self, *, norm: str = "Linf", eps: float = 8 / 255, queries: int = 5000, p_init: float = 0.8,
                  restarts: int = 1) -> None:
@@ -64,7 +64,7 @@ class SquareWarm(Attack):
     starts from scratch and a start candidate that already fools the model is kept as it is."""
 
     name = "square-warm"
-    kind = "black-box"
+    family = "black-box"
 
     def __init__(self, *, norm: str = "Linf", eps: float = 8 / 255, queries: int = 1000, p_init: float = 0.05,
                  start: Attack | None = None) -> None:

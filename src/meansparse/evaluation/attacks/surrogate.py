@@ -68,7 +68,7 @@ class GradientMix(nn.Module):
 class Surrogate(Wrapper):
     """``inner`` with gradients from a soft threshold of each sharpness in turn (see module docstring)."""
 
-    kind = "surrogate"
+    family = "surrogate"
 
     def __init__(self, inner: Attack, prefix: str = "sg", *,
                  sharpness: float | Sequence[float] = DEFAULT_SHARPNESS_SET, weight: float = 0.5,

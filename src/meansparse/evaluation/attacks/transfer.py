@@ -39,7 +39,7 @@ class Transfer(Attack):
     """
 
     name = "transfer"
-    kind = "transfer"
+    family = "transfer"
 
     def __init__(self, *, norm: str = "Linf", eps: float = 8 / 255, base_model: nn.Module | None = None,
                  steps: int = 100, n_target_classes: int = 9) -> None:
