@@ -155,8 +155,6 @@ MAX_PARAMETERS = 13
 WIDER = {
     # a result record: one field per reported quantity, built by the runner and by Report.from_json
     "Report": "a result record",
-    # placement.prepare's 13 placement options plus fuse=True (the model-level action, kept as it is)
-    "prepare": "placement.prepare plus fuse",
 }
 
 

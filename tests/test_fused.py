@@ -136,7 +136,8 @@ def test_unfuse_alpha_zero_calibrate_save_load(build_model, images, tmp_path, ea
 
 @pytest.mark.parametrize("method,name", [("fx", "resnet18"), ("modules", "untraceable")])
 def test_prepare_fuse_true_equals_prepare_then_fuse(method, name, build_model, images, quiet, eager_only):
-    model = calibrated(ms.prepare(build_model(name), method=method, example_inputs=images, fuse=True), images)
+    with pytest.warns(DeprecationWarning, match=r"ms.fuse\(model\)"):  # kept for old callers, off the signature
+        model = calibrated(ms.prepare(build_model(name), method=method, example_inputs=images, fuse=True), images)
     ref = calibrated(ms.fuse(ms.prepare(build_model(name), method=method, example_inputs=images)), images)
     assert ms.fused_sites(model) == ms.fused_sites(ref) and ms.fused_sites(model)
     for a, b in zip(outputs_and_grads(model, images, "exact"), outputs_and_grads(ref, images, "exact"), strict=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 from . import accel as _accel
 from . import data, models, zoo
@@ -41,18 +42,21 @@ from .version import __version__
 
 
 @functools.wraps(_place)
-def prepare(*args, fuse: bool = False, **kwargs):
-    prepared = _place(*args, **kwargs)
-    return _accel.fuse(prepared) if fuse else prepared
+def prepare(*args, **kwargs):
+    if "fuse" in kwargs:  # deprecated: fusing is its own step (issue #23: at most 13 parameters per function)
+        fuse = kwargs.pop("fuse")
+        warnings.warn("ms.prepare(fuse=True) is deprecated: fuse the prepared model with ms.fuse(model)",
+                      DeprecationWarning, stacklevel=2)
+        prepared = _place(*args, **kwargs)
+        return _accel.fuse(prepared) if fuse else prepared
+    return _place(*args, **kwargs)
 
 
 prepare.__doc__ = (_place.__doc__ or "") + """
-    ``fuse=True`` also calls :func:`meansparse.fuse` (operator + activation in one compiled function, same
-    results; see :mod:`meansparse.accel`).
+    To fuse the operators with their activations (same results, one compiled function), call
+    :func:`meansparse.fuse` on the prepared model (see :mod:`meansparse.accel`).
 """
-_signature = inspect.signature(_place)
-prepare.__signature__ = _signature.replace(parameters=[  # type: ignore[attr-defined]
-    *_signature.parameters.values(), inspect.Parameter("fuse", inspect.Parameter.KEYWORD_ONLY, default=False)])
+prepare.__signature__ = inspect.signature(_place)  # type: ignore[attr-defined]
 
 
 __all__ = [

@@ -34,7 +34,7 @@ INDIVIDUAL_MAX_N = 1000  # individual mode by default up to this many examples (
 MODES = ("auto", "individual", "cascade")
 #: ``path``, how ``ms.evaluate`` runs the model: "auto" decides (:mod:`meansparse.accel.auto`), "eager" is the
 #: operator as written, "fused" the fused operator + activation kernels, "compiled" the whole model under one
-#: torch.compile.  The model-level action of fusing operators is ``ms.fuse`` / ``ms.prepare(fuse=True)``.
+#: torch.compile.  The model-level action of fusing operators is ``ms.fuse``.
 PATHS = ("auto", "eager", "fused", "compiled")
 
 
