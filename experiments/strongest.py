@@ -74,16 +74,18 @@ def _state_verdicts(path: Path, n: int) -> dict[str, list[bool]]:
     return out
 
 
-def partial(key: str, alpha: float, n: int) -> str:
+def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]], dict[str, list[str]]]:
     """What the state files of an unfinished (checkpoint, α, n) already say, with the attack probe's verdicts
-    on the same images (experiments/results/attack-probe): per attack set, robust % and paired differences."""
+    on the same images (experiments/results/attack-probe): per attack set, robust % and paired differences
+    (the text), the per-image verdicts of every stored attack and the attack sets."""
     tag = f"{key}-{alpha:g}-n{n}"
     found: dict[str, list[bool]] = {}
     for part in "ABC":
         path = STATE / f"{tag}-{part}.json"
         if path.exists() and part != "C":  # C covers a subset of the images
             found.update(_state_verdicts(path, n))
-    for path in sorted((RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")):
+    probes = (RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")  # relu-pgd-0.35.json, ...-sharpness.json
+    for path in sorted(p for p in probes if p.stem.removeprefix(f"{key}-{alpha:g}") in ("", "-sharpness")):
         found.update({f"probe:{k}": v for k, v in json.loads(path.read_text()).items()})
     sets = {"new default, rung 1": [a for a in ms.evaluation.DEFAULT_ATTACKS if a in found],
             "old default (stored part)": [a for a in OLD_DEFAULT if a in found or f"probe:{a}" in found],
@@ -97,6 +99,28 @@ def partial(key: str, alpha: float, n: int) -> str:
     gained, lost = sum(o and not w for o, w in zip(old, new)), sum(w and not o for o, w in zip(old, new))
     lines += ["", f"- new default − union: {_ci(new, union)}; old − new: {_ci(old, new)}",
               f"- images the new default breaks that the stored old attacks leave robust: {gained}; reverse: {lost}"]
+    return "\n".join(lines) + "\n", found, sets
+
+
+def against_base(key: str, n: int, runs: dict[float, tuple[dict[str, list[bool]], dict[str, list[str]]]]) -> str:
+    """MeanSparse (α > 0) against its base model (α = 0) under the same stored attack set, paired per image."""
+    if 0.0 not in runs:
+        return ""
+    base_found = runs[0.0][0]
+    lines = [f"# Partial: {key}, MeanSparse against its base model (α = 0), {n} images", "",
+             "Each row: robust % at α, at α = 0, and the paired difference (95 % interval), under the attacks of "
+             "the set that both runs have stored so far.", "",
+             "| α | attack set | attacks (both runs) | α % | α = 0 % | α − base |", "|---:|---|---|---:|---:|---:|"]
+    for alpha, (found, sets) in sorted(runs.items()):
+        if alpha == 0:
+            continue
+        for name, attacks in sets.items():
+            both = [a for a in attacks if a in base_found]
+            if not both:
+                continue
+            v, b = ([all(f[a][i] for a in both) for i in range(n)] for f in (found, base_found))
+            lines.append(f"| {alpha:g} | {name} | {', '.join(both)} | {_pct(sum(v) / n)} | {_pct(sum(b) / n)} | "
+                         f"{_ci(v, b)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,9 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     if args.partial:
         for key in args.models.split(","):
+            runs = {}
             for alpha in (float(a) for a in args.alphas.split(",")):
-                text = partial(key, alpha, args.n)
+                text, *runs[alpha] = partial(key, alpha, args.n)
                 (OUT / f"partial-{key}-{alpha:g}-n{args.n}.md").write_text(text)
+                print(text)
+            if text := against_base(key, args.n, runs):
+                (OUT / f"partial-{key}-vs-base-n{args.n}.md").write_text(text)
                 print(text)
         return 0
     command = "python experiments/strongest.py " + " ".join(argv if argv is not None else sys.argv[1:])
