@@ -1,5 +1,5 @@
-"""CPU passes with glibc's default allocator vs ``ms.tune_cpu_allocator()`` (mallopt at run time, what the
-command line does) vs ``GLIBC_TUNABLES`` set before start: ResNet-18 eval pass and attack step, peak RSS.
+"""CPU passes with glibc's default allocator vs ``ms.accel.tune_cpu_allocator()`` (mallopt at run time, what
+the command line does) vs ``GLIBC_TUNABLES`` set before start: ResNet-18 eval pass and attack step, peak RSS.
 
 Each mode runs in its own child process (the allocator setting is process-wide).
 
@@ -33,7 +33,7 @@ MODES = ("default", "mallopt", "tunables")
 
 
 def child(args) -> dict:
-    tuned = ms.tune_cpu_allocator() if args.mode == "mallopt" else None
+    tuned = ms.accel.tune_cpu_allocator() if args.mode == "mallopt" else None
     setup(args.threads)
     set_clock(args.clock, args.threads)
     out = {"environment": environment(args.threads), "mallopt_applied": tuned}

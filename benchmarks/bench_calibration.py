@@ -41,7 +41,7 @@ from _common import (
 from bench_operator import architecture
 
 import meansparse as ms
-from meansparse import Moments
+from meansparse.core import Moments
 
 
 def build(width: int, activation: str, batch: int, batches: int, device: str = "cpu", arch: str = "resnet18",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import meansparse as ms
-from meansparse import Moments
+from meansparse.core import Moments
 from meansparse.data import Batches, ImageSet
 
 

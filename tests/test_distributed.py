@@ -132,13 +132,13 @@ def test_helpers_without_process_group():
 def test_calibrate_merges_ranks_through_moments(monkeypatch, build_model):
     """ms.calibrate folds every rank's accumulator in (all_reduce is called whenever a group exists)."""
     called = []
-    real = ms.Moments.all_reduce
+    real = ms.core.Moments.all_reduce
 
     def spy(self, group=None):
         called.append(self.channels)
         return real(self, group)
 
-    monkeypatch.setattr(ms.Moments, "all_reduce", spy)
+    monkeypatch.setattr(ms.core.Moments, "all_reduce", spy)
     model = ms.prepare(build_model("se"))
     ms.calibrate(model, [torch.rand(2, 3, 16, 16)], progress=False)
     assert len(called) == len(ms.operators(model))

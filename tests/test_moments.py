@@ -8,8 +8,9 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meansparse import MeanSparse, Moments, SiteInfo
+from meansparse import MeanSparse, SiteInfo
 from meansparse._compile import compile_disabled_reason, compile_enabled
+from meansparse.core import Moments
 from meansparse.core.moments import compiled_kernels
 
 

@@ -12,7 +12,7 @@ import meansparse as ms
 from meansparse.cli import main
 from meansparse.data import Batches, holdout_split, load_digits
 from meansparse.pipeline import PipelineConfig, run
-from meansparse.search import AlphaSearchResult, schedule
+from meansparse.search import AlphaObjective, AlphaSearchResult, schedule
 from meansparse.training import TrainConfig, train
 
 FAST = {"apgd-ce": {"steps": 5}}
@@ -170,5 +170,5 @@ def test_search_takes_a_spec(calibrated):
     assert seen and seen[0].path in ("eager", "fused")
     c = ms.search_alpha(model, hold.float(), hold.labels, (0.2,), spec, n_robust=60, progress=False, seed=1)
     assert c.settings == a.settings  # same attacks and budgets, another seed
-    objective = ms.search.AlphaObjective(model, hold.float(), hold.labels, spec, n_robust=60)
+    objective = AlphaObjective(model, hold.float(), hold.labels, spec, n_robust=60)
     assert objective.spec == spec and objective.attacks == ["apgd-ce", "bpda-apgd-ce"]

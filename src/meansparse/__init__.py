@@ -8,7 +8,9 @@ Typical use::
     ms.set_alpha(model, 0.2)
     ms.save(model, "state.safetensors")
 
-This module only gathers the public API; the layers it comes from are described in docs/architecture.md.
+This module only gathers the public API: the workflow verbs, the result and spec types, and the subpackages
+(``accel``, ``core``, ``data``, ``evaluation``, ``models``, ``placement``, ``zoo``), where everything else lives;
+the layers they come from are described in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from typing import Any
 
-from . import accel as _accel
-from . import data, models, zoo
-from .accel import fuse, fused_sites, tune_cpu_allocator, unfuse
+# the subpackages, as public attributes of the package (``ms.accel.whole_model_compiled``, ``ms.core.Moments``)
+from . import accel, core, data, evaluation, models, placement, zoo
+from .accel import fuse, fused_sites, unfuse
 from .calibration import calibrate
-from .core import MeanSparse, Moments, SiteInfo, operators
+from .core import MeanSparse, SiteInfo, operators
 from .evaluation import EvaluationSpec, Ladder, Report
 from .fastpath import evaluate
 from .placement import (
     AlphaSchedule,
-    MeanSparseActivation,
     Site,
     learn_statistics,
     register_activation,
@@ -48,7 +50,7 @@ def prepare(*args, **kwargs):
         warnings.warn("ms.prepare(fuse=True) is deprecated: fuse the prepared model with ms.fuse(model)",
                       DeprecationWarning, stacklevel=2)
         prepared = _place(*args, **kwargs)
-        return _accel.fuse(prepared) if fuse else prepared
+        return accel.fuse(prepared) if fuse else prepared
     return _place(*args, **kwargs)
 
 
@@ -59,38 +61,56 @@ prepare.__doc__ = (_place.__doc__ or "") + """
 prepare.__signature__ = inspect.signature(_place)  # type: ignore[attr-defined]
 
 
+#: Internals that were once top-level names, and the subpackage each lives in now (issue #23).
+_MOVED = {"Moments": "core", "MeanSparseActivation": "placement", "tune_cpu_allocator": "accel"}
+
+
+def __getattr__(name: str) -> Any:
+    """``ms.Moments`` & co. still resolve, with a DeprecationWarning naming their subpackage."""
+    if name in _MOVED:
+        where = _MOVED[name]
+        warnings.warn(f"meansparse.{name} is deprecated: use meansparse.{where}.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(globals()[where], name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    # the workflow: place, calibrate, set alpha, evaluate, search, fuse, save
     "prepare",
     "sites",
     "calibrate",
     "set_alpha",
-    "save",
-    "load",
-    "MeanSparse",
-    "MeanSparseActivation",
     "straight_through",
     "learn_statistics",
-    "AlphaSchedule",
+    "register_activation",
     "remove",
     "operators",
-    "register_activation",
-    "Moments",
-    "Site",
-    "SiteInfo",
-    "EvaluationSpec",
-    "Ladder",
-    "Report",
     "evaluate",
-    "AlphaSearchResult",
     "search_alpha",
     "search_per_site",
     "search_schedule",
-    "data",
-    "models",
     "fuse",
     "unfuse",
     "fused_sites",
-    "tune_cpu_allocator",
+    "save",
+    "load",
+    # result and spec types
+    "MeanSparse",
+    "Site",
+    "SiteInfo",
+    "AlphaSchedule",
+    "EvaluationSpec",
+    "Ladder",
+    "Report",
+    "AlphaSearchResult",
+    # the subpackages (internals live there: ms.core.Moments, ms.placement.MeanSparseActivation, ...)
+    "accel",
+    "core",
+    "data",
+    "evaluation",
+    "models",
+    "placement",
     "zoo",
 ]

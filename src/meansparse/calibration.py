@@ -2,7 +2,7 @@
 
 The pass runs the model in eval mode under ``torch.no_grad`` with the operators *observing*: they pass
 their input through unchanged (so later sites see the original features) and fold it into an exact
-:class:`~meansparse.moments.Moments`.  Statistics are written only after the whole pass succeeded, and
+:class:`~meansparse.core.Moments`.  Statistics are written only after the whole pass succeeded, and
 merged across ranks first when torch.distributed is initialised (every rank then holds the same numbers).
 
 Cost: each site reads its input about twice more (per-group shifted sums, see

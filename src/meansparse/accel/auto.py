@@ -1,16 +1,17 @@
 """Fast by default: which path a job runs (eager operator, fused kernels, whole model compiled), decided
 from what each costs and saves on the model's device.
 
-Compiling takes seconds to a minute the first time (less with inductor's on-disk cache) and saves a fraction
-of every forward and backward pass afterwards, so a compiled path is chosen when torch.compile works and the
-job's estimated eager work is long enough to pay for compiling:
+Compiling takes time the first time (less with inductor's on-disk cache) and saves a fraction of every
+forward and backward pass afterwards, so a compiled path is chosen when torch.compile works and the job's
+estimated eager work is long enough to pay for compiling:
 
-- CPU: meansparse's fused kernels from ``MIN_EAGER_SECONDS`` of eager work (``benchmarks/bench_compile.py``:
-  3x the measured break-even).  Outputs and gradients are bit-identical to the eager operator's, so the choice
-  changes time, never a number.
+- CPU: meansparse's fused kernels from ``MIN_EAGER_SECONDS`` of eager work, a margin over the break-even
+  ``benchmarks/bench_compile.py`` measures (docs/benchmarks.md, "Fast by default").  Outputs and gradients are
+  bit-identical to the eager operator's, so the choice changes time, never a number.
 - CUDA: the whole model under ``torch.compile(mode="reduce-overhead")`` (:mod:`.whole_model`) from
-  ``MIN_EAGER_SECONDS_CUDA``: on an H200 it ran APGD-CE at 0.43x the eager operator's time while the fused
-  kernels took 1.85x (``benchmarks/gpu_round.sh``, docs/benchmarks.md).  Numbers agree to float rounding.
+  ``MIN_EAGER_SECONDS_CUDA``: on a GPU it measured faster than the eager operator, and the per-site fused
+  kernels slower (``benchmarks/gpu_round.sh``; docs/benchmarks.md, "GPU round for issue #14").  Numbers agree
+  to float rounding.
 - Other devices: eager (nothing measured there).
 """
 
@@ -36,11 +37,12 @@ PATHS = ("eager", "fused", "compiled")
 _WORDS = {"eager": "eager operator", "fused": "fused", "compiled": "whole model compiled"}
 
 #: Estimated eager work (seconds) from which compiling the fused kernels pays off: compile overhead divided by
-#: the fraction of a step fusing saves, with a margin (benchmarks/bench_compile.py, docs/benchmarks.md).
+#: the fraction of a step fusing saves, with a margin (a decision threshold: about three times the cold-cache
+#: break-even measured by benchmarks/bench_compile.py, docs/benchmarks.md, "Fast by default").
 MIN_EAGER_SECONDS = 60.0
-#: The same on a CUDA device for compiling the whole model: the measured break-even (cold compile of the
-#: MeanSparse model 40-54 s / saving 0.48-0.62 of the eager time, ResNet-18 and DM-WRN-28-10 on an H200) is
-#: 65-112 s of eager work.
+#: The same on a CUDA device for compiling the whole model: above the break-even measured in the GPU round
+#: (cold compile of the MeanSparse model over the share of eager time it saves; docs/benchmarks.md, "GPU round
+#: for issue #14").
 MIN_EAGER_SECONDS_CUDA = 120.0
 #: A forward + backward pass costs about this many forward passes.
 BACKWARD_FACTOR = 3.0

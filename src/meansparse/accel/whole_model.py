@@ -1,11 +1,11 @@
 """The whole model under one ``torch.compile`` (CUDA graphs on a GPU): the path that measured fastest on a GPU.
 
-On an H200 (docs/benchmarks.md, ``benchmarks/gpu_round.sh``) meansparse's per-site fused kernels cost more
-host time per call than the GPU spends on a layer (APGD-CE 1.85x the eager operator's time), while the whole
-MeanSparse model compiled with ``mode="reduce-overhead"`` (the operators trace without graph breaks) ran it
-at 0.43x.  Outputs agree with the eager model to float rounding, not bit for bit; a feature within rounding of
-a band edge can land on the other side, so a gradient can differ where it does.  On the CPU the fused kernels
-stay the fast path: they are bit-identical.
+On a GPU meansparse's per-site fused kernels cost more host time per call than the GPU spends on a layer, so
+they ran slower than the eager operator, while the whole MeanSparse model compiled with
+``mode="reduce-overhead"`` (the operators trace without graph breaks) ran faster than both (docs/benchmarks.md,
+"GPU round for issue #14"; ``benchmarks/gpu_round.sh`` measures it).  Outputs agree with the eager model to
+float rounding, not bit for bit; a feature within rounding of a band edge can land on the other side, so a
+gradient can differ where it does.  On the CPU the fused kernels stay the fast path: they are bit-identical.
 
 The compiled forward is installed on the module itself (an instance ``forward``), so the model keeps its
 state dict, its hash (reports and resume files) and its operators; :func:`whole_model_compiled` takes it off

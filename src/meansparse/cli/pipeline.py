@@ -87,9 +87,9 @@ def _add_test_args(p: argparse.ArgumentParser, hidden: bool = False) -> None:
     """``--n-test`` and ``--attacks``: the before/after evaluation on the test split (``demo``; ``sweep``
     accepts them, ``hidden`` from its help, only to refuse them, since it never touches the test split)."""
     n_test = ("test images of the before/after evaluation (default: the whole test split: 450 digits, but 10,000 "
-              "CIFAR-10 images; standard AutoAttack alone costs about 4.5 s per image on 2 CPU cores for the "
-              "width-16 ResNet-18 (docs/benchmarks.md), so the default attacks on both models take days there; "
-              "start with 500)")
+              "CIFAR-10 images; standard AutoAttack alone costs seconds per image on a CPU for the width-16 "
+              "ResNet-18 (docs/benchmarks.md, 'Evaluation overhead'), so the default attacks on both models "
+              "take days there; start with 500)")
     attacks = ("comma-separated attacks of the before/after evaluation, run on both models alike "
                f"(default: {','.join(HONEST_ATTACKS)})")
     p.add_argument("--n-test", type=positive_int, default=None, help=argparse.SUPPRESS if hidden else n_test)
