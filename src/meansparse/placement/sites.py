@@ -15,6 +15,11 @@ from .record import get_record
 __all__ = ["Site", "gradient_mode", "learn_statistics", "sites", "set_alpha", "straight_through"]
 
 
+def _info_field(name: str) -> property:
+    """A read-only view of one field of the site's record (no copy to drift from the operator's)."""
+    return property(lambda self: getattr(self.info, name), doc=f"The site record's ``{name}``.")
+
+
 @dataclass(frozen=True)
 class Site:
     """One insertion site: where an operator sits (``info``: the operator's own record, not a copy) and what it
@@ -29,29 +34,12 @@ class Site:
     def of(cls, op: MeanSparse) -> Site:
         return cls(op.site, op.layout, op.channels)
 
-    @property
-    def index(self) -> int:
-        return self.info.index
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def activation(self) -> str:
-        return self.info.activation
-
-    @property
-    def kind(self) -> str:
-        return self.info.kind
-
-    @property
-    def module_path(self) -> str:
-        return self.info.module_path
-
-    @property
-    def after_residual_add(self) -> bool:
-        return self.info.after_residual_add
+    index = _info_field("index")
+    name = _info_field("name")
+    activation = _info_field("activation")
+    kind = _info_field("kind")
+    module_path = _info_field("module_path")
+    after_residual_add = _info_field("after_residual_add")
 
 
 def sites(model: nn.Module) -> list[Site]:
