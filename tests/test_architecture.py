@@ -190,3 +190,18 @@ def test_no_public_function_takes_more_than_13_parameters():
         if count > MAX_PARAMETERS and name.rpartition(".")[2] not in WIDER:
             wide.append(f"{name}: {count}")
     assert not wide, f"more than {MAX_PARAMETERS} parameters: {wide}"
+
+
+#: the longest a function of the package may be (issue #23): longer ones get split along their phases
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
