@@ -294,3 +294,23 @@ def test_a_truncated_archive_is_an_error_naming_it(tree, tmp_path, compressed):
         with pytest.raises(ValueError, match=f"{path.name}.*(truncated|not a readable)"):
             TarDataset(path, "train")
     assert len(TarDataset(tmp_path / "whole.tar", "train")) == 12  # the whole archive still reads
+
+
+@pytest.mark.parametrize("split", ["test", None])
+def test_images_nested_inside_a_class_folder_keep_that_class_in_folders_and_archives(tmp_path, split):
+    """A class folder with sub-folders (``test/dog/extra/0005.png``): the class is ``dog`` in the folder tree,
+    the streamed archive and the in-memory loader alike; before, the archives labelled it ``extra``, a class
+    of its own, and shifted every later label without a word."""
+    root = make_tree(tmp_path / "tree", per_class=2, splits=("test",))
+    (root / "test" / "dog" / "extra").mkdir()
+    (root / "test" / "dog" / "extra" / "0005.png").write_bytes(_png(np.random.default_rng(1)))
+    (root / "test" / "cat" / "a" / "b").mkdir(parents=True)  # two levels down
+    (root / "test" / "cat" / "a" / "b" / "0007.png").write_bytes(_png(np.random.default_rng(2)))
+    folder = ImageFolderDataset(root, "test")
+    assert folder.classes == list(CLASSES) and folder.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    archive = make_tar(root, tmp_path / "t.tar")
+    ds = TarDataset(archive, split)
+    assert ds.classes == folder.classes and torch.equal(ds.labels, folder.labels)
+    assert torch.equal(stack(ds), stack(folder))
+    mem = load_jpeg_archive(archive, "test")
+    assert mem.classes == folder.classes and torch.equal(mem.labels, folder.labels)

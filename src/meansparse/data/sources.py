@@ -16,7 +16,7 @@ import torch
 
 from .._utils import atomic_path
 from .imageset import ImageSet
-from .streams import check_tar_end, tar_end_recorder
+from .streams import check_tar_end, class_layout, tar_end_recorder
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -185,28 +185,17 @@ def _resize_center_crop(im, size: int):
 
 
 def _collect(entries, split: str, source: str, size: int | None, folders=()):
-    """entries: iterable of (relative path parts, bytes loader). Layout: split/class/file.  A folder (path
-    parts) beside a class folder is a class even when empty, as the streamed image folders and archives
-    count it: dropping it would shift every later label."""
-    by_class: dict[str, list] = {}
-    roots = set()
-    for parts, read in entries:
-        if len(parts) < 3 or parts[-3] != split or Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        by_class.setdefault(parts[-2], []).append((parts[-1], read))
-        roots.add(tuple(parts[:-2]))
-    for folder in folders:
-        if tuple(folder[:-1]) in roots and not folder[-1].startswith("."):
-            by_class.setdefault(folder[-1], [])
-    if not by_class:
+    """entries: iterable of (relative path parts, bytes loader). Layout: split/class/**/file, grouped by the
+    streamed archives' rule (:func:`~meansparse.data.streams.class_layout`): the class is the folder right
+    under the split however deep the file lies, and a folder beside a class folder is a class even when empty
+    (dropping it would shift every later label)."""
+    entries = [(tuple(parts), read) for parts, read in entries]
+    if not any(split in parts[:-2] for parts, _ in entries):
         raise FileNotFoundError(f"{source}: no images under '{split}/<class>/' (expected split/class/NNNN.jpg)")
-    classes = sorted(by_class)
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for fname, read in sorted(by_class[cls], key=lambda t: t[0]):
-            images.append(_decode(read(), size, f"{source}: {split}/{cls}/{fname}"))
-            labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+    folders = {tuple(f) for f in folders if not f[-1].startswith(".")}
+    names, labels, classes, reads = class_layout(entries, split, source, folders)
+    images = [_decode(read(), size, f"{source}: {name}") for name, read in zip(names, reads, strict=True)]
+    return np.stack(images), labels, classes
 
 
 def load_jpeg_archive(path: str | os.PathLike, split: str = "train", size: int | None = None) -> ImageSet:
@@ -235,7 +224,8 @@ def load_jpeg_archive(path: str | os.PathLike, split: str = "train", size: int |
             raise ValueError(f"{path}: not a readable tar archive of split/class/NNNN.jpg images "
                              f"({type(e).__name__}: {e})") from None
 
-    key = _file_key(path, "jpeg", split, size, "empty-classes") if path.is_file() else None
+    # the tag names the layout rule the cached labels follow (class = the folder under the split, any depth)
+    key = _file_key(path, "jpeg", split, size, "nested-classes") if path.is_file() else None
     images, labels, classes = _cached(key, build) if key else build()
     return _to_set(images, labels, classes, f"{path.name}-{split}")
 

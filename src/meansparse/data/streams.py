@@ -188,29 +188,49 @@ class ImageStream(Dataset):
                 f"preprocessing={self.preprocessing})")
 
 
-def _layout(entries: list[tuple[tuple[str, ...], Any]], split: str | None, source: str,
-            folders: set[tuple[str, ...]] = frozenset()) -> tuple[list[str], np.ndarray, list[str], list[Any]]:
-    """Group ``(parts, payload)`` entries laid out ``[...]/[split/]class/file`` into (names, labels, classes,
-    payloads), classes sorted, files sorted by name within a class.  A folder of ``folders`` beside a class
-    folder is a class too even with no image in it (an empty class), as in an image folder tree: dropping it
-    would shift every later class's label."""
+def _split_at(parts: tuple[str, ...], split: str) -> int | None:
+    """Index of the first ``split`` folder with at least class/file below it, or None."""
+    return next((i for i, p in enumerate(parts[:-2]) if p == split), None)
+
+
+def _class_depth(images: list[tuple[str, ...]]) -> int:
+    """Where the class folders sit when no split is asked for: right under the folders every image shares
+    (capped so the shallowest image keeps class/file), and below a level of split folders (train/, test/,
+    merged by class) when every image has one.  So ``root/cat/x/1.jpg`` is class ``cat``, as in an image
+    folder tree, never ``x``."""
+    prefix = os.path.commonprefix([parts[:-1] for parts in images])
+    depth = min(len(prefix), min(len(parts) for parts in images) - 2)
+    if all(len(parts) >= depth + 3 and parts[depth] in SPLIT_NAMES for parts in images):
+        depth += 1
+    return depth
+
+
+def class_layout(entries: list[tuple[tuple[str, ...], Any]], split: str | None, source: str,
+                 folders: set[tuple[str, ...]] = frozenset()) -> tuple[list[str], np.ndarray, list[str], list[Any]]:
+    """Group ``(parts, payload)`` entries laid out ``[...]/[split/]class/**/file`` into (names, labels, classes,
+    payloads), classes sorted, files sorted by name within a class; the class of an image is the folder right
+    under the split (or under the archive's shared root), however deep the image lies below it, as in an
+    image folder tree.  A folder of ``folders`` beside a class folder is a class too even with no image in it
+    (an empty class), as in an image folder tree: dropping it would shift every later class's label."""
     images = [(parts, p) for parts, p in entries
               if len(parts) >= 2 and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES]
+    at: list[int] = []
     if split is not None:
-        in_split = [(parts, p) for parts, p in images if len(parts) >= 3 and parts[-3] == split]
+        in_split = [(parts, p, k + 1) for parts, p in images if (k := _split_at(parts, split)) is not None]
         if in_split:
-            images = in_split
+            images, at = [(parts, p) for parts, p, _ in in_split], [k for *_, k in in_split]
         else:
-            found = sorted({parts[-3] for parts, _ in images if len(parts) >= 3} & set(SPLIT_NAMES))
+            found = sorted({q for parts, _ in images for q in parts[:-2]} & set(SPLIT_NAMES))
             if found:
                 raise FileNotFoundError(f"{source}: no '{split}' split (found: {', '.join(found)})")
     if not images:
         raise FileNotFoundError(f"{source}: no images laid out as [split/]class/image "
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    at = at or [_class_depth([parts for parts, _ in images])] * len(images)
     by_class: dict[str, list] = {}
-    for parts, p in images:
-        by_class.setdefault(parts[-2], []).append(("/".join(parts), p))
-    roots = {parts[:-2] for parts, _ in images}
+    for (parts, p), k in zip(images, at, strict=True):
+        by_class.setdefault(parts[k], []).append(("/".join(parts), p))
+    roots = {parts[:k] for (parts, _), k in zip(images, at, strict=True)}
     for folder in folders:
         if folder[:-1] in roots:
             by_class.setdefault(folder[-1], [])
@@ -434,7 +454,7 @@ class TarDataset(ImageStream):
         members, offsets, sizes, skipped, self._data_file, folders = _tar_index(path)
         entries = [(parts, k) for k, parts in enumerate(map(_safe_parts, members)) if parts is not None]
         safe_folders = {parts for parts in map(_safe_parts, folders) if parts is not None}
-        names, labels, classes, rows = _layout(entries, split, str(path), safe_folders)
+        names, labels, classes, rows = class_layout(entries, split, str(path), safe_folders)
         rows_arr = np.asarray(rows, dtype=np.int64)
         base = path.name.split(".")[0]
         super().__init__(str(path), names, labels, classes, preprocessing,
