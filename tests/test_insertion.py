@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -586,3 +587,24 @@ def test_prepare_options_hold_exactly_prepares_arguments():
     assert [f.name for f in dataclasses.fields(PrepareOptions)] == params
     assert all(f.default == inspect.signature(prepare).parameters[f.name].default
                for f in dataclasses.fields(PrepareOptions))
+
+
+def test_prepare_warnings_point_at_the_callers_line():
+    """The fallback and coverage warnings name the user's line, not a line inside the package (a fixed
+    stacklevel drifted into the package when prepare was split into phases)."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = x + 1
+            return self.act(self.conv(x))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ms.prepare(Branchy())
+    assert len(caught) >= 2 and {Path(w.filename).name for w in caught} == {Path(__file__).name}, \
+        [(w.filename, str(w.message)[:50]) for w in caught]

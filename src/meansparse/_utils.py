@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 __all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
            "is_compiling", "tensors_sha256", "writable_dir", "atomic_path",
-           "frozen_parameters", "preserved_state", "WriteError", "writing"]
+           "frozen_parameters", "preserved_state", "WriteError", "writing", "warn_at_caller"]
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -216,3 +218,16 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                 _restore(v, contents)
             m.__dict__.clear()
             m.__dict__.update(attrs)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside meansparse (the user's line that called the
+    package), whatever the depth of the call inside it: a fixed ``stacklevel`` points into the package as soon
+    as a function is split or wrapped."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -9,7 +9,6 @@ order, the residual adds a module's forward returns, and the functional activati
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .._utils import as_args, eval_mode, model_device, preserved_state, shallow_copy
+from .._utils import as_args, eval_mode, model_device, preserved_state, shallow_copy, warn_at_caller
 from ..core import MeanSparse, SiteInfo
 from .candidates import Candidate, make_operator, matches
 from .registry import (
@@ -231,24 +230,18 @@ def _subtree_ends(locations: list[Registration]) -> dict[str, int]:
 def _warn_coverage(probe: _Probe, residual_adds: bool, reused: list[str]) -> None:
     if probe.uncovered:
         listing = ", ".join(f"{fn} in '{scope or '<root>'}' x{n}" for (scope, fn), n in sorted(probe.uncovered.items()))
-        warnings.warn(
+        warn_at_caller(
             "meansparse.prepare(method='modules') cannot insert operators before functional activations; "
-            f"not covered: {listing}. Use a traceable model (method='fx') or nn.Module activations.",
-            stacklevel=5,
-        )
+            f"not covered: {listing}. Use a traceable model (method='fx') or nn.Module activations.")
     if residual_adds and probe.uncovered_adds:
         listing = ", ".join(f"'{scope or '<root>'}' x{n}" for scope, n in sorted(probe.uncovered_adds.items()))
-        warnings.warn(
+        warn_at_caller(
             "meansparse.prepare(method='modules', residual_adds=True) can only put an operator after an add "
-            f"that a module's forward returns; not covered: adds inside {listing}. Use method='fx'.",
-            stacklevel=5,
-        )
+            f"that a module's forward returns; not covered: adds inside {listing}. Use method='fx'.")
     if reused:
-        warnings.warn(
+        warn_at_caller(
             "meansparse.prepare(method='modules'): modules called more than once share one "
-            f"operator and pooled statistics: {', '.join(reused)}. method='fx' gives one per call site.",
-            stacklevel=5,
-        )
+            f"operator and pooled statistics: {', '.join(reused)}. method='fx' gives one per call site.")
 
 
 class _Target:
@@ -341,11 +334,9 @@ def _unprobed_candidates(model: nn.Module, cands: list[Candidate], locations: li
             "e.g. example_inputs=torch.zeros(1, 3, 32, 32)"
         )
     if cands:
-        warnings.warn(
+        warn_at_caller(
             "meansparse.prepare(method='modules') without example_inputs cannot see functional activations "
-            "(F.relu, x.relu(), ...) or residual adds; pass example_inputs to check coverage.",
-            stacklevel=4,
-        )
+            "(F.relu, x.relu(), ...) or residual adds; pass example_inputs to check coverage.")
     if not outputs:
         return []
     ends = _subtree_ends(locations)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .._utils import as_args, eval_mode, preserved_state
+from .._utils import as_args, eval_mode, preserved_state, warn_at_caller
 from ..core import ACTIVATION_KINDS, check_centering, operators
 from .candidates import Candidate, SelectionError, select
 from .fx_strategy import FxResult, ModeForwards, prepare_fx
@@ -222,8 +222,8 @@ def _warn_no_activation(model: nn.Module) -> None:
     hint = (f"modules that look like activations: {', '.join(f'{k} x{v}' for k, v in sorted(looks.items()))}; "
             "if they are, register their classes with meansparse.register_activation(cls) and prepare again"
             if looks else "register the model's activation with meansparse.register_activation(cls_or_function)")
-    warnings.warn(f"meansparse.prepare: no known activation in {type(model).__name__}, so no site before an "
-                  f"activation; {hint}.", stacklevel=3)
+    warn_at_caller(f"meansparse.prepare: no known activation in {type(model).__name__}, so no site before an "
+                   f"activation; {hint}.")
 
 
 @dataclass(frozen=True)
@@ -350,12 +350,10 @@ def _prepare_fx(model: nn.Module, plan: _Plan, options: PrepareOptions, config: 
     except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
         if plan.method == "fx":
             raise RuntimeError(f"torch.fx could not prepare {type(model).__name__}: {e}") from e
-        warnings.warn(
+        warn_at_caller(
             f"meansparse.prepare: torch.fx tracing of {type(model).__name__} failed "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); falling back to "
-            "method='modules' (activation modules only).",
-            stacklevel=3,
-        )
+            "method='modules' (activation modules only).")
         return None
     config["method"] = "fx"
     if not options.inplace:
