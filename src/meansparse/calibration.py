@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, model_device, tensors_sha256, writing
+from ._utils import atomic_path, model_device, tensors_sha256, warn_at_caller, writing
 from .core import MeanSparse, Moments, operators
 from .distributed import is_main, sum_over_ranks, world_size
 from .placement import get_record
@@ -352,10 +351,8 @@ def _install_statistics(ops: list[MeanSparse], batches: int) -> None:
         raise ValueError("calibration loader yielded no batches")
     unseen = [op.name for op, m in zip(ops, moments, strict=True) if m.count is None or m.total == 0]
     if unseen:
-        warnings.warn(
-            f"meansparse.calibrate: {len(unseen)} site(s) received no input and stay uncalibrated: {unseen[:10]}",
-            stacklevel=3,
-        )
+        warn_at_caller(
+            f"meansparse.calibrate: {len(unseen)} site(s) received no input and stay uncalibrated: {unseen[:10]}")
     for op, m in zip(ops, moments, strict=True):
         if m.count is not None and m.total > 0:
             op.set_statistics(m.mean, m.var, num_samples=int(m.total))

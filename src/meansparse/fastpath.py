@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from os import PathLike
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._utils import warn_at_caller
 from .accel import fuse as fuse_model
 from .accel import fused_sites, unfuse, whole_model_compiled
 from .accel.auto import PathDecision, decide_path
@@ -99,7 +99,7 @@ def _legacy_fuse(settings: dict[str, Any]) -> None:
         raise TypeError("give path or fuse, not both (fuse is the older name of path)")
     if not isinstance(fuse, (bool, str, type(None))) or fuse not in _LEGACY_FUSE:
         raise ValueError(f"fuse must be True, False, 'auto' or 'whole-model', got {fuse!r}")
-    warnings.warn(f"ms.evaluate(fuse={fuse!r}) is path={_LEGACY_FUSE[fuse]!r} now", DeprecationWarning, stacklevel=3)
+    warn_at_caller(f"ms.evaluate(fuse={fuse!r}) is path={_LEGACY_FUSE[fuse]!r} now", DeprecationWarning)
     settings["path"] = _LEGACY_FUSE[fuse]
 
 

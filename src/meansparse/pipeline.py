@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ._utils import resolve_device, writable_dir
+from ._utils import resolve_device, warn_at_caller, writable_dir
 from .calibration import calibrate
 from .core import operators
 from .data import as_xy, first_images, holdout_split, loader, open_dataset
@@ -89,8 +89,7 @@ class PipelineConfig:
             legacy = {True: "fused", False: "eager", "whole-model": "compiled", "auto": "auto"}
             if not isinstance(fuse, (bool, str)) or fuse not in legacy:
                 raise ValueError(f"fuse must be True, False, 'auto' or 'whole-model', got {fuse!r}")
-            warnings.warn(f"PipelineConfig(fuse={fuse!r}) is path={legacy[fuse]!r} now", DeprecationWarning,
-                          stacklevel=3)
+            warn_at_caller(f"PipelineConfig(fuse={fuse!r}) is path={legacy[fuse]!r} now", DeprecationWarning)
             self.path = legacy[fuse]
 
     @property

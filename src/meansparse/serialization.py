@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._utils import as_args, eval_mode, tensors_sha256
+from ._utils import as_args, eval_mode, tensors_sha256, warn_at_caller
 from .core import MeanSparse, operators
 from .placement import find_prepared, get_record, prepare_from_config
 from .version import __version__
@@ -118,7 +117,7 @@ def _base_problem(base_model: nn.Module, meta: dict[str, Any]) -> str | None:
 def _refuse(message: str, strict: bool) -> None:
     if strict:
         raise ValueError(message + "; pass strict=False to load it anyway")
-    warnings.warn(message + " (loaded anyway: strict=False)", stacklevel=3)
+    warn_at_caller(message + " (loaded anyway: strict=False)")
 
 
 def _mismatch(saved: list[str], found: list[str]) -> str:

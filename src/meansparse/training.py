@@ -18,7 +18,6 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._utils import atomic_path
+from ._utils import atomic_path, warn_at_caller
 from .calibration import calibrate
 from .core import TRAIN_STATISTICS, check_momentum, operators
 from .data import ImageSet, batches, holdout_split, load_dataset
@@ -367,8 +366,8 @@ def _holdout_size(n_holdout: int, available: int) -> int:
     """At most a fifth of the training split is held out (the rest trains); more is clamped with a warning."""
     cap = available // 5
     if n_holdout > cap:
-        warnings.warn(f"n_holdout {n_holdout} is more than a fifth of the {available} training images; holding out "
-                      f"{cap}", stacklevel=3)
+        warn_at_caller(f"n_holdout {n_holdout} is more than a fifth of the {available} training images; holding "
+                       f"out {cap}")
         return cap
     return n_holdout
 

@@ -7,14 +7,13 @@ import io
 import os
 import tarfile
 import urllib.request
-import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._utils import atomic_path
+from .._utils import atomic_path, warn_at_caller
 from .imageset import ImageSet
 from .streams import check_tar_end, class_layout, tar_end_recorder
 
@@ -51,8 +50,7 @@ def _cached(key: str, build) -> tuple[np.ndarray, np.ndarray, list[str]]:
             with np.load(path, allow_pickle=False) as z:
                 return z["images"], z["labels"], [str(c) for c in z["classes"]]
         except Exception as e:  # noqa: BLE001 - zipfile, numpy and OS errors alike mean "unreadable"
-            warnings.warn(f"meansparse: data cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it",
-                          stacklevel=3)
+            warn_at_caller(f"meansparse: data cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it")
             path.unlink(missing_ok=True)
     images, labels, classes = build()
     with atomic_path(path, path.with_suffix(".tmp.npz").name) as tmp:  # np.savez wants the .npz suffix
