@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(path.read_text())
         done[(r["model"], r["alpha"], r["n"])] = r
     results = sorted(done.values(), key=lambda r: (r["model"], r["n"], r["alpha"]))
+    if not results:  # only parts ran so far: no record to tabulate (--partial summarises their state files)
+        print("no finished (checkpoint, α) yet; `--partial` summarises what the state files hold")
+        return 0
     commands = sorted({r.get("command", command) for r in results}) or [command]
     (OUT / "table.md").write_text(table(results, "`, `".join(commands)))
     print((OUT / "table.md").read_text())
