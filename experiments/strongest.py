@@ -84,6 +84,7 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
         path = STATE / f"{tag}-{part}.json"
         if path.exists() and part != "C":  # C covers a subset of the images
             found.update(_state_verdicts(path, n))
+    found.update(_extras_verdicts(tag, n))
     probes = (RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")  # relu-pgd-0.35.json, ...-sharpness.json
     for path in sorted(p for p in probes if p.stem.removeprefix(f"{key}-{alpha:g}") in ("", "-sharpness")):
         found.update({f"probe:{k}": v for k, v in json.loads(path.read_text()).items()})
@@ -122,6 +123,24 @@ def against_base(key: str, n: int, runs: dict[float, tuple[dict[str, list[bool]]
             lines.append(f"| {alpha:g} | {name} | {', '.join(both)} | {_pct(sum(v) / n)} | {_pct(sum(b) / n)} | "
                          f"{_ci(v, b)} |")
     return "\n".join(lines) + "\n"
+
+
+def _extras_verdicts(tag: str, n: int) -> dict[str, list[bool]]:
+    """Per large-budget extra stored in C's state file, per image of all n: robust to it (True where C did not
+    attack: those images are already broken by A's first rung or B, as ``run_one`` picks C's images)."""
+    a_state, b_state, c_state = (STATE / f"{tag}-{part}.json" for part in "ABC")
+    first = _rung1_robust(a_state, ms.evaluation.DEFAULT_ATTACKS, n)
+    if first is None or not c_state.exists():
+        return {}
+    b_found = _state_verdicts(b_state, n) if b_state.exists() else {}
+    idx = [i for i in range(n) if first[i] and all(v[i] for v in b_found.values())]
+    out = {}
+    for name, local in _state_verdicts(c_state, len(idx)).items():
+        robust = [True] * n
+        for j, i in enumerate(idx):
+            robust[i] = local[j]
+        out[name] = robust
+    return out
 
 
 def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | None:
