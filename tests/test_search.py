@@ -147,7 +147,7 @@ def test_pipeline_on_each_path_reports_the_same_numbers(tmp_path):
     assert "- operator: whole model compiled" in (tmp_path / "whole" / "report.md").read_text()
 
 
-def test_the_older_fuse_setting_of_the_pipeline_is_its_path():
+def test_the_older_fuse_setting_of_the_pipeline_is_its_path(tmp_path):
     with pytest.warns(DeprecationWarning, match="path='fused'"):
         assert PipelineConfig(fuse=True).path == "fused"
     with pytest.warns(DeprecationWarning, match="path='compiled'"):
@@ -155,7 +155,8 @@ def test_the_older_fuse_setting_of_the_pipeline_is_its_path():
     with pytest.raises(ValueError, match="fuse must be"):
         PipelineConfig(fuse="sometimes")
     with pytest.raises(ValueError, match="path must be one of"):
-        run(PipelineConfig(path="whole-model", progress=False), "unused")
+        run(PipelineConfig(path="whole-model", progress=False), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_search_takes_a_spec(calibrated):

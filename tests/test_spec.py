@@ -115,8 +115,9 @@ def test_every_command_takes_a_python_spec(user_model, capsys):
     assert (folder / "sweep" / "meansparse.safetensors").exists()
 
 
-def test_a_bad_spec_is_one_error_line(capsys):
-    assert main(["evaluate", "--model", "hub:resnet", "--data", "digits", "--out", "unused"]) == 2
+def test_a_bad_spec_is_one_error_line(capsys, tmp_path):
+    assert main(["evaluate", "--model", "hub:resnet", "--data", "digits", "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["meansparse evaluate: error: model spec 'hub:resnet': unknown prefix 'hub'; use robustbench:, "
                    "timm:, python: or a checkpoint path"]

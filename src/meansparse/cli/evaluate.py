@@ -30,6 +30,7 @@ from ..evaluation.spec import mode_of
 from ..fastpath import evaluate
 from ..placement import set_alpha
 from ..serialization import load as load_state
+from ..zoo.spec import parse_model_spec
 from .common import (
     add_checkpoint_arg,
     add_class_mismatch_arg,
@@ -146,6 +147,7 @@ def _check_args(args: argparse.Namespace, main: bool) -> Path | None:
     """Everything that can be checked before loading anything: device, attacks and options, the output
     folder and the resume file (a probe write), --alpha. Returns the resume file."""
     check_device(args.device)
+    parse_model_spec(args.checkpoint)  # a malformed spec fails here, before the output folder is made
     options = parse_options(args.option)
     check_attacks(comma_list(args.attacks), options, norm=args.norm, eps=args.eps)
     if args.alpha is not None and not (args.alpha >= 0 and args.alpha != float("inf")):
