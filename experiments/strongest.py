@@ -89,6 +89,8 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
     for path in sorted(p for p in probes if p.stem.removeprefix(f"{key}-{alpha:g}") in ("", "-sharpness")):
         found.update({f"probe:{k}": v for k, v in json.loads(path.read_text()).items()})
     sets = {"new default, rung 1": [a for a in ms.evaluation.DEFAULT_ATTACKS if a in found],
+            "new default with its ladder so far": [a for a in found
+                                                   if a.partition("@")[0] in ms.evaluation.DEFAULT_ATTACKS],
             "old default (stored part)": [a for a in OLD_DEFAULT if a in found or f"probe:{a}" in found],
             "union of everything stored": list(found)}
     sets["old default (stored part)"] = [a if a in found else f"probe:{a}" for a in sets["old default (stored part)"]]
@@ -96,9 +98,10 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
     lines = [f"# Partial: {key}, α = {alpha:g}, {n} images (what is stored so far)", "",
              "| attack set | attacks | robust % |", "|---|---|---:|"]
     lines += [f"| {k} | {', '.join(sets[k])} | {_pct(sum(v) / n)} |" for k, v in vec.items()]
-    new, old, union = vec.values()
+    new, ladder, old, union = vec.values()
     gained, lost = sum(o and not w for o, w in zip(old, new)), sum(w and not o for o, w in zip(old, new))
-    lines += ["", f"- new default − union: {_ci(new, union)}; old − new: {_ci(old, new)}",
+    lines += ["", f"- new default − union: rung 1 {_ci(new, union)}, with its ladder so far {_ci(ladder, union)}; "
+                  f"old − new (rung 1): {_ci(old, new)}",
               f"- images the new default breaks that the stored old attacks leave robust: {gained}; reverse: {lost}"]
     return "\n".join(lines) + "\n", found, sets
 
