@@ -28,7 +28,7 @@ from .evaluation import EvaluationSpec, Report
 from .evaluation import evaluate as evaluate_as_is
 from .evaluation.examples import as_examples
 from .evaluation.report import RUN_KEY
-from .evaluation.spec import resolve_spec
+from .evaluation.spec import check_path, resolve_spec
 
 __all__ = ["choose_path", "evaluate", "first_batch", "on_path", "record_path"]
 
@@ -44,10 +44,9 @@ def choose_path(model: nn.Module, example: torch.Tensor, passes: float, path: st
     ``passes`` forward + backward passes over single examples (``other_passes``: the rest of the job, see
     :func:`meansparse.accel.auto.decide_path`).  ``alpha_varies`` (a sweep): every α would recompile the whole
     model, so the compiled path becomes the eager one."""
-    if path in ("eager", "fused", "compiled"):
+    check_path(path)
+    if path != "auto":
         decision = PathDecision(path, f"asked for{' the eager operator' if path == 'eager' else ''} (path={path!r})")
-    elif path != "auto":
-        raise ValueError(f"path must be one of 'auto', 'eager', 'fused', 'compiled', got {path!r}")
     elif any(op.learns for op in operators(model)):  # fused kernels would not update the statistics
         decision = PathDecision("eager", "its operators learn (learn_statistics): the eager operator")
     else:

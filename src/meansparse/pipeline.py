@@ -32,7 +32,7 @@ from .data import as_xy, first_images, holdout_split, loader, open_dataset
 from .evaluation import DEFAULT_ATTACKS, EvaluationSpec, Report, attack_budget, check_attack_names
 from .evaluation.hashing import config_hash
 from .evaluation.ladder import Ladder
-from .evaluation.spec import PATHS
+from .evaluation.spec import check_path
 from .evaluation.validation import check_options_used
 from .fastpath import evaluate
 from .models import CLASS_ADVICE, check_input_shape, checkpoint_paths, class_mismatch, probe_model, read_config
@@ -154,8 +154,7 @@ def check_config(cfg: PipelineConfig, out: str | Path, *, test_evaluation: bool 
         raise ValueError(f"unknown norm {cfg.norm!r}: use 'Linf' or 'L2'")
     if cfg.eps is not None and not (math.isfinite(cfg.eps) and cfg.eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {cfg.eps}")
-    if cfg.path not in PATHS:
-        raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {cfg.path!r}")
+    check_path(cfg.path)
     if not cfg.alphas or any(not (math.isfinite(a) and a >= 0) for a in cfg.alphas):
         raise ValueError(f"alphas must be finite numbers >= 0, got {list(cfg.alphas)}")
     eps = cfg.resolved_eps

@@ -27,7 +27,7 @@ from .budget import estimated_passes
 from .ladder import Ladder, resolve_ladder
 from .validation import build_attacks, check_batch_size, check_threat_model
 
-__all__ = ["INDIVIDUAL_MAX_N", "MODES", "PATHS", "EvaluationSpec", "mode_of", "resolve_spec"]
+__all__ = ["INDIVIDUAL_MAX_N", "MODES", "PATHS", "EvaluationSpec", "check_path", "mode_of", "resolve_spec"]
 
 INDIVIDUAL_MAX_N = 1000  # individual mode by default up to this many examples (every attack sees all)
 #: ``mode``: "auto" is individual up to :data:`INDIVIDUAL_MAX_N` examples, cascade above
@@ -36,6 +36,12 @@ MODES = ("auto", "individual", "cascade")
 #: operator as written, "fused" the fused operator + activation kernels, "compiled" the whole model under one
 #: torch.compile.  The model-level action of fusing operators is ``ms.fuse``.
 PATHS = ("auto", "eager", "fused", "compiled")
+
+
+def check_path(path: str) -> None:
+    """A ValueError unless ``path`` is one of :data:`PATHS` (the spec, the pipeline and ``choose_path`` alike)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
 
 
 class _ReadOnly(dict):
@@ -107,8 +113,7 @@ class EvaluationSpec:
             raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}")
         if self.device is not None:
             torch.device(self.device)  # a malformed device string fails here, with torch's message
-        if self.path not in PATHS:
-            raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {self.path!r}")
+        check_path(self.path)
         for name, value in (("eps", float(self.eps)), ("attacks", attacks), ("attack_options", options),
                             ("ladder", resolve_ladder(self.ladder)), ("indicators", bool(self.indicators)),
                             ("sanity", _sanity(self.sanity)), ("seed", int(self.seed))):
