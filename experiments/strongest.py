@@ -80,9 +80,9 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
     (the text), the per-image verdicts of every stored attack and the attack sets."""
     tag = f"{key}-{alpha:g}-n{n}"
     found: dict[str, list[bool]] = {}
-    for part in "ABC":
+    for part in "AB":  # C covers a subset of the images: _extras_verdicts maps it back
         path = STATE / f"{tag}-{part}.json"
-        if path.exists() and part != "C":  # C covers a subset of the images
+        if path.exists():
             found.update(_state_verdicts(path, n))
     found.update(_extras_verdicts(tag, n))
     probes = (RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")  # relu-pgd-0.35.json, ...-sharpness.json
@@ -136,7 +136,7 @@ def _extras_verdicts(tag: str, n: int) -> dict[str, list[bool]]:
     if first is None or not c_state.exists():
         return {}
     b_found = _state_verdicts(b_state, n) if b_state.exists() else {}
-    idx = [i for i in range(n) if first[i] and all(v[i] for v in b_found.values())]
+    idx = _c_images(first, [all(v[i] for v in b_found.values()) for i in range(n)])
     out = {}
     for name, local in _state_verdicts(c_state, len(idx)).items():
         robust = [True] * n
@@ -144,6 +144,11 @@ def _extras_verdicts(tag: str, n: int) -> dict[str, list[bool]]:
             robust[i] = local[j]
         out[name] = robust
     return out
+
+
+def _c_images(first: list[bool], b_robust: list[bool]) -> list[int]:
+    """The images part C attacks: robust to A's first rung and to every attack of B."""
+    return [i for i, (x, y) in enumerate(zip(first, b_robust, strict=True)) if x and y]
 
 
 def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | None:
@@ -176,7 +181,7 @@ def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all")
         t_a = time.time() - t0
         first = _rung1_robust(STATE / f"{tag}-A.json", ms.evaluation.DEFAULT_ATTACKS, ctx.n)
     b_robust = _robust_vector(b) if b is not None else [True] * ctx.n
-    idx = [i for i, (x, y) in enumerate(zip(first, b_robust)) if x and y]
+    idx = _c_images(first, b_robust)
     c = None
     if idx:
         c = ms.evaluate(model, ctx.x[idx], ctx.y[idx], attacks=[_attack(k, base) for k in EXTRAS], individual=True,
