@@ -160,7 +160,21 @@ def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_pat
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
-    with atomic_path(tmp_path / "cache.npz", "cache.tmp.npz") as tmp:
-        assert tmp.name == "cache.tmp.npz"
+    with atomic_path(tmp_path / "cache.npz", ".npz") as tmp:
+        assert tmp.name.endswith(".npz") and tmp.name != "cache.npz"
         tmp.write_bytes(b"x")
     assert (tmp_path / "cache.npz").read_bytes() == b"x"
+
+
+def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
+    """Two runs filling one data cache at once crashed: both wrote ``cache.tmp.npz`` and the second
+    ``os.replace`` found it gone.  Each call now gets its own temporary name; the last writer wins."""
+    from meansparse._utils import atomic_path
+
+    target = tmp_path / "cache.npz"
+    with atomic_path(target, ".npz") as a, atomic_path(target, ".npz") as b:
+        assert a != b
+        a.write_bytes(b"a")
+        b.write_bytes(b"b")
+    assert target.read_bytes() == b"a"  # the outer block ends last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.npz"]

@@ -130,12 +130,14 @@ def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, tmp_name: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path``
     (``os.replace`` is atomic, so a kill mid-write leaves the previous file or none, never half of one), on an
-    error it is removed.  ``tmp_name`` for writers that insist on a suffix (``np.savez`` appends ``.npz``)."""
+    error it is removed.  The name is unique per call, so two processes writing the same file (two runs
+    filling one data cache) never share a temporary file; ``suffix`` for writers that insist on one
+    (``np.savez`` appends ``.npz``)."""
     path = Path(path)
-    tmp = path.with_name(tmp_name or path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -53,7 +53,7 @@ def _cached(key: str, build) -> tuple[np.ndarray, np.ndarray, list[str]]:
             warn_at_caller(f"meansparse: data cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it")
             path.unlink(missing_ok=True)
     images, labels, classes = build()
-    with atomic_path(path, path.with_suffix(".tmp.npz").name) as tmp:  # np.savez wants the .npz suffix
+    with atomic_path(path, ".npz") as tmp:  # np.savez wants the .npz suffix
         np.savez(tmp, images=images, labels=labels, classes=np.array(classes, dtype=str))
     return images, labels, classes
 
@@ -87,7 +87,7 @@ def download_cifar(name: str, root: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     archive = root / url.rsplit("/", 1)[1]
     if not archive.exists():
-        with atomic_path(archive, archive.with_suffix(".part").name) as tmp:
+        with atomic_path(archive, ".part") as tmp:
             urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
     _check_md5(archive, CIFAR_MD5[archive.name])
     with tarfile.open(archive, "r:gz") as tar:

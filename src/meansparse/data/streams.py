@@ -421,10 +421,10 @@ def _tar_index(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, Path
         # file system may be advisory only); the payload lands first, the index last (it marks completion).
         with _exclusive(cache / f"{key}.lock"):
             if missing():
-                with (atomic_path(data_file, f"{key}.payload.{os.getpid()}.tmp") if compressed
+                with (atomic_path(data_file) if compressed
                       else nullcontext(None)) as tmp_payload:
                     names, offsets, sizes, skipped, folders = _scan_tar(path, tmp_payload)
-                with atomic_path(index_file, f"{key}.index.{os.getpid()}.tmp.npz") as tmp_index:
+                with atomic_path(index_file, ".npz") as tmp_index:
                     blob = np.frombuffer("\n".join(names).encode(), dtype=np.uint8)
                     folder_blob = np.frombuffer("\n".join(folders).encode(), dtype=np.uint8)
                     np.savez(tmp_index, names=blob, offsets=offsets, sizes=sizes, skipped=np.int64(skipped),
