@@ -46,6 +46,13 @@ MODELS = {
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4)
 
 
+def attack_options(steps: int, queries: int) -> dict[str, dict[str, int]]:
+    """The tables' budget: every APGD (wrapped ones read their inner attack's entry) and transfer at ``steps``,
+    PGD at 50 (A.4 / A.10), Square at ``queries``."""
+    apgd = {k: {"steps": steps} for k in ("apgd-ce", "apgd-t", "apgd-dlr", "apgd-margin", "apgd-mt", "transfer")}
+    return {**apgd, "pgd": {"steps": 50}, "square": {"queries": queries}}
+
+
 class Ctx:
     """Shared state of one invocation: data, scale, attack budget, output folder."""
 
@@ -55,9 +62,10 @@ class Ctx:
         self.n = args.n
         self.batch = args.batch_size
         self.device = torch.device(args.device)
-        self.opts = {"apgd-ce": {"steps": args.steps}, "apgd-t": {"steps": args.steps},
-                     "apgd-dlr": {"steps": args.steps}, "pgd": {"steps": 50},
-                     "square": {"queries": args.queries}, "transfer": {"steps": args.steps}}
+        self.honest = list(ATTACK_SETS[args.attack_set])
+        self.set_tag = "" if args.attack_set == "v1" else f"-{args.attack_set}"  # v1's state names as before
+        self.extra = [a for a in self.honest if a not in ATTACK_SETS["v1"]]  # added to a3 / a10's own sets too
+        self.opts = attack_options(args.steps, args.queries)
         train = load_dataset("cifar10-jpg", "train")
         self.fit, self.hold = holdout_split(train, 1000, seed=0)
         test = load_dataset("cifar10-jpg", "test")
@@ -98,7 +106,8 @@ class Ctx:
         return (f"ResNet-18 width 16 (CIFAR-10 JPEG copy), {self.n} random test images (seed 0), "
                 f"run on {self.device.type}, "
                 f"APGD {self.args.steps} steps, Square {self.args.queries} queries, PGD-50 where named, "
-                f"Linf ε = 8/255 unless stated; α chosen on nothing here (tables show every α)")
+                f"Linf ε = 8/255 unless stated; honest set {self.args.attack_set} ({', '.join(self.honest)}); "
+                f"α chosen on nothing here (tables show every α)")
 
 
 def _pct(v: float | None) -> str:
@@ -107,7 +116,7 @@ def _pct(v: float | None) -> str:
 
 def write(name: str, ctx: Ctx, title: str, header: list[str], rows: list[list[Any]], data: Any,
           note: str = "") -> None:
-    out = RESULTS / name
+    out = Path(ctx.args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python experiments/ablations.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = [f"# {title}", "", f"Command: `{cmd}`", "", f"Scale: {ctx.scale()}.", ""]
@@ -123,12 +132,17 @@ def write(name: str, ctx: Ctx, title: str, header: list[str], rows: list[list[An
     print("\n".join(md))
 
 
-HONEST = ["apgd-ce", "bpda-apgd-ce", "transfer"]
+#: the honest columns of every table.  "v1": the set of the tables made before issue #25 (their commands carry
+#: no --attack-set; they ran v1); "aware" adds the two MeanSparse-aware attacks of the default worst case
+#: (surrogate-gradient APGD with the untargeted and the targeted margin loss), which break images v1 counts as
+#: robust (docs/results.md, "The strongest known attack changes the verdict")
+ATTACK_SETS = {"v1": ("apgd-ce", "bpda-apgd-ce", "transfer"),
+               "aware": ("apgd-ce", "bpda-apgd-ce", "transfer", "sg-apgd-margin", "sg-apgd-mt")}
 
 
 def alpha_table(ctx: Ctx, key: str, attacks=None, norm="Linf", eps=None, alphas=ALPHAS, **prepare_kw):
     """Rows (α, clean, each attack, worst case) for one checkpoint: the building block of most ablations."""
-    attacks = list(attacks or HONEST)
+    attacks = list(attacks or ctx.honest)
     centering = prepare_kw.pop("centering", "channel")
     base, model = ctx.prepared(key, **prepare_kw)
     for op in ms.operators(model):
@@ -181,7 +195,8 @@ def _single(ctx: Ctx, name: str, title: str, key: str, attacks: list[str] | None
 
 def a3(ctx: Ctx) -> None:
     """A.3 black-box Square attack vs α."""
-    _single(ctx, "a3-square", "A.3 Square (black-box) vs α", "gelu-pgd", ["apgd-ce", "bpda-apgd-ce", "square"])
+    _single(ctx, "a3-square", "A.3 Square (black-box) vs α", "gelu-pgd",
+            ["apgd-ce", "bpda-apgd-ce", "square", *ctx.extra])
 
 
 def a4(ctx: Ctx) -> None:
@@ -231,7 +246,8 @@ def a8(ctx: Ctx) -> None:
         recs = {}
         for a in (0.0, 0.2):
             ms.set_alpha(model, a)
-            r = ctx.evaluate(model, HONEST, base=base, eps=eps, tag=f"a8-{eps:.5f}-{a:g}-n{ctx.n}-s{ctx.args.steps}")
+            r = ctx.evaluate(model, ctx.honest, base=base, eps=eps,
+                             tag=f"a8-{eps:.5f}-{a:g}-n{ctx.n}-s{ctx.args.steps}{ctx.set_tag}")
             recs[a] = r
         rows.append([f"{eps * 255:.0f}/255", _pct(recs[0.0].robust_accuracy["apgd-ce"]),
                      f"**{_pct(recs[0.0].worst_case_accuracy)}**",
@@ -262,47 +278,48 @@ def a9(ctx: Ctx) -> None:
         settings.append((f"cumulative sites 0..{k - 1}", {s.index: alpha * (s.index < k) for s in sites}))
     for label, spec in settings:
         ms.set_alpha(model, spec)
-        tag = f"a9-{label.split(' (')[0].replace(' ', '_')}-{alpha:g}-n{ctx.n}-s{ctx.args.steps}"
-        r = ctx.evaluate(model, HONEST, base=base, tag=tag)
-        rows.append([label, _pct(r.clean_accuracy)] + [_pct(r.robust_accuracy[k]) for k in HONEST]
+        tag = f"a9-{label.split(' (')[0].replace(' ', '_')}-{alpha:g}-n{ctx.n}-s{ctx.args.steps}{ctx.set_tag}"
+        r = ctx.evaluate(model, ctx.honest, base=base, tag=tag)
+        rows.append([label, _pct(r.clean_accuracy)] + [_pct(r.robust_accuracy[k]) for k in ctx.honest]
                     + [f"**{_pct(r.worst_case_accuracy)}**"])
         data.append({"setting": label, "clean": r.clean_accuracy, **r.robust_accuracy,
                      "worst_case": r.worst_case_accuracy})
-    write("a9-sites", ctx, f"A.9 Which sites (α = {alpha:g})", ["sites", "clean %"] + [f"{k} %" for k in HONEST]
+    write("a9-sites", ctx, f"A.9 Which sites (α = {alpha:g})", ["sites", "clean %"] + [f"{k} %" for k in ctx.honest]
           + ["**worst case %**"], rows, data, note=f"{len(sites)} sites; after-residual-add sites: "
           + ", ".join(str(s.index) for s in sites if s.after_residual_add))
 
 
 def a10(ctx: Ctx) -> None:
     """A.10 PGD-50 as the paper's metric, next to BPDA-PGD-50 and the worst case."""
-    _single(ctx, "a10-pgd50", "A.10 PGD-50", "gelu-pgd", ["pgd", "bpda-pgd", "transfer"])
+    _single(ctx, "a10-pgd50", "A.10 PGD-50", "gelu-pgd", ["pgd", "bpda-pgd", "transfer", *ctx.extra])
 
 
 def per_layer(ctx: Ctx) -> None:
     """Per-layer α (depth schedule α_k = a·r^k) vs the best global α, chosen on held-out, checked on test."""
     base, model = ctx.prepared("gelu-pgd")
     hold = ctx.hold.head(ctx.n)
-    kw = dict(n_robust=ctx.n, attacks=("apgd-ce", "bpda-apgd-ce"), attack_options=ctx.opts,
+    kw = dict(n_robust=ctx.n, attacks=("apgd-ce", "bpda-apgd-ce", *ctx.extra[:1]), attack_options=ctx.opts,
               batch_size=ctx.batch, progress=ctx.args.progress, clean_budget=0.01)
     glob = ms.search_alpha(model, hold.float(), hold.labels, (0.0, 0.1, 0.2, 0.3), **kw)
     sched = ms.search_schedule(model, hold.float(), hold.labels, (0.1, 0.2, 0.3), ratios=(0.7, 1.0, 1.4), **kw)
     rows, data = [], {"global": json.loads(glob.to_json()), "schedule": json.loads(sched.to_json())}
     ms.set_alpha(model, 0.0)
-    r = ctx.evaluate(model, HONEST, base=base, tag=f"perlayer-base-n{ctx.n}-s{ctx.args.steps}")
+    r = ctx.evaluate(model, ctx.honest, base=base, tag=f"perlayer-base-n{ctx.n}-s{ctx.args.steps}{ctx.set_tag}")
     rows.append(["base model (α = 0)", "0", _pct(glob.rows[0]["clean"]), _pct(glob.rows[0]["worst_case"]),
                  _pct(r.clean_accuracy), f"**{_pct(r.worst_case_accuracy)}**"])
     data["base"] = {"test": r.robust_accuracy, "test_worst": r.worst_case_accuracy, "test_clean": r.clean_accuracy}
     for label, result in (("global α", glob), ("schedule a·r^k", sched)):
         ms.set_alpha(model, result.chosen_alpha)
         digest = hashlib.sha1(json.dumps(result.chosen, default=float, sort_keys=True).encode()).hexdigest()[:10]
-        r = ctx.evaluate(model, HONEST, base=base, tag=f"perlayer-{label[:6]}-n{ctx.n}-s{ctx.args.steps}-{digest}")
+        r = ctx.evaluate(model, ctx.honest, base=base,
+                         tag=f"perlayer-{label[:6]}-n{ctx.n}-s{ctx.args.steps}-{digest}{ctx.set_tag}")
         rows.append([label, str(result.chosen["alpha"]), _pct(result.chosen["clean"]),
                      _pct(result.chosen["worst_case"]), _pct(r.clean_accuracy), f"**{_pct(r.worst_case_accuracy)}**"])
         data[label] = {"test": r.robust_accuracy, "test_worst": r.worst_case_accuracy, "test_clean": r.clean_accuracy}
     write("per-layer-alpha", ctx, "Per-layer α (depth schedule) vs global α", ["setting", "chosen",
           "held-out clean %", "held-out worst %", "test clean %", "**test worst case %**"], rows, data,
-          note="Objective: worst case of APGD-CE and BPDA-APGD-CE on held-out training images within a 1-point "
-               "clean budget; the test columns use APGD-CE, BPDA-APGD-CE and transfer.")
+          note=f"Objective: worst case of {', '.join(kw['attacks'])} on held-out training images within a 1-point "
+               f"clean budget; the test columns use {', '.join(ctx.honest)}.")
 
 
 STRONG = ["apgd-ce", "apgd-t", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square"]
@@ -310,8 +327,8 @@ STRONG = ["apgd-ce", "apgd-t", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "squar
 
 def strong(ctx: Ctx) -> None:
     """Does the best honest gain survive a stronger attack set? One checkpoint at α = 0 and --alpha, on the same
-    images, under the 20-step set of the tables above (HONEST) and under a cascade of APGD-CE, APGD-T, their BPDA
-    versions, transfer and Square (--steps / --queries), with the paired 95 % interval of the change."""
+    images, under the 20-step set of the tables above (--attack-set) and under a cascade of APGD-CE, APGD-T, their
+    BPDA versions, transfer and Square (--steps / --queries), with the paired 95 % interval of the change."""
     from paired_ci import paired
 
     key, alpha = ctx.args.strong_model, ctx.args.alpha
@@ -319,7 +336,7 @@ def strong(ctx: Ctx) -> None:
     rows, data = [], {}
     weak_opts = {**ctx.opts, **{k: {**v, "steps": 20} for k, v in ctx.opts.items() if "steps" in v}}
     for label, attacks, individual, opts in (
-            ("20-step set (apgd-ce, bpda-apgd-ce, transfer)", HONEST, True, weak_opts),
+            (f"20-step set ({', '.join(ctx.honest)})", ctx.honest, True, weak_opts),
             ("strong cascade (" + ", ".join(STRONG) + ")", STRONG, False, ctx.opts)):
         reports = {}
         for a in (0.0, alpha):
@@ -367,8 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", help=f"{', '.join(ABLATIONS)} or all")
     p.add_argument("--replot", action="store_true", help="only redraw every plot.png from its results.json")
     p.add_argument("--n", type=int, default=200, help="test images")
+    p.add_argument("--out", default=str(RESULTS), help="folder of the result folders (default: the committed ones)")
     p.add_argument("--steps", type=int, default=20, help="APGD iterations")
     p.add_argument("--queries", type=int, default=1000, help="Square queries")
+    p.add_argument("--attack-set", choices=sorted(ATTACK_SETS), default="aware",
+                   help="the honest columns: 'aware' (default) adds the MeanSparse-aware sg-apgd-margin and "
+                        "sg-apgd-mt to 'v1' (apgd-ce, bpda-apgd-ce, transfer: the set of the tables made before "
+                        "issue #25)")
     p.add_argument("--alpha", type=float, default=0.2, help="α for A.9")
     p.add_argument("--strong-model", default="relu-pgd", choices=sorted(MODELS), help="checkpoint of 'strong'")
     p.add_argument("--lams", type=float, nargs="+", default=[1.0, 0.01, 1e-4, -1e-4, -0.01, -1.0],

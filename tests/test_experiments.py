@@ -82,3 +82,20 @@ def test_paired_interval_compares_each_setting_with_its_alpha_zero_state(tmp_pat
     r = rows[0][2]
     assert r["plus"] == 2 and r["minus"] == 0 and r["delta"] == pytest.approx(2 / 6)
     assert r["low"] < r["delta"] < r["high"]
+
+
+def test_ablation_attack_sets_are_attacks_and_every_one_runs_at_the_tables_budget():
+    """The honest columns of the ablations default to the MeanSparse-aware set (issue #25); every attack of a
+    set is a registered name, and every gradient attack in it (wrapped ones included) gets --steps."""
+    from meansparse.evaluation.attacks.registry import ATTACK_NAMES, options_for, split_wrapper
+
+    abl = _module("ablations")
+    assert set(abl.ATTACK_SETS["v1"]) < set(abl.ATTACK_SETS["aware"])
+    assert {"sg-apgd-margin", "sg-apgd-mt"} <= set(abl.ATTACK_SETS["aware"])
+    opts = abl.attack_options(7, 11)
+    for set_name, attacks in abl.ATTACK_SETS.items():
+        for name in attacks:
+            assert name in ATTACK_NAMES, (set_name, name)
+            if split_wrapper(name)[1].startswith("apgd") or name == "transfer":
+                assert options_for(name, opts)["steps"] == 7, name
+    assert opts["square"] == {"queries": 11}
