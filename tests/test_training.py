@@ -172,7 +172,7 @@ def test_inner_attack_is_straight_through_unless_asked(method, attack, digits, t
     assert seen and all(s == {"exact"} for s in seen)
 
 
-def test_worst_case_selection_attacks_plain_and_bpda_on_held_out_images(digits, tmp_path, monkeypatch):
+def test_worst_case_selection_attacks_plain_bpda_and_surrogate_on_held_out_images(digits, tmp_path, monkeypatch):
     import meansparse.training as tr
 
     calls = []
@@ -185,7 +185,8 @@ def test_worst_case_selection_attacks_plain_and_bpda_on_held_out_images(digits, 
     monkeypatch.setattr(tr, "evaluate", spy)
     train(_ms_cfg(epochs=1, selection="worst"), tmp_path / "ms", progress=False, train_data=digits)
     train(_cfg("pgd", epochs=1, selection="worst"), tmp_path / "plain", progress=False, train_data=digits)
-    assert calls == [(["apgd-ce", "bpda-apgd-ce"], 80, False, False), (["apgd-ce"], 80, False, False)]
+    assert calls == [(["apgd-ce", "bpda-apgd-ce", "sg-apgd-margin"], 80, False, False),
+                     (["apgd-ce"], 80, False, False)]
     assert 0 <= json.loads((tmp_path / "ms" / "state.json").read_text())["history"][0]["holdout_pgd"] <= 1
 
 
