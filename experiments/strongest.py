@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import meansparse as ms
+from meansparse._utils import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import MODELS, RESULTS, Ctx  # noqa: E402
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the same images and seeds; state files are "
+                                                   "shared, so a run resumes on either)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
     p.add_argument("--partial", action="store_true",
@@ -303,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         if args.threads:
             torch.set_num_threads(args.threads)
-        ctx = Ctx(argparse.Namespace(n=args.n, batch_size=args.batch_size, device="cpu", steps=100, queries=5000,
-                                     progress=args.progress))
+        device = resolve_device(args.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        ctx = Ctx(argparse.Namespace(n=args.n, batch_size=args.batch_size, device=str(device), steps=100,
+                                     queries=5000, progress=args.progress, attack_set="aware", out=str(RESULTS)))
         for key in args.models.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
                 t0 = time.time()
