@@ -147,11 +147,12 @@ def test_inner_attack_is_straight_through_unless_asked(method, attack, digits, t
     import meansparse as ms
     import meansparse.training as tr
 
-    seen, models = [], []
+    seen, sharp, models = [], [], []
     real, real_with = getattr(tr, attack), tr.with_operators
 
     def spy(*a, **k):
         seen.append({o.gradient for o in ms.operators(models[-1])})
+        sharp.append({o.sharpness for o in ms.operators(models[-1])})
         return real(*a, **k)
 
     def keep(*a, **k):
@@ -170,6 +171,11 @@ def test_inner_attack_is_straight_through_unless_asked(method, attack, digits, t
     cfg.inner_gradient = "exact"
     train(cfg, tmp_path / "exact", progress=False, train_data=digits)
     assert seen and all(s == {"exact"} for s in seen)
+    seen.clear()
+    cfg.inner_gradient = "surrogate"
+    train(cfg, tmp_path / "surrogate", progress=False, train_data=digits)
+    assert seen and all(s == {"surrogate"} for s in seen)
+    assert sharp[-1] == {tr.INNER_SHARPNESS}
 
 
 def test_worst_case_selection_attacks_plain_bpda_and_surrogate_on_held_out_images(digits, tmp_path, monkeypatch):
@@ -227,7 +233,8 @@ def test_finetune_starts_from_calibrated_statistics(digits, tmp_path, monkeypatc
 
 def test_meansparse_options_are_validated(digits, tmp_path):
     for bad, match in [({"alpha_schedule": "step"}, "schedule"), ({"ms_momentum": 0.0}, "momentum"),
-                       ({"inner_gradient": "surrogate"}, "inner_gradient"), ({"selection": "test"}, "selection"),
+                       ({"inner_gradient": "smooth"}, "inner_gradient"),
+                       ({"ms_gradient": "surrogate"}, "ms_gradient"), ({"selection": "test"}, "selection"),
                        ({"alpha_warmup": 0.0}, "alpha_warmup")]:
         with pytest.raises(ValueError, match=match):
             train(_ms_cfg(epochs=1, **bad), tmp_path, progress=False, train_data=digits)

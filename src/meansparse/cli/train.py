@@ -110,8 +110,9 @@ def _add_meansparse_args(p: argparse.ArgumentParser) -> None:
                    help="what train mode sparsifies with: the running statistics or the batch's")
     g.add_argument("--band-gradient", default="exact", choices=["exact", "straight_through"],
                    help="the band's gradient in the training step (exact: zero inside the band)")
-    g.add_argument("--inner-gradient", default="straight_through", choices=["exact", "straight_through"],
-                   help="the band's gradient in the inner attack (exact shows the masking effect)")
+    g.add_argument("--inner-gradient", default="straight_through", choices=["exact", "straight_through", "surrogate"],
+                   help="the band's gradient in the inner attack (exact shows the masking effect; surrogate: the "
+                        "soft threshold's, as the sg-* attacks)")
     g.add_argument("--preset", default="auto",
                    choices=["auto", "dm_wrn", "rawrn", "swin", "convnext", "generic", "none"],
                    help="MeanSparse placement: auto (detected from robustbench / timm classes, else before every "
