@@ -1,34 +1,62 @@
 #!/usr/bin/env bash
 # Issue #24 item 4: does MeanSparse in the training loop help, measured honestly?  For each reference PGD model
-# (ReLU, GELU) three fine-tuning arms from the same checkpoint with the same epochs, attack, LR schedule, seed
-# and data order: the matched control (no operators), MeanSparse in the loop (straight-through inner attack),
-# and MeanSparse with the exact inner gradient (the masking arm).  Each arm is then evaluated with the default
-# worst case on the test split; the MeanSparse arm also at α = 0 (the fine-tuned weights without the band),
-# and the control gets post-training MeanSparse (sweep), the baseline the in-loop arm must beat.
+# (ReLU, GELU) fine-tuning arms from the same checkpoint with the same epochs, attack, LR schedule, seed and data
+# order: the matched control (no operators), MeanSparse in the loop (straight-through inner attack), MeanSparse
+# with the exact inner gradient (the masking arm) and, when asked, MeanSparse with the surrogate inner gradient
+# (ms-surrogate: the inner attack back-propagates the soft threshold, as the evaluation's sg-* attacks).  Each arm
+# is then evaluated with the default worst case on the test split; the MeanSparse arm also at α = 0 (the
+# fine-tuned weights without the band), and the control gets post-training MeanSparse (sweep), the baseline the
+# in-loop arm must beat.
 #   bash experiments/finetune_arms.sh OUT                 # GPU: DEVICE=cuda (default when available)
 #   EPOCHS=5 ALPHA=0.3 WARMUP=2 N=1000 ACTS="relu gelu" bash experiments/finetune_arms.sh OUT
+#   STEP=train ARMS="control ms" ACTS=relu bash experiments/finetune_arms.sh OUT   # only train these arms (CPU)
+#   STEP=eval bash experiments/finetune_arms.sh OUT                               # only evaluate them (GPU)
+# ARMS: any of control ms ms-exact ms-surrogate (default: the first three); STEP: train, eval or all (default);
+# THREADS: torch CPU threads of the fine-tuning runs (one per run when two run side by side on 2 cores).
 # Every command resumes when rerun (run folders and evaluation states under OUT).
 set -euo pipefail
 OUT=${1:?usage: finetune_arms.sh OUT_DIR}
 EPOCHS=${EPOCHS:-5}; ALPHA=${ALPHA:-0.3}; WARMUP=${WARMUP:-2}; N=${N:-1000}; SEED=${SEED:-0}
-ACTS=${ACTS:-relu gelu}
+ACTS=${ACTS:-relu gelu}; ARMS=${ARMS:-control ms ms-exact}; STEP=${STEP:-all}
+case $STEP in train|eval|all) ;; *) echo "STEP must be train, eval or all, got '$STEP'" >&2; exit 2 ;; esac
+for arm in $ARMS; do
+  case $arm in control|ms|ms-exact|ms-surrogate) ;;
+    *) echo "unknown arm '$arm': use control, ms, ms-exact or ms-surrogate" >&2; exit 2 ;; esac
+done
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 cd "$(dirname "$0")/.."
 ms() { "$PY" -m meansparse.cli "$@"; }
+arm_args() {  # the fine-tuning options of one arm
+  local band=(--meansparse "$ALPHA" --alpha-schedule "linear:$WARMUP")
+  case $1 in
+    control) ;;
+    ms) echo "${band[@]}" ;;
+    ms-exact) echo "${band[@]}" --inner-gradient exact ;;
+    ms-surrogate) echo "${band[@]}" --inner-gradient surrogate ;;
+  esac
+}
 for act in $ACTS; do
   ck=checkpoints/cifar10-resnet18-$act-pgd
-  common=(--model "$ck" --data cifar10-jpg --epochs "$EPOCHS" --seed "$SEED")
-  ms finetune "${common[@]}" --out "$OUT/runs/$act-control"
-  ms finetune "${common[@]}" --meansparse "$ALPHA" --alpha-schedule "linear:$WARMUP" --out "$OUT/runs/$act-ms"
-  ms finetune "${common[@]}" --meansparse "$ALPHA" --alpha-schedule "linear:$WARMUP" --inner-gradient exact \
-    --out "$OUT/runs/$act-ms-exact"
-  for arm in control ms ms-exact; do
+  common=(--model "$ck" --data cifar10-jpg --epochs "$EPOCHS" --seed "$SEED")  # training uses cuda when there is one
+  [ -n "${THREADS:-}" ] && common+=(--threads "$THREADS")
+  for arm in $ARMS; do
+    if [ "$STEP" != eval ]; then
+      # shellcheck disable=SC2046  # arm_args is a list of plain words
+      ms finetune "${common[@]}" $(arm_args "$arm") --out "$OUT/runs/$act-$arm"
+    fi
+  done
+  [ "$STEP" = train ] && continue
+  for arm in $ARMS; do
     ms evaluate --checkpoint "$OUT/runs/$act-$arm/best" --data cifar10-jpg --n-examples "$N" --seed "$SEED" \
       --device "$DEVICE" --out "$OUT/eval/$act-$arm"
   done
-  ms evaluate --checkpoint "$OUT/runs/$act-ms/best" --alpha 0 --data cifar10-jpg --n-examples "$N" \
-    --seed "$SEED" --device "$DEVICE" --out "$OUT/eval/$act-ms-alpha0"
-  ms sweep --model "$OUT/runs/$act-control/best" --data cifar10-jpg --device "$DEVICE" \
-    --out "$OUT/sweep/$act-control"
+  if [[ " $ARMS " == *" ms "* ]]; then
+    ms evaluate --checkpoint "$OUT/runs/$act-ms/best" --alpha 0 --data cifar10-jpg --n-examples "$N" \
+      --seed "$SEED" --device "$DEVICE" --out "$OUT/eval/$act-ms-alpha0"
+  fi
+  if [[ " $ARMS " == *" control "* ]]; then
+    ms sweep --model "$OUT/runs/$act-control/best" --data cifar10-jpg --device "$DEVICE" \
+      --out "$OUT/sweep/$act-control"
+  fi
 done
