@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the same images and seeds; state files are "
                                                    "shared, so a run resumes on either)")
+    p.add_argument("--out", default=str(OUT), help="folder of the tables and per-setting records (default: the "
+                                                    "committed one)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
     p.add_argument("--partial", action="store_true",
@@ -290,16 +292,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only B, or only C once A's first rung is in its state file (beside a process running "
                         "the rest); 'all' also writes the record")
     args = p.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.partial:
         for key in args.models.split(","):
             runs = {}
             for alpha in (float(a) for a in args.alphas.split(",")):
                 text, *runs[alpha] = partial(key, alpha, args.n)
-                (OUT / f"partial-{key}-{alpha:g}-n{args.n}.md").write_text(text)
+                (out / f"partial-{key}-{alpha:g}-n{args.n}.md").write_text(text)
                 print(text)
             if text := against_base(key, args.n, runs):
-                (OUT / f"partial-{key}-vs-base-n{args.n}.md").write_text(text)
+                (out / f"partial-{key}-vs-base-n{args.n}.md").write_text(text)
                 print(text)
         return 0
     command = "python experiments/strongest.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -320,14 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 r["command"] = command
                 # one file per (checkpoint, α, n): several processes can run different settings at once
-                (OUT / f"results-{key}-{alpha:g}-n{args.n}.json").write_text(json.dumps(r) + "\n")
+                (out / f"results-{key}-{alpha:g}-n{args.n}.json").write_text(json.dumps(r) + "\n")
                 print(f"[{key} α={alpha:g}] old {_pct(r['old_acc'])} new {_pct(r['new_acc'])} union "
                       f"{_pct(r['union_acc'])} ({time.time() - t0:.0f} s)", flush=True)
     done = {}
-    legacy = OUT / "results.json"  # written by the first version of this script: a list under "results"
+    legacy = out / "results.json"  # written by the first version of this script: a list under "results"
     for r in json.loads(legacy.read_text())["results"] if legacy.exists() else []:
         done[(r["model"], r["alpha"], r["n"])] = r
-    for path in sorted(OUT.glob("results-*.json")):
+    for path in sorted(out.glob("results-*.json")):
         r = json.loads(path.read_text())
         done[(r["model"], r["alpha"], r["n"])] = r
     results = sorted(done.values(), key=lambda r: (r["model"], r["n"], r["alpha"]))
@@ -335,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished (checkpoint, α) yet; `--partial` summarises what the state files hold")
         return 0
     commands = sorted({r.get("command", command) for r in results}) or [command]
-    (OUT / "table.md").write_text(table(results, "`, `".join(commands)))
-    print((OUT / "table.md").read_text())
+    (out / "table.md").write_text(table(results, "`, `".join(commands)))
+    print((out / "table.md").read_text())
     return 0
 
 
