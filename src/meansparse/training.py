@@ -90,7 +90,7 @@ class TrainConfig:
     preset: str | None = None
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    selection: str = "pgd"              # best epoch by held-out "pgd" or "worst" (apgd-ce + bpda-apgd-ce)
+    selection: str = "pgd"              # best epoch by held-out "pgd" or "worst" (SELECTION_ATTACKS)
 
     def validate(self) -> None:
         if self.method not in METHODS:

@@ -88,7 +88,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, schedul
     p.add_argument("--eval-n", type=positive_int, default=500, help="held-out images evaluated after each epoch")
     p.add_argument("--eval-steps", type=positive_int, default=10, help="attack steps of the held-out selection")
     p.add_argument("--selection", default=None, choices=["pgd", "worst"],
-                   help="best epoch by held-out PGD accuracy, or by the worst case of APGD-CE and BPDA-APGD-CE "
+                   help="best epoch by held-out PGD accuracy, or by the worst case of APGD-CE, BPDA-APGD-CE and "
+                        "sg-apgd-margin "
                         "(default: worst for finetune and for --meansparse, else pgd)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the initialisation and the batches")
     _add_meansparse_args(p)
