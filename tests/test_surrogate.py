@@ -37,6 +37,33 @@ def test_surrogate_gradient_is_the_soft_thresholds_and_forward_is_real(k):
     torch.testing.assert_close(soft[1, 1:], far[0, 1:].expand(2, 5, 5), rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_surrogate_backward_is_the_soft_gate_formula_bit_for_bit_and_never_nan(dtype):
+    """The fast backward (clamped u, in place) equals ``grad·(1 − e·(1 − k·u))`` from soft_gate wherever that
+    is finite; where u overflows to inf (a tiny threshold, a large k) that formula gives NaN, which spread to
+    every pixel of the example, and the fast one gives the derivative far outside the band, 1."""
+    from meansparse.core.band import soft_gate, surrogate_backward
+
+    g = torch.Generator().manual_seed(1)
+    for k in (0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 64.0):
+        for scale in (0.01, 0.1, 1.0, 10.0):
+            x = torch.randn(6, 5, 7, 7, generator=g, dtype=dtype) * scale
+            m = torch.randn(1, 5, 1, 1, generator=g, dtype=dtype) * 0.1
+            t = torch.tensor([0.0, 1e-7, 0.05, 0.3, 1.0], dtype=dtype).view(1, 5, 1, 1)
+            grad = torch.randn(x.shape, generator=g, dtype=dtype)
+            u, e = soft_gate(x - m, t, k)
+            reference = grad * (1 - e * (1 - k * u))
+            fast = surrogate_backward(grad, x, m, t, k)
+            finite = ~reference.isnan()
+            assert torch.equal(fast[finite], reference[finite]), (k, scale)
+            assert not fast.isnan().any()
+            assert torch.equal(fast[~finite], grad[~finite])  # overflowed u: far outside the band
+    x = torch.tensor([0.0, 1.0, 1e3]).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous().requires_grad_()
+    t = torch.full((1, 3, 1, 1), 1e-7)
+    (gx,) = torch.autograd.grad(SurrogateGradient.apply(x, torch.zeros_like(t), t, 8.0).sum(), x)
+    assert torch.equal(gx[0, 2], torch.ones(2, 2))  # 1e3 / 1e-7 = 1e10 thresholds out: u = inf before
+
+
 def test_gradient_mode_sets_and_restores_every_operator(models):
     _, model = models
     ops = ms.operators(model)
