@@ -232,8 +232,13 @@ def defaults(args, model, base, x, y, eps, state_dir) -> None:
     print(f"\nratio default / old default: {ratio:.2f}; ladder: "
           + " ".join(f"x{r['factor']} broke {r['n_broken']}" for r in new.ladder[1:])
           + f" ({'converged' if new.converged else 'not converged'})")
+    seconds = {k: r.metadata["run"].get("attack_seconds", {}) for k, r in (("old", old), ("default", new))}
+    for key, per_attack in seconds.items():  # where the time goes (wall seconds of each attack, its rungs apart)
+        print(f"{key}: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in per_attack.items()))
     write_json(args.json, {"environment": environment(args.threads), "results": res, "ratio": ratio,
-                           "worst_case": {"old": old.worst_case_accuracy, "default": new.worst_case_accuracy}})
+                           "worst_case": {"old": old.worst_case_accuracy, "default": new.worst_case_accuracy},
+                           "attack_seconds": seconds,
+                           "ladder": [{k: r[k] for k in ("factor", "n_attacked", "n_broken")} for r in new.ladder]})
 
 
 def fused_vs_eager(args, variants: dict, last: dict) -> None:
