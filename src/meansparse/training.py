@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
     return cfg.lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
 
 
-def inner_gradient(model: nn.Module, cfg: TrainConfig):
+def inner_gradient(model: nn.Module, cfg: TrainConfig) -> AbstractContextManager[nn.Module]:
     """Every operator in the inner attack's gradient mode for the block (the step's mode after it)."""
     k = INNER_SHARPNESS if cfg.inner_gradient == "surrogate" else None
     return gradient_mode(model, cfg.inner_gradient, k)
