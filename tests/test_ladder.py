@@ -17,29 +17,37 @@ WEAK = {"apgd-ce": {"steps": 2}, "square": {"queries": 5}}
 
 
 @pytest.mark.parametrize("bad", [dict(factors=()), dict(factors=(1,)), dict(factors=(4, 2)), dict(factors=(2.5,)),
-                                 dict(share=1.0), dict(share=-0.1)])
+                                 dict(share=1.0), dict(share=-0.1), dict(families=()),
+                                 dict(families=("white-box",))])
 def test_ladder_rejects_bad_settings(bad):
     with pytest.raises(ValueError, match="ladder"):
         Ladder(**bad)
 
 
-def test_ladder_rungs_run_on_the_examples_still_robust(models, test_set):
+@pytest.mark.parametrize("families", [None, ("bpda", "black-box")])
+def test_ladder_rungs_run_on_the_examples_still_robust(models, test_set, families):
     _, model = models
+    ladder = Ladder() if families is None else Ladder(families=families)
     r = run(model, *test_set, ("apgd-ce", "bpda-apgd-ce", "square"), attack_options=WEAK, batch_size=32,
-            indicators=False)
+            indicators=False, ladder=ladder)
     first, *rungs = r.ladder
     assert first["rung"] == 1 and first["attacks"] == ["apgd-ce", "bpda-apgd-ce", "square"]
     assert rungs, "a weak first rung leaves something for the second"
     before = first["worst_case_after"]
     for rung in rungs:
-        # the plain white-box attack is not escalated; every masking-proof one is, with its budget scaled
-        assert rung["attacks"] == [f"bpda-apgd-ce@x{rung['factor']}", f"square@x{rung['factor']}"]
+        # the plain white-box attack is not escalated; the escalated families are, with their budget scaled
+        # (black-box Square only when asked for)
+        expected = [f"bpda-apgd-ce@x{rung['factor']}"] + ([f"square@x{rung['factor']}"] if families else [])
+        assert rung["attacks"] == expected
         assert rung["n_attacked"] == round(before * r.n_examples)
         assert rung["worst_case_after"] == pytest.approx(before - rung["n_broken"] / r.n_examples)
         before = rung["worst_case_after"]
     assert r.worst_case_accuracy == before
     settings = r.metadata["attack_settings"]
-    assert settings["bpda-apgd-ce@x2"]["inner"]["steps"] == 4 and settings["square@x2"]["queries"] == 10
+    assert settings["bpda-apgd-ce@x2"]["inner"]["steps"] == 4
+    assert r.metadata["ladder"]["families"] == list(ladder.families)
+    if families:
+        assert settings["square@x2"]["queries"] == 10
     # the worst case is the AND over every attack the report lists, rungs included
     both = [r.clean_correct[i] and all(r.robust_masks[a][i] != 0 for a in r.attacks) for i in range(r.n_examples)]
     assert both == r.worst_case_robust

@@ -42,7 +42,7 @@ def test_surrogate_backward_is_the_soft_gate_formula_bit_for_bit_and_never_nan(d
     """The fast backward (clamped u, in place) equals ``grad·(1 − e·(1 − k·u))`` from soft_gate wherever that
     is finite; where u overflows to inf (a tiny threshold, a large k) that formula gives NaN, which spread to
     every pixel of the example, and the fast one gives the derivative far outside the band, 1."""
-    from meansparse.core.band import soft_gate, surrogate_backward
+    from meansparse.core.band import soft_gate, surrogate_backward, surrogate_backward_eager
 
     g = torch.Generator().manual_seed(1)
     for k in (0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, 64.0):
@@ -53,7 +53,8 @@ def test_surrogate_backward_is_the_soft_gate_formula_bit_for_bit_and_never_nan(d
             grad = torch.randn(x.shape, generator=g, dtype=dtype)
             u, e = soft_gate(x - m, t, k)
             reference = grad * (1 - e * (1 - k * u))
-            fast = surrogate_backward(grad, x, m, t, k)
+            fast = surrogate_backward_eager(grad, x, m, t, k)
+            assert torch.equal(surrogate_backward(grad, x, m, t, k), fast)  # small: the eager path
             finite = ~reference.isnan()
             assert torch.equal(fast[finite], reference[finite]), (k, scale)
             assert not fast.isnan().any()
@@ -62,6 +63,39 @@ def test_surrogate_backward_is_the_soft_gate_formula_bit_for_bit_and_never_nan(d
     t = torch.full((1, 3, 1, 1), 1e-7)
     (gx,) = torch.autograd.grad(SurrogateGradient.apply(x, torch.zeros_like(t), t, 8.0).sum(), x)
     assert torch.equal(gx[0, 2], torch.ones(2, 2))  # 1e3 / 1e-7 = 1e10 thresholds out: u = inf before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_surrogate_backward_matches_eager_for_every_sharpness(dtype):
+    """Large inputs take one compiled kernel (whole k: power by squaring); it agrees with the eager formula to
+    rounding for every k in turn in one process (a float k once gave a wrong graph after a recompile), with
+    as many channels as pixels per row (shapes that share a symbol) and never NaN."""
+    from meansparse._compile import compile_enabled
+    from meansparse.core import band
+
+    if not compile_enabled():
+        pytest.skip("torch.compile is not available here")
+    g = torch.Generator().manual_seed(2)
+    for c in (32, 12):
+        x = torch.randn(4, c, 32, 32, generator=g, dtype=dtype)
+        m = torch.randn(1, c, 1, 1, generator=g, dtype=dtype) * 0.1
+        t = torch.rand(1, c, 1, 1, generator=g, dtype=dtype) * 0.5
+        t[0, 0], t[0, 1] = 0.0, 1e-7
+        grad = torch.randn(x.shape, generator=g, dtype=dtype)
+        assert x.numel() >= band.COMPILE_MIN_NUMEL
+        for k in (4.0, 8.0, 2.5, 64.0, 4.0):
+            fast = band.surrogate_backward(grad, x, m, t, k)
+            torch.testing.assert_close(fast, band.surrogate_backward_eager(grad, x, m, t, k), rtol=1e-4,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-9)
+            assert not fast.isnan().any()
+        # the forward of the attack modes: compiled too, and bit-identical to the operator's
+        x[0, 2, 0, :4] = m[0, 2, 0, 0]
+        x[0, 3, 0, 0] = float("nan")
+        for y in (band.SurrogateGradient.apply(x, m, t, 8.0), band.StraightThrough.apply(x, m, t)):
+            assert torch.equal(y.isnan(), x.isnan())
+            assert torch.equal(y.nan_to_num(), band.sparsify(x, m, t).nan_to_num())
+    assert band._SURROGATE_KERNELS[8].compiled and band._SURROGATE_KERNELS[0].compiled
+    assert band._SPARSIFY_KERNEL.compiled
 
 
 def test_gradient_mode_sets_and_restores_every_operator(models):

@@ -104,8 +104,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     add_path_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
     p.add_argument("--single-rung", action="store_true",
-                   help="no budget ladder: run the attacks once (by default the masking-proof attacks are repeated "
-                        "with 2x then 4x their budget on the examples still robust until the worst case converges)")
+                   help="no budget ladder: run the attacks once (by default the BPDA, surrogate and adaptive "
+                        "attacks are repeated with 2x then 4x their budget on the examples still robust until the "
+                        "worst case converges)")
     p.add_argument("--no-indicators", action="store_true", help="skip the attack-failure indicators")
     p.add_argument("--save-adversarial", action="store_true",
                    help="write OUT/adversarial.pt (the per-example worst-case adversarial images, clean where "

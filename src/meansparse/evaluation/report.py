@@ -206,11 +206,13 @@ class Report:
         for r in self.ladder:
             lines.append(f"| {r['rung']} | x{r['factor']} | {', '.join(r['attacks'])} | {r['n_attacked']} | "
                          f"{r['n_broken']} | {pct(r['worst_case_after'])} |")
-        share = (self.metadata.get("ladder") or {}).get("share")
+        settings = self.metadata.get("ladder") or {}
+        share, families = settings.get("share"), settings.get("families") or ["masking-proof"]
         if share is not None:
             lines.append("")
-            lines.append(f"Each rung repeats the masking-proof attacks with a larger budget on the examples still "
-                         f"robust; converged means the last rung broke at most {100 * share:g} % of the examples.")
+            lines.append(f"Each rung repeats the attacks of the families {', '.join(families)} with a larger budget "
+                         f"on the examples still robust; converged means the last rung broke at most {100 * share:g} "
+                         "% of the examples.")
         return lines + [""]
 
     def _indicator_lines(self) -> list[str]:

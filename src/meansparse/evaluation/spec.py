@@ -74,9 +74,9 @@ class EvaluationSpec:
     ``mode``: "individual" (every attack sees every clean-correct example: honest per-attack numbers),
     "cascade" (each attack only sees the examples still robust, as AutoAttack does: same worst case,
     cheaper) or "auto" (individual up to ``INDIVIDUAL_MAX_N`` examples).
-    ``ladder``: after the attacks, repeat the masking-proof ones with 2x then 4x the budget on the examples
-    still robust until a rung breaks at most 0.5 % of them (a :class:`Ladder` sets other factors or share;
-    False: a single rung).  Stored as a ``Ladder`` or None.
+    ``ladder``: after the attacks, repeat the BPDA / surrogate / adaptive ones with 2x then 4x the budget on
+    the examples still robust until a rung breaks at most 0.5 % of them (a :class:`Ladder` sets other
+    factors, share or families; False: a single rung).  Stored as a ``Ladder`` or None.
     ``indicators``: attack-failure indicators on the first clean-correct examples.
     ``sanity``: also run ``sanity_checks`` (True: APGD-CE, plus BPDA-APGD-CE on a MeanSparse model; or the
     attack names to check).  ``seed``: batch b of attack a is seeded from ``derive_seed(seed, a, b)``.
