@@ -51,11 +51,14 @@ def test_surrogate_backward_is_the_soft_gate_formula_bit_for_bit_and_never_nan(d
             m = torch.randn(1, 5, 1, 1, generator=g, dtype=dtype) * 0.1
             t = torch.tensor([0.0, 1e-7, 0.05, 0.3, 1.0], dtype=dtype).view(1, 5, 1, 1)
             grad = torch.randn(x.shape, generator=g, dtype=dtype)
-            u, e = soft_gate(x - m, t, k)
+            safe_t = torch.where(t > 0, t, torch.ones_like(t))
+            u = ((x - m).abs() / safe_t).pow(k)  # soft_gate's u before its clamp
+            e = torch.where(t > 0, torch.exp(-u), torch.zeros_like(u))
             reference = grad * (1 - e * (1 - k * u))
+            assert torch.equal(grad * (1 - soft_gate(x - m, t, k)[1] * (1 - k * soft_gate(x - m, t, k)[0])),
+                               torch.where(finite := ~reference.isnan(), reference, grad))
             fast = surrogate_backward_eager(grad, x, m, t, k)
             assert torch.equal(surrogate_backward(grad, x, m, t, k), fast)  # small: the eager path
-            finite = ~reference.isnan()
             assert torch.equal(fast[finite], reference[finite]), (k, scale)
             assert not fast.isnan().any()
             assert torch.equal(fast[~finite], grad[~finite])  # overflowed u: far outside the band
@@ -96,6 +99,17 @@ def test_compiled_surrogate_backward_matches_eager_for_every_sharpness(dtype):
             assert torch.equal(y.nan_to_num(), band.sparsify(x, m, t).nan_to_num())
     assert band._SURROGATE_KERNELS[8].compiled and band._SURROGATE_KERNELS[0].compiled
     assert band._SPARSIFY_KERNEL.compiled
+
+
+def test_smooth_surrogate_gradient_is_finite_where_u_overflows():
+    """The smooth model's backward (autograd through soft_sparsify) at a tiny threshold and k = 64: before the
+    clamp u was inf there and the gradient NaN."""
+    x = torch.tensor([0.0, 0.5, 1e3]).view(1, 3, 1, 1).expand(2, 3, 2, 2).contiguous().requires_grad_()
+    t = torch.full((1, 3, 1, 1), 1e-7)
+    y = soft_sparsify(x, torch.zeros_like(t), t, 64.0)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(gx).all() and torch.equal(gx[:, 1:], torch.ones_like(gx[:, 1:]))
+    torch.testing.assert_close(y, sparsify(x, torch.zeros_like(t), t))
 
 
 def test_gradient_mode_sets_and_restores_every_operator(models):

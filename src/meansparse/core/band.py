@@ -100,10 +100,27 @@ class StraightThrough(torch.autograd.Function):
 # returns m (the band's centre), far outside the band it returns x, and k (the sharpness) sets how close it
 # is to the hard band (k -> inf is the operator itself).  Its derivative is  1 - e * (1 - k * u)  with
 # u = (|d| / t) ** k and e = exp(-u).  Hand-written: no library knows this operator.
+#: u = (|x − m| / t)^k is clamped here before the derivative ``1 − e^(−u)·(1 − k·u)``: from u = 50 on it
+#: rounds to exactly 1 in float32 and float64 for any k < 1e12 (e^(−50)·k·u is far below half an ulp of 1),
+#: so the clamp changes no finite value; it keeps ``exp`` off the denormal range (about 3x faster on the CPU)
+#: and turns the overflow u = inf (|x − m| / t past (3.4e38)^(1/k): k = 8 and a channel of tiny σ, or k = 64
+#: at four thresholds) into the derivative 1 instead of 0·(−inf) = NaN, which spread through the backward
+#: pass to every pixel of the example and silently stopped the attack.  In the smooth model's forward
+#: (:func:`soft_sparsify`) it moves ``x − d·e`` by at most ``|d|·e^(−50) ≈ |d|·2e−22``.
+SURROGATE_U_MAX = 50.0
+
+
 def soft_gate(d: Tensor, t: Tensor, k: float) -> tuple[Tensor, Tensor]:
-    """(u, e) of the soft threshold for differences ``d`` and thresholds ``t`` (``t == 0``: no band, e = 0)."""
+    """(u, e) of the soft threshold for differences ``d`` and thresholds ``t`` (``t == 0``: no band, e = 0).
+    u is clamped at :data:`SURROGATE_U_MAX` (see there): unclamped it overflows to inf for a tiny threshold or
+    a large k, and the smooth model's backward then gave 0·inf = NaN."""
     safe_t = torch.where(t > 0, t, torch.ones_like(t))
-    u = (d.abs() / safe_t).pow(k)
+    r = d.abs() / safe_t
+    with torch.no_grad():
+        big = r.pow(k) > SURROGATE_U_MAX
+    # r ** k where it stays below the clamp; elsewhere the clamp's value, and pow sees 1 so that its backward
+    # (k·r^(k−1), multiplied by the zero gradient there) stays finite: clamping after pow still gave 0·inf
+    u = torch.where(big, SURROGATE_U_MAX, torch.where(big, 1.0, r).pow(k))
     e = torch.where(t > 0, torch.exp(-u), torch.zeros_like(u))
     return u, e
 
@@ -137,13 +154,6 @@ class SurrogateGradient(torch.autograd.Function):
         return surrogate_backward(grad, x, m, t, ctx.k), None, None, None
 
 
-#: u = (|x − m| / t)^k is clamped here before the derivative ``1 − e^(−u)·(1 − k·u)``: from u = 50 on it
-#: rounds to exactly 1 in float32 and float64 for any k < 1e12 (e^(−50)·k·u is far below half an ulp of 1),
-#: so the clamp changes no finite value; it keeps ``exp`` off the denormal range (about 3x faster on the CPU)
-#: and turns the overflow u = inf (|x − m| / t past (3.4e38)^(1/k): k = 8 and a channel of tiny σ, or k = 64
-#: at four thresholds) into the derivative 1 instead of 0·(−inf) = NaN, which spread through the backward
-#: pass to every pixel of the example and silently stopped the attack.
-SURROGATE_U_MAX = 50.0
 
 
 def surrogate_backward(grad: Tensor, x: Tensor, m: Tensor, t: Tensor, k: float) -> Tensor:
