@@ -2,23 +2,26 @@
 
     python benchmarks/bench_surrogate.py
 
-1. The backward alone on a 64x32x32x32 tensor, k = 8: the soft_gate formula ``grad·(1 − e·(1 − k·u))`` against
-   :func:`meansparse.core.band.surrogate_backward` (clamped u, in place; identical values where the formula is
-   finite), medians of 7.
+1. The backward alone on a 64x32x32x32 tensor, k = 8: the soft_gate formula ``grad·(1 − e·(1 − k·u))``,
+   :func:`meansparse.core.band.surrogate_backward_eager` (clamped u, in place; identical values where the formula
+   is finite) and :func:`~meansparse.core.band.surrogate_backward` (one compiled kernel, equal to rounding),
+   medians of 7 after a warm-up call (the first compile is not timed).
 2. One forward + backward w.r.t. the input of the ReLU PGD-AT checkpoint (64 test images, α = 0.35, statistics
-   from 256 training images) per gradient mode, eager and fused, as a multiple of the base model's; medians of 5,
-   interleaved.
+   from 256 training images) per gradient mode, eager and fused, the surrogate also with compilation off, as a
+   multiple of the base model's; medians of 5, interleaved.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
 
 import meansparse as ms
-from meansparse.core.band import soft_gate, surrogate_backward
+from meansparse._compile import ENV_VAR
+from meansparse.core.band import soft_gate, surrogate_backward, surrogate_backward_eager
 from meansparse.data import Batches, load_dataset
 from meansparse.placement import gradient_mode
 
@@ -41,10 +44,17 @@ def backward_alone() -> None:
         u, e = soft_gate(x - m, t, k)
         return g * (1 - e * (1 - k * u))
 
-    for f in (formula, formula):
+    def eager():
+        return surrogate_backward_eager(g, x, m, t, k)
+
+    def compiled():
+        return surrogate_backward(g, x, m, t, k)
+
+    for f in (formula, eager, compiled):
         f()
-    a, b = _median(formula, 7), _median(lambda: surrogate_backward(g, x, m, t, k), 7)
-    print(f"backward alone: formula {a * 1e3:.1f} ms, surrogate_backward {b * 1e3:.1f} ms ({a / b:.2f}x faster)")
+    a, b, c = _median(formula, 7), _median(eager, 7), _median(compiled, 7)
+    print(f"backward alone: formula {a * 1e3:.1f} ms, eager clamped {b * 1e3:.1f} ms ({a / b:.2f}x faster), "
+          f"compiled {c * 1e3:.1f} ms ({a / c:.2f}x faster)")
 
 
 def model_passes() -> None:
@@ -55,6 +65,17 @@ def model_passes() -> None:
     ms.set_alpha(model, 0.35)
     fused = ms.fuse(copy.deepcopy(model).eval())
 
+    def uncompiled(f):  # the attack modes' kernels as before they were compiled (MEANSPARSE_COMPILE=0)
+        before = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = "0"
+        try:
+            f()
+        finally:
+            if before is None:
+                del os.environ[ENV_VAR]
+            else:
+                os.environ[ENV_VAR] = before
+
     def fb(net, mode):
         xi = x.clone().requires_grad_()
         with gradient_mode(net, mode, 8.0 if mode == "surrogate" else None):
@@ -62,7 +83,8 @@ def model_passes() -> None:
 
     variants = {"base": lambda: fb(base, "exact"), "eager straight-through": lambda: fb(model, "straight_through"),
                 "fused straight-through": lambda: fb(fused, "straight_through"),
-                "eager surrogate": lambda: fb(model, "surrogate"),
+                "surrogate": lambda: fb(model, "surrogate"),
+                "surrogate, no compile": lambda: uncompiled(lambda: fb(model, "surrogate")),
                 "fused model, surrogate": lambda: fb(fused, "surrogate")}
     for v in variants.values():
         v(), v()
