@@ -8,7 +8,8 @@ Per (checkpoint, α):
   B  the attacks of the old default (before this change: aa, bpda-apgd-ce, bpda-apgd-t, transfer, square)
      that A does not run, every one on every clean-correct image (individual mode, one rung);
   C  large-budget extras (EXTRAS) on the images that A's first rung and B both leave robust.
-Old default = A's aa and transfer ∧ B; union = A ∧ B ∧ C (per image: robust only if nothing broke it).
+Old default = the old default's attacks that A runs (transfer) ∧ B (aa too since it left the default);
+union = A ∧ B ∧ C (per image: robust only if nothing broke it).
 C attacks what A's first rung and B leave robust (a superset of what the whole of A leaves), so ``--part B`` and
 ``--part C`` can run in other processes while A climbs its ladder.  Every run is resumable (state files under
 results/cache/state/strongest/); the per-image verdicts go to experiments/results/strongest/results-*.json and
