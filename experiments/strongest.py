@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,14 @@ def _robust_vector(report: ms.Report, names: list[str] | None = None) -> list[bo
             for i, c in enumerate(report.clean_correct)]
 
 
-def _state_verdicts(path: Path, n: int) -> dict[str, list[bool]]:
-    """Per attack stored in an evaluation state file: per image, attacked and not broken (clean errors False)."""
+def _state_verdicts(path: Path, n: int, unattacked: Collection[int] = ()) -> dict[str, list[bool]]:
+    """Per attack stored in an evaluation state file: per image, attacked and not broken.  An image the attack
+    has not reached counts as robust to it if it is in ``unattacked`` (no evidence of a break: an unfinished
+    attack in a partial summary), else as broken (clean errors, images earlier attacks broke)."""
     out = {}
+    keep = set(unattacked)
     for name, batches in json.loads(path.read_text()).get("batches", {}).items():
-        robust = [False] * n
+        robust = [i in keep for i in range(n)]
         for rec in batches.values():
             for i, r in zip(rec["indices"], rec["robust"], strict=True):
                 robust[i] = bool(r)
@@ -84,8 +88,8 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
     found: dict[str, list[bool]] = {}
     for part in "AB":  # C covers a subset of the images: _extras_verdicts maps it back
         path = STATE / f"{tag}-{part}.json"
-        if path.exists():
-            found.update(_state_verdicts(path, n))
+        if path.exists():  # an attack still running: the clean-correct images it has not reached count as robust
+            found.update(_state_verdicts(path, n, _clean_correct(path)))
     found.update(_extras_verdicts(tag, n))
     probes = (RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")  # relu-pgd-0.35.json, ...-sharpness.json
     for path in sorted(p for p in probes if p.stem.removeprefix(f"{key}-{alpha:g}") in ("", "-sharpness")):
@@ -140,12 +144,19 @@ def _extras_verdicts(tag: str, n: int) -> dict[str, list[bool]]:
     b_found = _state_verdicts(b_state, n) if b_state.exists() else {}
     idx = _c_images(first, [all(v[i] for v in b_found.values()) for i in range(n)])
     out = {}
-    for name, local in _state_verdicts(c_state, len(idx)).items():
+    # an extra still running: the images it has not reached are robust to it so far (a partial summary)
+    for name, local in _state_verdicts(c_state, len(idx), range(len(idx))).items():
         robust = [True] * n
         for j, i in enumerate(idx):
             robust[i] = local[j]
         out[name] = robust
     return out
+
+
+def _clean_correct(path: Path) -> set[int]:
+    """The clean-correct images of an individual-mode state file: those its widest attack covered."""
+    batches = json.loads(path.read_text()).get("batches", {}).values()
+    return max(({i for rec in per.values() for i in rec["indices"]} for per in batches), key=len, default=set())
 
 
 def _c_images(first: list[bool], b_robust: list[bool]) -> list[int]:

@@ -99,3 +99,20 @@ def test_ablation_attack_sets_are_attacks_and_every_one_runs_at_the_tables_budge
             if split_wrapper(name)[1].startswith("apgd") or name == "transfer":
                 assert options_for(name, opts)["steps"] == 7, name
     assert opts["square"] == {"queries": 11}
+
+
+def test_strongest_partial_counts_unreached_images_as_no_evidence(tmp_path):
+    """A partial summary of an unfinished run: an attack that has not reached a clean-correct image yet (or an
+    extra that has not reached its image) must not count it as broken; clean errors stay broken."""
+    strongest = _module("strongest")
+    state = tmp_path / "s.json"
+    state.write_text(json.dumps({"batches": {
+        "full": {"0": {"indices": [0, 1], "robust": [True, False]}, "1": {"indices": [3], "robust": [True]}},
+        "running": {"0": {"indices": [0, 1], "robust": [False, True]}},  # image 3 not reached yet
+    }}))
+    clean = strongest._clean_correct(state)
+    assert clean == {0, 1, 3}  # image 2 was misclassified: no attack covered it
+    verdicts = strongest._state_verdicts(state, 4, clean)
+    assert verdicts["full"] == [True, False, False, True]
+    assert verdicts["running"] == [False, True, False, True]
+    assert strongest._state_verdicts(state, 4)["running"] == [False, True, False, False]  # the default: broken
