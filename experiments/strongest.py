@@ -93,7 +93,8 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
     found.update(_extras_verdicts(tag, n))
     probes = (RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")  # relu-pgd-0.35.json, ...-sharpness.json
     for path in sorted(p for p in probes if p.stem.removeprefix(f"{key}-{alpha:g}") in ("", "-sharpness")):
-        found.update({f"probe:{k}": v for k, v in json.loads(path.read_text()).items()})
+        # the probe's verdicts are per image of its own draw: the same images only for the same n
+        found.update({f"probe:{k}": v for k, v in json.loads(path.read_text()).items() if len(v) == n})
     sets = {"new default, rung 1": [a for a in ms.evaluation.DEFAULT_ATTACKS if a in found],
             "new default with its ladder so far": [a for a in found
                                                    if a.partition("@")[0] in ms.evaluation.DEFAULT_ATTACKS],
