@@ -161,7 +161,7 @@ def surrogate_backward(grad: Tensor, x: Tensor, m: Tensor, t: Tensor, k: float) 
     compiling pays (:func:`surrogate_backward_eager` elsewhere).  The compiled kernel's ``exp``/``pow`` may
     differ from ATen's by a few ulps (an attack's direction, never a judged value), the clamp is the same."""
     if _compiling_pays(grad) and x.dtype == grad.dtype and x.is_contiguous():
-        k_t = torch.full((), float(k), dtype=x.dtype)  # a tensor: a float argument would be lifted (see below)
+        k_t = torch.full((), float(k), dtype=x.dtype, device=x.device)  # a tensor: a float would be lifted (below)
         return _surrogate_kernel(k)(grad, x, m.to(x.dtype), t.to(x.dtype), k_t)
     return surrogate_backward_eager(grad, x, m, t, k)
 
