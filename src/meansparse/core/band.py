@@ -154,8 +154,6 @@ class SurrogateGradient(torch.autograd.Function):
         return surrogate_backward(grad, x, m, t, ctx.k), None, None, None
 
 
-
-
 def surrogate_backward(grad: Tensor, x: Tensor, m: Tensor, t: Tensor, k: float) -> Tensor:
     """``grad`` times the derivative of :func:`soft_sparsify`, ``1 − e·(1 − k·u)``: one compiled kernel where
     compiling pays (:func:`surrogate_backward_eager` elsewhere).  The compiled kernel's ``exp``/``pow`` may
@@ -182,9 +180,9 @@ def _power(v: Tensor, k: Tensor, n: int) -> Tensor:
 
 def _surrogate_kernel(k: float) -> CompiledKernel:
     """The compiled backward for sharpness ``k``: one kernel per whole k up to 64 (its power unrolled), one
-    generic kernel otherwise.  ``k`` enters as a 0-d tensor: under torch 2.13 a Python float (argument or
-    closure) became a lifted double scalar whose graph computed a wrong derivative after a recompile and was
-    mixed up by the FX graph cache (tests/test_band.py checks the values)."""
+    generic kernel otherwise.  ``k`` enters as a 0-d tensor: torch 2.13 lifts a Python float (argument or
+    closure) into a dynamic scalar, and after a recompile for another value ``pow`` kept the first value's
+    exponent (silently wrong derivatives; pytorch/pytorch#194976; tests/test_surrogate.py checks the values)."""
     n = int(k) if float(k).is_integer() and 1 <= k <= 64 else 0
     if n not in _SURROGATE_KERNELS:
         def math(grad: Tensor, x: Tensor, m: Tensor, t: Tensor, k: Tensor) -> Tensor:  # eager's, not in place
