@@ -60,3 +60,24 @@ def test_masking_findings_on_hand_made_masks():
     stronger = [pgd, BPDA(PGD(eps=0.1, steps=4 * pgd.steps)), Square(eps=0.1)]
     caveat = masking_findings(stronger, masks, n, individual=True).warnings[0]
     assert f"larger budget than pgd, {4 * pgd.steps} vs {pgd.steps} passes per example" in caveat
+    assert "no plain" not in caveat  # bpda-pgd has its plain pgd beside it
+
+
+def test_masking_warning_says_when_the_plain_counterpart_is_missing():
+    """sg-apgd-mt against plain APGD-CE alone: the gap may be the targeted margin loss, not masking; with plain
+    apgd-mt (or AutoAttack for apgd-t) beside it the caveat goes."""
+    from meansparse.evaluation import build_attack
+
+    n = 10
+    masks = {"apgd-ce": torch.tensor([1] * 8 + [0] * 2, dtype=torch.int8),
+             "sg-apgd-mt": torch.tensor([0] * 4 + [1] * 4 + [0] * 2, dtype=torch.int8)}
+    attacks = [build_attack("apgd-ce", eps=0.1), build_attack("sg-apgd-mt", eps=0.1)]
+    warning = masking_findings(attacks, masks, n, individual=True).warnings[0]
+    assert "no plain apgd-mt ran beside it" in warning
+    masks["apgd-mt"] = masks["apgd-ce"].clone()
+    paired = masking_findings([*attacks, build_attack("apgd-mt", eps=0.1)], masks, n, individual=True)
+    assert "no plain" not in paired.warnings[0]
+    masks["aa"], masks["bpda-apgd-t"] = masks["apgd-ce"].clone(), masks["sg-apgd-mt"].clone()
+    with_aa = masking_findings([build_attack("aa", eps=0.1), build_attack("bpda-apgd-t", eps=0.1)], masks, n,
+                               individual=True)
+    assert "no plain" not in with_aa.warnings[0]

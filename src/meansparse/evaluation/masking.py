@@ -53,6 +53,23 @@ def _budget_caveat(attack: Attack, attacks: Sequence[Attack]) -> str:
             "so part of the gap may be that budget")
 
 
+#: what the plain white-box attack "aa" runs, so bpda-X / sg-X of these have their plain counterpart beside them
+AA_PARTS = ("apgd-ce", "apgd-t", "fab-t")
+
+
+def _loss_caveat(attack: Attack, white: Sequence[str]) -> str:
+    """For ``bpda-X`` / ``sg-X`` with no plain ``X`` among the white-box attacks: the gap mixes masking with X's
+    own loss and targets (e.g. sg-apgd-mt against plain APGD-CE), so it says so."""
+    inner = getattr(attack, "inner", None)
+    if attack.family not in ("bpda", "surrogate") or inner is None:
+        return ""
+    present = set(white) | (set(AA_PARTS) if "aa" in white else set())
+    if inner.name in present:
+        return ""
+    return (f"; no plain {inner.name} ran beside it, so part of the gap may be its loss or targets rather than "
+            f"masking (add {inner.name} to the attacks to tell them apart)")
+
+
 def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor], n: int,
                      individual: bool, margin: float = MASKING_MARGIN, *,
                      has_operators: bool = True) -> MaskingFindings:
@@ -84,7 +101,7 @@ def masking_findings(attacks: Sequence[Attack], masks: Mapping[str, torch.Tensor
         if beats or extra[a.name] / n > margin:
             shown = f"{100 * acc:.1f} %, " if individual else ""
             offenders.append(f"{a.name} ({shown}breaks {extra[a.name]} example(s) that survive every plain "
-                             f"white-box attack{_budget_caveat(a, attacks)})")
+                             f"white-box attack{_budget_caveat(a, attacks)}{_loss_caveat(a, white)})")
     if not offenders:
         return MaskingFindings([], extra)
     msg = (f"gradient masking suspected: {'; '.join(offenders)}. Plain white-box attacks: "
