@@ -53,7 +53,8 @@ WRAPPER_OPTIONS = ("sharpness", "weight")
 #: strongest MeanSparse-aware attacks (surrogate gradient with the untargeted and the targeted logit margin),
 #: transfer from the base model and Square started from the surrogate attack's candidates (chosen with
 #: experiments/attack_probe.py; docs/evaluation.md).  AutoAttack ("aa") is not in it: on every model and α
-#: measured (experiments/strongest.py) it broke no image the others did not, at 40 % of the first rung's time.
+#: measured (experiments/strongest.py) it broke no image the others did not, at about half of the first
+#: rung's time.
 DEFAULT_ATTACKS = ("apgd-ce", "sg-apgd-margin", "sg-apgd-mt", "transfer", "square-warm")
 
 
