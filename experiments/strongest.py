@@ -11,9 +11,10 @@ Per (checkpoint, α):
 Old default = the old default's attacks that A runs (transfer) ∧ B (aa too since it left the default);
 union = A ∧ B ∧ C (per image: robust only if nothing broke it).
 C attacks what A's first rung and B leave robust (a superset of what the whole of A leaves), so ``--part B`` and
-``--part C`` can run in other processes while A climbs its ladder.  Every run is resumable (state files under
-results/cache/state/strongest/); the per-image verdicts go to experiments/results/strongest/results-*.json and
-the table to table.md.  ``--report`` only rebuilds the table.
+``--part C`` can run in other processes while A climbs its ladder (``--part A`` runs the new default alone, for
+a first answer).  Every run is resumable (state files under results/cache/state/strongest/); the per-image
+verdicts go to experiments/results/strongest/results-*.json and the table to table.md.  ``--report`` only
+rebuilds the table.
 """
 
 from __future__ import annotations
@@ -175,8 +176,9 @@ def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | N
 
 
 def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all") -> dict[str, Any] | None:
-    """One (checkpoint, α). ``part`` "B" / "C" runs only that part (resumable, beside a process running A's
-    ladder: C attacks what A's first rung and B leave robust), "all" everything and returns the record."""
+    """One (checkpoint, α). ``part`` "A" / "B" / "C" runs only that part (resumable; B and C can run beside a
+    process running A's ladder: C attacks what A's first rung and B leave robust), "all" everything and returns
+    the record."""
     base, model = ctx.prepared(key)
     ms.set_alpha(model, alpha)
     tag = f"{key}-{alpha:g}-n{ctx.n}"
@@ -185,6 +187,9 @@ def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all")
     missing = [n for n in OLD_DEFAULT if n not in ms.evaluation.DEFAULT_ATTACKS]
     b = ms.evaluate(model, ctx.x, ctx.y, attacks=missing, individual=True, ladder=False, indicators=False,
                     state_path=STATE / f"{tag}-B.json", **common) if missing and part in ("all", "B", "C") else None
+    if part == "A":  # the new default alone (its ladder included): the number a MeanSparse-vs-base comparison needs
+        ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common)
+        return None
     if part == "B":
         return None
     first = _rung1_robust(STATE / f"{tag}-A.json", ms.evaluation.DEFAULT_ATTACKS, ctx.n)
@@ -301,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
     p.add_argument("--partial", action="store_true",
                    help="only summarise what the state files of --models/--alphas/--n already hold (unfinished runs)")
-    p.add_argument("--part", choices=["all", "B", "C"], default="all",
-                   help="run only B, or only C once A's first rung is in its state file (beside a process running "
-                        "the rest); 'all' also writes the record")
+    p.add_argument("--part", choices=["all", "A", "B", "C"], default="all",
+                   help="run only A (the new default), only B, or only C once A's first rung is in its state file "
+                        "(beside a process running the rest); 'all' also writes the record")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
