@@ -73,7 +73,7 @@ def test_compiled_surrogate_backward_matches_eager_for_every_sharpness(dtype):
     """Large inputs take one compiled kernel (whole k: power by squaring); it agrees with the eager formula to
     rounding for every k in turn in one process (a float k once gave a wrong graph after a recompile), with
     as many channels as pixels per row (shapes that share a symbol) and never NaN."""
-    from meansparse._compile import compile_enabled
+    from meansparse._compile import COMPILE_MIN_NUMEL, compile_enabled
     from meansparse.core import band
 
     if not compile_enabled():
@@ -85,7 +85,7 @@ def test_compiled_surrogate_backward_matches_eager_for_every_sharpness(dtype):
         t = torch.rand(1, c, 1, 1, generator=g, dtype=dtype) * 0.5
         t[0, 0], t[0, 1] = 0.0, 1e-7
         grad = torch.randn(x.shape, generator=g, dtype=dtype)
-        assert x.numel() >= band.COMPILE_MIN_NUMEL
+        assert x.numel() >= COMPILE_MIN_NUMEL
         for k in (4.0, 8.0, 2.5, 64.0, 4.0):
             fast = band.surrogate_backward(grad, x, m, t, k)
             torch.testing.assert_close(fast, band.surrogate_backward_eager(grad, x, m, t, k), rtol=1e-4,

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 __all__ = ["CompiledKernel", "compile_enabled", "compile_disabled_reason", "disable_compile", "forget_failure",
-           "ENV_VAR", "COMPILE_MIN_NUMEL", "COMPILED_DTYPES"]
+           "is_compiling", "takes_compiled", "ENV_VAR", "COMPILE_MIN_NUMEL", "COMPILED_DTYPES"]
 
 log = logging.getLogger("meansparse.compile")
 
@@ -37,6 +38,21 @@ def compile_enabled() -> bool:
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return _State.disabled_reason is None and hasattr(torch, "compile")
+
+
+def is_compiling() -> bool:
+    """True while an outer ``torch.compile`` is tracing (our kernels then stay plain ATen inside its graph)."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+def takes_compiled(x: Tensor, min_numel: int = COMPILE_MIN_NUMEL) -> bool:
+    """Whether ``x`` goes to a compiled kernel now: float32/float64, at least ``min_numel`` elements,
+    compilation on and no outer ``torch.compile`` tracing.  The one gate of every compiled path (band, moments,
+    fused kernels), each adding its own layout condition."""
+    return x.dtype in COMPILED_DTYPES and x.numel() >= min_numel and compile_enabled() and not is_compiling()
 
 
 def compile_disabled_reason() -> str | None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["model_device", "resolve_device", "eval_mode", "as_args", "shallow_copy", "tensor_versions", "same_versions",
-           "is_compiling", "tensors_sha256", "writable_dir", "atomic_path",
+           "tensors_sha256", "writable_dir", "atomic_path",
            "frozen_parameters", "preserved_state", "WriteError", "writing", "warn_at_caller"]
 
 
@@ -89,14 +89,6 @@ def same_versions(a: tuple | None, b: tuple | None) -> bool:
     if a is None or b is None or len(a) != len(b):
         return False
     return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
-
-
-def is_compiling() -> bool:
-    """True while an outer ``torch.compile`` is tracing."""
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
 
 
 def tensors_sha256(items: Iterable[tuple[str, Tensor]]) -> str:

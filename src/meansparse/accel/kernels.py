@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._compile import COMPILE_MIN_NUMEL, COMPILED_DTYPES, CompiledKernel, compile_enabled
-from .._utils import is_compiling
+from .._compile import CompiledKernel, takes_compiled
 from ..core import ATTACK_MODES, MeanSparse
 from ..core.band import band_from_output, in_band, relu_grad_from_output, sparsify
 from ..placement.record import attached
@@ -215,9 +214,7 @@ def _memory_format(x: Tensor) -> str | None:
 def compiled_layout(x: Tensor) -> str | None:
     """The memory format key when ``x`` takes the compiled kernels now: compilation on and not inside an outer
     ``torch.compile``, float32/float64, at least ``COMPILE_MIN_NUMEL`` elements; else None (eager reference)."""
-    if x.dtype in COMPILED_DTYPES and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled() and not is_compiling():
-        return _memory_format(x)
-    return None
+    return _memory_format(x) if takes_compiled(x) else None
 
 
 def like(g: Tensor, memory: str) -> Tensor:

@@ -38,8 +38,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._compile import CompiledKernel, compile_enabled
-from .._utils import is_compiling, same_versions, tensor_versions
+from .._compile import CompiledKernel, compile_enabled, is_compiling
+from .._utils import same_versions, tensor_versions
 from ..core import ATTACK_MODES, MeanSparse, StraightThrough, broadcast_channel, in_band, sparsify
 from ..core.band import band_from_output, relu_grad_from_output
 from ..placement.record import attach, attached

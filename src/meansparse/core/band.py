@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._compile import COMPILE_MIN_NUMEL, COMPILED_DTYPES, CompiledKernel, compile_enabled
-from .._utils import is_compiling
+from .._compile import CompiledKernel, takes_compiled
 
 __all__ = ["in_band", "sparsify", "sparsify_lean", "band_from_output", "relu_grad_from_output",
            "StraightThrough", "SurrogateGradient", "soft_sparsify", "soft_gate", "surrogate_backward",
@@ -63,8 +62,7 @@ def relu_grad_from_output(g: Tensor, z: Tensor, m: Tensor, t: Tensor, exact: boo
 
 
 def _compiling_pays(x: Tensor) -> bool:
-    return (x.dtype in COMPILED_DTYPES and x.numel() >= COMPILE_MIN_NUMEL and x.is_contiguous()
-            and compile_enabled() and not is_compiling())
+    return x.is_contiguous() and takes_compiled(x)
 
 
 _SPARSIFY_KERNEL = CompiledKernel(lambda x, m, t: sparsify(x, m, t), "meansparse_attack_sparsify")

@@ -16,8 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._compile import COMPILE_MIN_NUMEL, CompiledKernel, compile_enabled
-from .._utils import is_compiling
+from .._compile import COMPILED_DTYPES, CompiledKernel, takes_compiled
 from ..distributed import all_gather, collective_device, world_size
 
 __all__ = ["Moments", "CHUNK_ELEMENTS", "GROUP_ROWS", "compiled_kernels"]
@@ -26,7 +25,6 @@ __all__ = ["Moments", "CHUNK_ELEMENTS", "GROUP_ROWS", "compiled_kernels"]
 CHUNK_ELEMENTS = 1 << 18
 #: Rows per group when channels are the last dimension (one float32 partial sum covers at most this many).
 GROUP_ROWS = 256
-_FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def _sums_first(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,12 +95,13 @@ def compiled_kernels() -> dict[str, bool]:
 
 
 def _use_compiled(x: Tensor, small: bool = False) -> bool:
-    big = x.numel() >= COMPILE_MIN_NUMEL or (small and x.shape[0] > 1 and x.shape[2] > 1)
-    return x.dtype in _FAST_DTYPES and big and compile_enabled() and not is_compiling()
+    if small and x.shape[0] > 1 and x.shape[2] > 1:  # many small reductions: compiled pays below the size gate
+        return takes_compiled(x, min_numel=0)
+    return takes_compiled(x)
 
 
 def _work(x: Tensor) -> Tensor:
-    return x if x.dtype in _FAST_DTYPES else x.float()
+    return x if x.dtype in COMPILED_DTYPES else x.float()
 
 
 def _from_mean_m2(count: float, mean: Tensor, m2: Tensor) -> Moments:

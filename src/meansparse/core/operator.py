@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._utils import is_compiling, same_versions, tensor_versions
+from .._compile import is_compiling
+from .._utils import same_versions, tensor_versions
 from .band import StraightThrough, SurrogateGradient, in_band, soft_sparsify, sparsify, sparsify_lean
 from .layout import LAYOUTS, broadcast_channel, channel_dim, infer_layout
 from .moments import Moments
