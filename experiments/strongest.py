@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Collection
@@ -66,15 +67,18 @@ def _robust_vector(report: ms.Report, names: list[str] | None = None) -> list[bo
             for i, c in enumerate(report.clean_correct)]
 
 
-def _state_verdicts(path: Path, n: int, unattacked: Collection[int] = ()) -> dict[str, list[bool]]:
+def _state_verdicts(path: Path, n: int, unattacked: Collection[int] = (), *,
+                    unreached_robust: bool = False) -> dict[str, list[bool]]:
     """Per attack stored in an evaluation state file: per image, attacked and not broken.  An image the attack
-    has not reached counts as robust to it if it is in ``unattacked`` (no evidence of a break: an unfinished
-    attack in a partial summary), else as broken (clean errors, images earlier attacks broke)."""
+    has not reached counts as robust to it if it is in ``unattacked`` (or, with ``unreached_robust``, among the
+    file's clean-correct images: no evidence of a break from an unfinished attack in a partial summary), else as
+    broken (clean errors, images earlier attacks broke)."""
+    batches = json.loads(path.read_text()).get("batches", {})
+    keep = _clean_correct(batches) if unreached_robust else set(unattacked)
     out = {}
-    keep = set(unattacked)
-    for name, batches in json.loads(path.read_text()).get("batches", {}).items():
+    for name, per in batches.items():
         robust = [i in keep for i in range(n)]
-        for rec in batches.values():
+        for rec in per.values():
             for i, r in zip(rec["indices"], rec["robust"], strict=True):
                 robust[i] = bool(r)
         out[name] = robust
@@ -90,7 +94,7 @@ def partial(key: str, alpha: float, n: int) -> tuple[str, dict[str, list[bool]],
     for part in "AB":  # C covers a subset of the images: _extras_verdicts maps it back
         path = STATE / f"{tag}-{part}.json"
         if path.exists():  # an attack still running: the clean-correct images it has not reached count as robust
-            found.update(_state_verdicts(path, n, _clean_correct(path)))
+            found.update(_state_verdicts(path, n, unreached_robust=True))
     found.update(_extras_verdicts(tag, n))
     probes = (RESULTS / "attack-probe").glob(f"{key}-{alpha:g}*.json")  # relu-pgd-0.35.json, ...-sharpness.json
     for path in sorted(p for p in probes if p.stem.removeprefix(f"{key}-{alpha:g}") in ("", "-sharpness")):
@@ -155,10 +159,10 @@ def _extras_verdicts(tag: str, n: int) -> dict[str, list[bool]]:
     return out
 
 
-def _clean_correct(path: Path) -> set[int]:
-    """The clean-correct images of an individual-mode state file: those its widest attack covered."""
-    batches = json.loads(path.read_text()).get("batches", {}).values()
-    return max(({i for rec in per.values() for i in rec["indices"]} for per in batches), key=len, default=set())
+def _clean_correct(batches: dict[str, dict[str, Any]]) -> set[int]:
+    """The clean-correct images of an individual-mode state file's batches: those its widest attack covered."""
+    return max(({i for rec in per.values() for i in rec["indices"]} for per in batches.values()), key=len,
+               default=set())
 
 
 def _c_images(first: list[bool], b_robust: list[bool]) -> list[int]:
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if not results:  # only parts ran so far: no record to tabulate (--partial summarises their state files)
         print("no finished (checkpoint, α) yet; `--partial` summarises what the state files hold")
         return 0
-    commands = sorted({r.get("command", command) for r in results}) or [command]
+    # where the files went changes no number: the table shows the command anyone reruns for the same records
+    commands = sorted({re.sub(r" --out \S+", "", r.get("command", command)) for r in results}) or [command]
     (out / "table.md").write_text(table(results, "`, `".join(commands)))
     print((out / "table.md").read_text())
     return 0

@@ -110,9 +110,10 @@ def test_strongest_partial_counts_unreached_images_as_no_evidence(tmp_path):
         "full": {"0": {"indices": [0, 1], "robust": [True, False]}, "1": {"indices": [3], "robust": [True]}},
         "running": {"0": {"indices": [0, 1], "robust": [False, True]}},  # image 3 not reached yet
     }}))
-    clean = strongest._clean_correct(state)
+    clean = strongest._clean_correct(json.loads(state.read_text())["batches"])
     assert clean == {0, 1, 3}  # image 2 was misclassified: no attack covered it
     verdicts = strongest._state_verdicts(state, 4, clean)
     assert verdicts["full"] == [True, False, False, True]
     assert verdicts["running"] == [False, True, False, True]
+    assert strongest._state_verdicts(state, 4, unreached_robust=True) == verdicts  # what --partial reads
     assert strongest._state_verdicts(state, 4)["running"] == [False, True, False, False]  # the default: broken
