@@ -68,7 +68,8 @@ OUTPUT_FILES = ("report.json", "report.md", ADVERSARIAL_TENSOR, ADVERSARIAL_INDE
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``evaluate`` sub-command."""
     p = command_parser(subparsers, "evaluate", __doc__,
-                       "worst-case robust accuracy over AutoAttack, BPDA, transfer, Square, adaptive attacks")
+                       "worst-case robust accuracy over plain, MeanSparse-aware (surrogate, BPDA), transfer and "
+                       "Square attacks, with a budget ladder")
     add_checkpoint_arg(p)
     p.add_argument("--meansparse", default=None,
                    help="MeanSparse state file (meansparse.save) to apply on top of the checkpoint (default: none, "
