@@ -32,6 +32,7 @@ import torch
 
 import meansparse as ms
 from meansparse._utils import resolve_device
+from meansparse.plots import binomial_se, pyplot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import MODELS, RESULTS, Ctx  # noqa: E402
@@ -301,7 +302,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     models = sorted({r["model"] for r in results})
     if not models:
         return False
-    plt = ms.plots.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], models):
         rows = sorted((r for r in results if r["model"] == key), key=lambda r: r["alpha"])
@@ -310,7 +311,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
                                   ("new_acc", "^-", "new default (with its ladder)"),
                                   ("union_acc", "o:", "union of everything run")):
             acc = [100 * r[col] for r in rows]
-            err = [100 * ms.plots.binomial_se(r[col], r["n"]) for r in rows]
+            err = [100 * binomial_se(r[col], r["n"]) for r in rows]
             ax.errorbar(alphas, acc, yerr=err, fmt=style, capsize=3, label=label)
         ax.set(title=f"{key} ({rows[0]['n']} test images, Linf 8/255)", xlabel="α", xticks=alphas)
         ax.grid(alpha=0.3)

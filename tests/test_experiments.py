@@ -117,3 +117,29 @@ def test_strongest_partial_counts_unreached_images_as_no_evidence(tmp_path):
     assert verdicts["running"] == [False, True, False, True]
     assert strongest._state_verdicts(state, 4, unreached_robust=True) == verdicts  # what --partial reads
     assert strongest._state_verdicts(state, 4)["running"] == [False, True, False, False]  # the default: broken
+
+
+def test_arms_curves_tabulates_every_arm_and_marks_the_best_epoch(tmp_path):
+    """The arms' held-out curves read unfinished runs too, keep the arms in their documented order, mark each
+    run's best epoch and refuse a folder without runs (one line, exit 2)."""
+    curves = _module("arms_curves")
+
+    def run(name: str, worst: list[float], best: int, alpha: bool) -> None:
+        hist = [{"epoch": e + 1, "holdout_clean": 0.6, "holdout_pgd": w, **({"alpha": 0.1 * (e + 1)} if alpha else {})}
+                for e, w in enumerate(worst)]
+        folder = tmp_path / "arms" / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"config": {"epochs": 3, "eval_n": 500}, "history": hist,
+                                                       "best": hist[best - 1]}))
+
+    run("relu-ms", [0.30, 0.35], 2, True)  # unfinished: 2 of 3 epochs
+    run("relu-control", [0.40, 0.38, 0.41], 3, False)
+    run("relu-unknown", [0.5], 1, False)  # not an arm: left out
+    out = tmp_path / "out"
+    assert curves.main([str(tmp_path / "arms"), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| relu")]
+    assert [r.split(" | ")[1] for r in rows] == ["control"] * 3 + ["ms"] * 2
+    assert rows[2].endswith("| 41.0 | best |") and rows[4] == "| relu | ms | 2/3 | 0.2 | 60.0 | 35.0 | best |"
+    assert "unknown" not in md and (out / "curves.png").stat().st_size > 0
+    assert curves.main([str(tmp_path / "empty"), "--out", str(out)]) == 2
