@@ -14,6 +14,7 @@
 # ARMS: any of control ms ms-exact ms-surrogate (default: the first three); STEP: train, eval or all (default);
 # THREADS: torch CPU threads of the fine-tuning runs (one per run when two run side by side on 2 cores).
 # Every command resumes when rerun (run folders and evaluation states under OUT).
+# python experiments/arms_curves.py OUT tabulates and plots the arms' held-out curves (finished or not).
 set -euo pipefail
 OUT=${1:?usage: finetune_arms.sh OUT_DIR}
 EPOCHS=${EPOCHS:-5}; ALPHA=${ALPHA:-0.3}; WARMUP=${WARMUP:-2}; N=${N:-1000}; SEED=${SEED:-0}
