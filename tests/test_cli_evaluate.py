@@ -35,3 +35,18 @@ def test_cli_writes_report(tmp_path):
     assert report.attacks[:2] == ["apgd-ce", "square"] and report.converged is not None
     assert (out / "report.md").read_text().startswith("# Robustness report")
     assert (out / "state.json").exists()
+
+
+def test_cli_ladder_factors_reach_the_spec():
+    """--ladder sets the ladder's factors (one rung more where 2,4 did not converge), --single-rung none."""
+    import argparse
+
+    from meansparse.cli.evaluate import add_evaluate_parser, evaluation_spec
+    from meansparse.evaluation.ladder import Ladder
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_parser(parser.add_subparsers())
+    base = ["evaluate", "--checkpoint", "c", "--out", "o"]
+    assert evaluation_spec(parser.parse_args([*base, "--ladder", "2,4,8"]), "cpu").ladder == Ladder(factors=(2, 4, 8))
+    assert evaluation_spec(parser.parse_args(base), "cpu").ladder == Ladder()
+    assert evaluation_spec(parser.parse_args([*base, "--single-rung"]), "cpu").ladder is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from evaluation_helpers import EPS, run
@@ -54,7 +56,7 @@ def test_ladder_rungs_run_on_the_examples_still_robust(models, test_set, familie
     assert r.converged == (rungs[-1]["n_broken"] <= Ladder().allowed(r.n_examples))
     if not r.converged:
         assert len(rungs) == len(Ladder().factors)
-        assert any("budget ladder not converged" in w for w in r.warnings)
+        assert any("budget ladder not converged" in w and "--ladder 2,4,8" in w for w in r.warnings)
     md = r.to_markdown()
     assert "## Budget ladder" in md and "| 2 | x2 |" in md
 
@@ -68,6 +70,24 @@ def test_ladder_stops_at_the_first_rung_that_breaks_few_enough(models, test_set)
                  indicators=False, ladder=False)
     assert single.converged is None and len(single.ladder) == 1
     assert all("@x" not in a for a in single.attacks)
+
+
+def test_a_longer_ladder_resumes_the_rungs_already_run(models, test_set, tmp_path):
+    """A ladder that did not converge climbs on from its state file: more factors (or another share) reuse the
+    rungs in common and run only the new one; the worst case equals a fresh run's with the longer ladder."""
+    _, model = models
+    state = tmp_path / "state.json"
+    kw = dict(attack_options=WEAK, batch_size=32, indicators=False)
+    attacks = ("apgd-ce", "bpda-apgd-ce")
+    short = run(model, *test_set, attacks, ladder=Ladder(factors=(2,), share=0.0), state_path=state, **kw)
+    stored = json.loads(state.read_text())["batches"]
+    assert short.converged is False and any("`--ladder 2,4`" in w for w in short.warnings)
+    longer = run(model, *test_set, attacks, ladder=Ladder(factors=(2, 4), share=0.0), state_path=state, **kw)
+    after = json.loads(state.read_text())["batches"]
+    assert {k: after[k] for k in stored} == stored  # every record of the short ladder reused, not recomputed
+    assert longer.ladder[:2] == short.ladder and len(longer.ladder) == 3 and "bpda-apgd-ce@x4" in after
+    fresh = run(model, *test_set, attacks, ladder=Ladder(factors=(2, 4), share=0.0), **kw)
+    assert fresh.worst_case_robust == longer.worst_case_robust and fresh.ladder == longer.ladder
 
 
 def test_ladder_without_a_masking_proof_attack_says_it_shows_nothing(models, test_set):

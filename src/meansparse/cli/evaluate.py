@@ -26,6 +26,7 @@ from ..distributed import is_main, launch
 from ..evaluation import ATTACK_NAMES, DEFAULT_ATTACKS, EvaluationSpec
 from ..evaluation.adversarial import INDEX_FILE as ADVERSARIAL_INDEX
 from ..evaluation.adversarial import TENSOR_FILE as ADVERSARIAL_TENSOR
+from ..evaluation.ladder import Ladder
 from ..evaluation.spec import mode_of
 from ..fastpath import evaluate
 from ..placement import set_alpha
@@ -63,6 +64,17 @@ __all__ = ["add_evaluate_parser", "evaluation_spec", "run_evaluate", "OUTPUT_FIL
 
 #: the files evaluate writes into --out (besides the resume file)
 OUTPUT_FILES = ("report.json", "report.md", ADVERSARIAL_TENSOR, ADVERSARIAL_INDEX)
+
+
+def ladder_factors(text: str) -> tuple[int, ...]:
+    """An argparse type: the ladder's budget factors, e.g. ``2,4,8`` (increasing integers >= 2)."""
+    try:
+        factors = tuple(int(f) for f in comma_list(text))
+        Ladder(factors=factors)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be increasing integers >= 2 separated by commas (e.g. 2,4,8), "
+                                         f"got {text!r}") from None
+    return factors
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -104,10 +116,14 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     add_device_arg(p)
     add_path_args(p)
     p.add_argument("--sanity", action="store_true", help="also run the eps/budget sanity checks")
-    p.add_argument("--single-rung", action="store_true",
-                   help="no budget ladder: run the attacks once (by default the BPDA, surrogate and adaptive "
-                        "attacks are repeated with 2x then 4x their budget on the examples still robust until the "
-                        "worst case converges)")
+    rungs = p.add_mutually_exclusive_group()
+    rungs.add_argument("--single-rung", action="store_true",
+                       help="no budget ladder: run the attacks once (by default the BPDA, surrogate and adaptive "
+                            "attacks are repeated with 2x then 4x their budget on the examples still robust until "
+                            "the worst case converges)")
+    rungs.add_argument("--ladder", type=ladder_factors, default=None, metavar="FACTORS",
+                       help="the ladder's budget factors, increasing integers >= 2 (default 2,4); e.g. 2,4,8 climbs "
+                            "one rung more where 2,4 did not converge, reusing the rungs in --state")
     p.add_argument("--no-indicators", action="store_true", help="skip the attack-failure indicators")
     p.add_argument("--save-adversarial", action="store_true",
                    help="write OUT/adversarial.pt (the per-example worst-case adversarial images, clean where "
@@ -211,9 +227,16 @@ def evaluation_spec(args: argparse.Namespace, device: str) -> EvaluationSpec:
     """The :class:`~meansparse.evaluation.EvaluationSpec` of parsed ``evaluate`` arguments."""
     return EvaluationSpec(norm=args.norm, eps=args.eps, attacks=tuple(comma_list(args.attacks)),
                           attack_options=parse_options(args.option), mode=mode_of(args.individual),
-                          ladder=not args.single_rung, indicators=not args.no_indicators, sanity=args.sanity,
+                          ladder=_ladder(args), indicators=not args.no_indicators, sanity=args.sanity,
                           seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=device,
                           path=args.path)
+
+
+def _ladder(args: argparse.Namespace) -> Ladder | bool:
+    """The spec's ``ladder`` from --single-rung / --ladder."""
+    if args.single_rung:
+        return False
+    return Ladder(factors=args.ladder) if args.ladder else True
 
 
 def _run(args: argparse.Namespace, model: Any, x: Any, y: Any, state: Path | None, out: Path, device: str,

@@ -10,6 +10,10 @@ from typing import Any
 from .._utils import atomic_path, writing
 
 FORMAT = "meansparse-evaluation-state/1"
+#: config keys a state may differ in and still resume: a record is reused only for the same attack name (rungs
+#: are named ``attack@xF``, their settings follow from the attack's, which must match) and the same examples, so
+#: a ladder with more rungs, another share or other families reuses the rungs it has in common
+RESUMABLE_KEYS = ("ladder",)
 
 
 def normalise(obj: Any) -> Any:
@@ -45,7 +49,8 @@ class EvaluationState:
             raise ValueError(f"{self.path} is not a meansparse evaluation state (format {found!r}); use another "
                              "--state / state_path or delete the file")
         stored = data.get("config", {})
-        diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+        diff = sorted(k for k in set(stored) | set(self.config)
+                      if stored.get(k) != self.config.get(k) and k not in RESUMABLE_KEYS)
         if diff:
             raise ValueError(
                 f"evaluation state {self.path} was written for a different evaluation (differs in: "
