@@ -11,10 +11,10 @@ Per (checkpoint, α):
 Old default = the old default's attacks that A runs (transfer) ∧ B (aa too since it left the default);
 union = A ∧ B ∧ C (per image: robust only if nothing broke it).
 C attacks what A's first rung and B leave robust (a superset of what the whole of A leaves), so ``--part B`` and
-``--part C`` can run in other processes while A climbs its ladder (``--part A`` runs the new default alone, for
-a first answer).  Every run is resumable (state files under results/cache/state/strongest/); the per-image
-verdicts go to experiments/results/strongest/results-*.json and the table to table.md.  ``--report`` only
-rebuilds the table.
+``--part C`` can run in other processes while A climbs its ladder (``--part A`` runs the new default alone, for a
+first answer; ``--part A --climb 2,4,8`` climbs one rung more where the default ladder did not converge). Every run
+is resumable (state files under results/cache/state/strongest/); the per-image verdicts go to
+experiments/results/strongest/results-*.json and the table to table.md. ``--report`` only rebuilds the table.
 """
 
 from __future__ import annotations
@@ -243,6 +243,33 @@ def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all")
     }
 
 
+def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path, progress: bool) -> Path:
+    """A's evaluation with a longer ladder than the default's, on from A's state (the rungs in common are reused):
+    where the default ladder did not converge, how far the worst case still falls.  The record keeps the default
+    ladder's number; the rungs go to ladder-<tag>.md."""
+    base, model = ctx.prepared(key)
+    ms.set_alpha(model, alpha)
+    tag = f"{key}-{alpha:g}-n{ctx.n}"
+    a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", base_model=base, batch_size=ctx.batch,
+                    seed=0, progress=progress, ladder=ms.evaluation.Ladder(factors=factors), indicators=False)
+    path = out / f"ladder-{tag}.md"
+    path.write_text(_ladder_md(a, tag, factors))
+    return path
+
+
+def _ladder_md(a: ms.Report, tag: str, factors: tuple[int, ...]) -> str:
+    """The rungs of a longer ladder than the default's (``--part A --climb``)."""
+    lines = [f"# {tag}: the ladder climbed to x{factors[-1]}", "",
+             f"Command: `python experiments/strongest.py --models {tag.rsplit('-', 2)[0]} --alphas "
+             f"{tag.rsplit('-', 2)[1]} --n {a.n_examples} --part A --climb {','.join(map(str, factors))}` (the "
+             "default's rungs are reused from its state).", "",
+             "| rung | budget | attacks | attacked | broken | worst case after % |", "|---:|---|---|---:|---:|---:|"]
+    lines += [f"| {x['rung']} | x{x['factor']} | {', '.join(x['attacks'])} | {x['n_attacked']} | {x['n_broken']} | "
+              f"{_pct(x['worst_case_after'])} |" for x in a.ladder]
+    verdict = "converged" if a.converged else "not converged"
+    return "\n".join(lines + ["", f"Worst case {_pct(a.worst_case_accuracy)} % ({verdict})."]) + "\n"
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -338,10 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
     p.add_argument("--partial", action="store_true",
                    help="only summarise what the state files of --models/--alphas/--n already hold (unfinished runs)")
+    p.add_argument("--climb", type=lambda t: tuple(int(f) for f in t.split(",")), default=None,
+                   help="with --part A: climb a longer ladder than the default's (e.g. 2,4,8) on from A's state; its "
+                        "rungs go to ladder-<model>-<α>-n<N>.md, the record keeps the default ladder's number")
     p.add_argument("--part", choices=["all", "A", "B", "C"], default="all",
                    help="run only A (the new default), only B, or only C once A's first rung is in its state file "
                         "(beside a process running the rest); 'all' also writes the record")
     args = p.parse_args(argv)
+    if args.climb and args.part != "A":
+        p.error("--climb goes with --part A")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.partial:
@@ -367,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.models.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
                 t0 = time.time()
+                if args.climb:
+                    print(climb(ctx, key, alpha, args.climb, out, args.progress).read_text(), flush=True)
+                    continue
                 r = run_one(ctx, key, alpha, args.progress, args.part)
                 if r is None:
                     print(f"[{key} α={alpha:g}] part {args.part} done ({time.time() - t0:.0f} s)", flush=True)
