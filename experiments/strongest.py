@@ -32,6 +32,7 @@ import torch
 
 import meansparse as ms
 from meansparse._utils import resolve_device
+from meansparse.cli.evaluate import ladder_factors
 from meansparse.plots import binomial_se, pyplot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only rebuild table.md from results.json")
     p.add_argument("--partial", action="store_true",
                    help="only summarise what the state files of --models/--alphas/--n already hold (unfinished runs)")
-    p.add_argument("--climb", type=lambda t: tuple(int(f) for f in t.split(",")), default=None,
+    p.add_argument("--climb", type=ladder_factors, default=None, metavar="FACTORS",
                    help="with --part A: climb a longer ladder than the default's (e.g. 2,4,8) on from A's state; its "
                         "rungs go to ladder-<model>-<α>-n<N>.md, the record keeps the default ladder's number")
     p.add_argument("--part", choices=["all", "A", "B", "C"], default="all",
