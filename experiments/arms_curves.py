@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meansparse.plots import binomial_se, pyplot
+from meansparse.plots import binomial_se, pyplot, save_figure
 
 OUT = Path(__file__).resolve().parent / "results" / "finetune-arms"
 #: the order and the meaning of the arms (experiments/finetune_arms.sh)
@@ -84,9 +84,7 @@ def plot(runs: dict[tuple[str, str], dict[str, Any]], path: Path) -> bool:
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

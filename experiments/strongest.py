@@ -33,7 +33,7 @@ import torch
 import meansparse as ms
 from meansparse._utils import resolve_device
 from meansparse.cli.evaluate import ladder_factors
-from meansparse.plots import binomial_se, pyplot
+from meansparse.plots import binomial_se, pyplot, save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import MODELS, RESULTS, Ctx  # noqa: E402
@@ -345,9 +345,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("robust accuracy %")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

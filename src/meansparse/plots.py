@@ -12,7 +12,7 @@ from torch import nn
 from ._utils import model_device
 from .core import MeanSparse
 
-__all__ = ["pyplot", "binomial_se", "plot_alpha_curve", "capture_site", "plot_feature_histogram"]
+__all__ = ["pyplot", "save_figure", "binomial_se", "plot_alpha_curve", "capture_site", "plot_feature_histogram"]
 
 
 def pyplot():
@@ -27,7 +27,8 @@ def pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (120 dpi, parent folders made) and close ``fig``; returns the path."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -82,7 +83,7 @@ def plot_alpha_curve(rows: Sequence[dict], path: str | Path, chosen: float | Non
     ax.set_title(title or "MeanSparse α sweep (held-out split)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -126,4 +127,4 @@ def plot_feature_histogram(model: nn.Module, op: MeanSparse, x: torch.Tensor, pa
         ax.set_title(f"{label}\n{op.site.name} channel {channel}", fontsize=9)
         ax.set_xlabel("pre-activation value")
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
