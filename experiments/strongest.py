@@ -245,14 +245,16 @@ def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all")
 
 
 def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path, progress: bool) -> Path:
-    """A's evaluation with a longer ladder than the default's, on from A's state (the rungs in common are reused):
-    where the default ladder did not converge, how far the worst case still falls.  The record keeps the default
-    ladder's number; the rungs go to ladder-<tag>.md."""
+    """A's evaluation climbing every rung of ``factors``, on from A's state (the rungs in common are reused): where
+    the default ladder did not converge, how far the worst case still falls; where one model's ladder stopped
+    earlier than the other's, the same rungs for both.  The record keeps the default ladder's number; the rungs
+    go to ladder-<tag>.md."""
     base, model = ctx.prepared(key)
     ms.set_alpha(model, alpha)
     tag = f"{key}-{alpha:g}-n{ctx.n}"
+    ladder = ms.evaluation.Ladder(factors=factors, min_rungs=len(factors))
     a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", base_model=base, batch_size=ctx.batch,
-                    seed=0, progress=progress, ladder=ms.evaluation.Ladder(factors=factors), indicators=False)
+                    seed=0, progress=progress, ladder=ladder, indicators=False)
     path = out / f"ladder-{tag}.md"
     path.write_text(_ladder_md(a, tag, factors))
     return path
@@ -260,7 +262,7 @@ def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path,
 
 def _ladder_md(a: ms.Report, tag: str, factors: tuple[int, ...]) -> str:
     """The rungs of a longer ladder than the default's (``--part A --climb``)."""
-    lines = [f"# {tag}: the ladder climbed to x{factors[-1]}", "",
+    lines = [f"# {tag}: every rung of the ladder up to x{factors[-1]}", "",
              f"Command: `python experiments/strongest.py --models {tag.rsplit('-', 2)[0]} --alphas "
              f"{tag.rsplit('-', 2)[1]} --n {a.n_examples} --part A --climb {','.join(map(str, factors))}` (the "
              "default's rungs are reused from its state).", "",
@@ -365,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", action="store_true",
                    help="only summarise what the state files of --models/--alphas/--n already hold (unfinished runs)")
     p.add_argument("--climb", type=ladder_factors, default=None, metavar="FACTORS",
-                   help="with --part A: climb a longer ladder than the default's (e.g. 2,4,8) on from A's state; its "
-                        "rungs go to ladder-<model>-<α>-n<N>.md, the record keeps the default ladder's number")
+                   help="with --part A: climb every rung of these factors (e.g. 2,4,8) on from A's state, converged or "
+                        "not; the rungs go to ladder-<model>-<α>-n<N>.md, the record keeps the default ladder's number")
     p.add_argument("--part", choices=["all", "A", "B", "C"], default="all",
                    help="run only A (the new default), only B, or only C once A's first rung is in its state file "
                         "(beside a process running the rest); 'all' also writes the record")
