@@ -256,15 +256,16 @@ def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path,
     a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", base_model=base, batch_size=ctx.batch,
                     seed=0, progress=progress, ladder=ladder, indicators=False)
     path = out / f"ladder-{tag}.md"
-    path.write_text(_ladder_md(a, tag, factors))
+    path.write_text(_ladder_md(a, tag, factors, ctx.batch))
     return path
 
 
-def _ladder_md(a: ms.Report, tag: str, factors: tuple[int, ...]) -> str:
+def _ladder_md(a: ms.Report, tag: str, factors: tuple[int, ...], batch: int) -> str:
     """The rungs of a longer ladder than the default's (``--part A --climb``)."""
     lines = [f"# {tag}: every rung of the ladder up to x{factors[-1]}", "",
              f"Command: `python experiments/strongest.py --models {tag.rsplit('-', 2)[0]} --alphas "
-             f"{tag.rsplit('-', 2)[1]} --n {a.n_examples} --part A --climb {','.join(map(str, factors))}` (the "
+             f"{tag.rsplit('-', 2)[1]} --n {a.n_examples} --batch-size {batch} --part A --climb "
+             f"{','.join(map(str, factors))}` (the "
              "default's rungs are reused from its state).", "",
              "| rung | budget | attacks | attacked | broken | worst case after % |", "|---:|---|---|---:|---:|---:|"]
     lines += [f"| {x['rung']} | x{x['factor']} | {', '.join(x['attacks'])} | {x['n_attacked']} | {x['n_broken']} | "
@@ -426,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     # where the files went changes no number: the table shows the command anyone reruns for the same records
     commands = sorted({re.sub(r" --out \S+", "", r.get("command", command)) for r in results}) or [command]
     md = table(results, "`, `".join(commands))
+    if climbed := sorted(out.glob("ladder-*.md")):  # --part A --climb: every rung up to a larger budget
+        md += "\n## Longer ladders (`--part A --climb`)\n\n" + "".join(
+            f"- [{p.stem.removeprefix('ladder-')}]({p.name}): {p.read_text().strip().splitlines()[-1]}\n"
+            for p in climbed)
     if plot(results, out / "plot.png"):
         md += ("\n![robust accuracy against α for the three attack sets](plot.png)\n\nBars: ±1 binomial standard "
                "error of each number alone; the paired differences above are much tighter (same images).\n")
