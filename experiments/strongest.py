@@ -352,6 +352,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _commands(results: list[dict[str, Any]], default: str) -> list[str]:
+    """One command per set of runs that differ only in their α (resumed runs named one α each): where the files
+    went (``--out``) changes no number, so the table shows the command anyone reruns for the same records."""
+    alphas: dict[str, set[float]] = {}
+    for r in results:
+        rest = re.sub(r" --(out|alphas) \S+", "", r.get("command", default))
+        alphas.setdefault(rest, set()).add(r["alpha"])
+    return sorted(f"{rest} --alphas {','.join(f'{a:g}' for a in sorted(found, reverse=True))}"
+                  for rest, found in alphas.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="relu-pgd", help=f"comma list of {', '.join(MODELS)}")
@@ -424,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:  # only parts ran so far: no record to tabulate (--partial summarises their state files)
         print("no finished (checkpoint, α) yet; `--partial` summarises what the state files hold")
         return 0
-    # where the files went changes no number: the table shows the command anyone reruns for the same records
-    commands = sorted({re.sub(r" --out \S+", "", r.get("command", command)) for r in results}) or [command]
-    md = table(results, "`, `".join(commands))
+    md = table(results, "`, `".join(_commands(results, command)))
     if climbed := sorted(out.glob("ladder-*.md")):  # --part A --climb: every rung up to a larger budget
         md += "\n## Longer ladders (`--part A --climb`)\n\n" + "".join(
             f"- [{p.stem.removeprefix('ladder-')}]({p.name}): {p.read_text().strip().splitlines()[-1]}\n"
