@@ -81,7 +81,7 @@ def test_a_longer_ladder_resumes_the_rungs_already_run(models, test_set, tmp_pat
     attacks = ("apgd-ce", "bpda-apgd-ce")
     short = run(model, *test_set, attacks, ladder=Ladder(factors=(2,), share=0.0), state_path=state, **kw)
     stored = json.loads(state.read_text())["batches"]
-    assert short.converged is False and any("`--ladder 2,4`" in w for w in short.warnings)
+    assert short.converged is False and any("`meansparse evaluate --ladder 2,4`" in w for w in short.warnings)
     longer = run(model, *test_set, attacks, ladder=Ladder(factors=(2, 4), share=0.0), state_path=state, **kw)
     after = json.loads(state.read_text())["batches"]
     assert {k: after[k] for k in stored} == stored  # every record of the short ladder reused, not recomputed

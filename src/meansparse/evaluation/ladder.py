@@ -103,6 +103,6 @@ def ladder_findings(rungs: list[dict[str, Any]], ladder: Ladder, n: int) -> tupl
     more = ",".join(str(f) for f in (*ladder.factors, 2 * ladder.factors[-1]))
     return False, [f"budget ladder not converged: its last rung (x{last['factor']} budget) still broke "
                    f"{last['n_broken']} of {n} examples (more than {100 * ladder.share:g} %); the worst case may "
-                   f"fall further with larger budgets: climb on with `--ladder {more}` (Python: "
+                   f"fall further with larger budgets: climb on with `meansparse evaluate --ladder {more}` (Python: "
                    f"ladder=Ladder(factors=({more.replace(',', ', ')}))) and the same state file, which reuses "
                    "the rungs already run"]
