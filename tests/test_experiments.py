@@ -143,3 +143,15 @@ def test_arms_curves_tabulates_every_arm_and_marks_the_best_epoch(tmp_path):
     assert rows[2].endswith("| 41.0 | best |") and rows[4] == "| relu | ms | 2/3 | 0.2 | 60.0 | 35.0 | best |"
     assert "unknown" not in md and (out / "curves.png").stat().st_size > 0
     assert curves.main([str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_strongest_table_names_one_command_per_set_of_runs():
+    """Runs that differ only in α (resumed one α at a time) or in where their files went are one command."""
+    strongest = _module("strongest")
+    base = "python experiments/strongest.py --models gelu-pgd --n 200"
+    results = [{"alpha": 0.35, "command": f"{base} --alphas 0.35,0.2,0 --out /tmp/x"},
+               {"alpha": 0.2, "command": f"{base} --alphas 0.2"},
+               {"alpha": 0.0, "command": f"{base} --out /elsewhere --alphas 0"},
+               {"alpha": 0.2, "command": "python experiments/strongest.py --models relu-pgd --alphas 0.2"}]
+    assert strongest._commands(results, "unused") == [
+        f"{base} --alphas 0.35,0.2,0", "python experiments/strongest.py --models relu-pgd --alphas 0.2"]
