@@ -181,15 +181,21 @@ def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | N
     return [all(found[name][i] for name in names) for i in range(n)]
 
 
+def _setting(ctx: Ctx, key: str, alpha: float, progress: bool
+             ) -> tuple[torch.nn.Module, torch.nn.Module, str, dict[str, Any]]:
+    """(base model, MeanSparse model at ``alpha``, state tag, the keywords every evaluation of it shares)."""
+    base, model = ctx.prepared(key)
+    ms.set_alpha(model, alpha)
+    STATE.mkdir(parents=True, exist_ok=True)
+    return base, model, f"{key}-{alpha:g}-n{ctx.n}", dict(base_model=base, batch_size=ctx.batch, seed=0,
+                                                         progress=progress)
+
+
 def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all") -> dict[str, Any] | None:
     """One (checkpoint, α). ``part`` "A" / "B" / "C" runs only that part (resumable; B and C can run beside a
     process running A's ladder: C attacks what A's first rung and B leave robust), "all" everything and returns
     the record."""
-    base, model = ctx.prepared(key)
-    ms.set_alpha(model, alpha)
-    tag = f"{key}-{alpha:g}-n{ctx.n}"
-    STATE.mkdir(parents=True, exist_ok=True)
-    common = dict(base_model=base, batch_size=ctx.batch, seed=0, progress=progress)
+    base, model, tag, common = _setting(ctx, key, alpha, progress)
     missing = [n for n in OLD_DEFAULT if n not in ms.evaluation.DEFAULT_ATTACKS]
     b = ms.evaluate(model, ctx.x, ctx.y, attacks=missing, individual=True, ladder=False, indicators=False,
                     state_path=STATE / f"{tag}-B.json", **common) if missing and part in ("all", "B", "C") else None
@@ -249,24 +255,21 @@ def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path,
     the default ladder did not converge, how far the worst case still falls; where one model's ladder stopped
     earlier than the other's, the same rungs for both.  The record keeps the default ladder's number; the rungs
     go to ladder-<tag>.md."""
-    base, model = ctx.prepared(key)
-    ms.set_alpha(model, alpha)
-    tag = f"{key}-{alpha:g}-n{ctx.n}"
+    _, model, tag, common = _setting(ctx, key, alpha, progress)
     ladder = ms.evaluation.Ladder(factors=factors, min_rungs=len(factors))
-    a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", base_model=base, batch_size=ctx.batch,
-                    seed=0, progress=progress, ladder=ladder, indicators=False)
+    a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", ladder=ladder, indicators=False,
+                    **common)
+    command = (f"python experiments/strongest.py --models {key} --alphas {alpha:g} --n {ctx.n} --batch-size "
+               f"{ctx.batch} --part A --climb {','.join(map(str, factors))}")
     path = out / f"ladder-{tag}.md"
-    path.write_text(_ladder_md(a, tag, factors, ctx.batch))
+    path.write_text(_ladder_md(a, tag, command))
     return path
 
 
-def _ladder_md(a: ms.Report, tag: str, factors: tuple[int, ...], batch: int) -> str:
-    """The rungs of a longer ladder than the default's (``--part A --climb``)."""
-    lines = [f"# {tag}: every rung of the ladder up to x{factors[-1]}", "",
-             f"Command: `python experiments/strongest.py --models {tag.rsplit('-', 2)[0]} --alphas "
-             f"{tag.rsplit('-', 2)[1]} --n {a.n_examples} --batch-size {batch} --part A --climb "
-             f"{','.join(map(str, factors))}` (the "
-             "default's rungs are reused from its state).", "",
+def _ladder_md(a: ms.Report, tag: str, command: str) -> str:
+    """The rungs of a climbed ladder (``--part A --climb``)."""
+    lines = [f"# {tag}: every rung of the ladder up to x{a.ladder[-1]['factor']}", "",
+             f"Command: `{command}` (the default's rungs are reused from its state).", "",
              "| rung | budget | attacks | attacked | broken | worst case after % |", "|---:|---|---|---:|---:|---:|"]
     lines += [f"| {x['rung']} | x{x['factor']} | {', '.join(x['attacks'])} | {x['n_attacked']} | {x['n_broken']} | "
               f"{_pct(x['worst_case_after'])} |" for x in a.ladder]
