@@ -53,6 +53,13 @@ def attack_options(steps: int, queries: int) -> dict[str, dict[str, int]]:
     return {**apgd, "pgd": {"steps": 50}, "square": {"queries": queries}}
 
 
+def test_images(n: int) -> Any:
+    """The first ``n`` of a seed-0 random draw of CIFAR-10 test images, in index order: the images of every
+    experiment's test numbers (a prefix of a larger draw, so 200 of them are among 1,000)."""
+    test = load_dataset("cifar10-jpg", "test")
+    return test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n].sort().values)
+
+
 class Ctx:
     """Shared state of one invocation: data, scale, attack budget, output folder."""
 
@@ -68,9 +75,7 @@ class Ctx:
         self.opts = attack_options(args.steps, args.queries)
         train = load_dataset("cifar10-jpg", "train")
         self.fit, self.hold = holdout_split(train, 1000, seed=0)
-        test = load_dataset("cifar10-jpg", "test")
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: self.n].sort().values
-        self.test = test.subset(idx)
+        self.test = test_images(self.n)
         self.x, self.y = self.test.float(), self.test.labels
 
     def base(self, key: str) -> torch.nn.Module:

@@ -4,9 +4,10 @@
 # order: the matched control (no operators), MeanSparse in the loop (straight-through inner attack), MeanSparse
 # with the exact inner gradient (the masking arm) and, when asked, MeanSparse with the surrogate inner gradient
 # (ms-surrogate: the inner attack back-propagates the soft threshold, as the evaluation's sg-* attacks).  Each arm
-# is then evaluated with the default worst case on the test split; the MeanSparse arm also at α = 0 (the
-# fine-tuned weights without the band), and the control gets post-training MeanSparse (sweep), the baseline the
-# in-loop arm must beat.
+# is then evaluated with the default worst case on the test split (experiments/arms_eval.py: the same images as
+# experiments/strongest.py's starting-checkpoint records, paired intervals against the control and the start);
+# the MeanSparse arm also at α = 0 (the fine-tuned weights without the band), and the control gets post-training
+# MeanSparse (sweep), the baseline the in-loop arm must beat.
 #   bash experiments/finetune_arms.sh OUT                 # GPU: DEVICE=cuda (default when available)
 #   EPOCHS=5 ALPHA=0.3 WARMUP=2 N=1000 ACTS="relu gelu" bash experiments/finetune_arms.sh OUT
 #   STEP=train ARMS="control ms" ACTS=relu bash experiments/finetune_arms.sh OUT   # only train these arms (CPU)
@@ -48,14 +49,12 @@ for act in $ACTS; do
     fi
   done
   [ "$STEP" = train ] && continue
-  for arm in $ARMS; do
-    ms evaluate --checkpoint "$OUT/runs/$act-$arm/best" --data cifar10-jpg --n-examples "$N" --seed "$SEED" \
-      --device "$DEVICE" --out "$OUT/eval/$act-$arm"
-  done
-  if [[ " $ARMS " == *" ms "* ]]; then
-    ms evaluate --checkpoint "$OUT/runs/$act-ms/best" --alpha 0 --data cifar10-jpg --n-examples "$N" \
-      --seed "$SEED" --device "$DEVICE" --out "$OUT/eval/$act-ms-alpha0"
-  fi
+  rows=$ARMS
+  [[ " $ARMS " == *" ms "* ]] && rows="$rows ms-alpha0"
+  # every arm on the same N test images as experiments/strongest.py's records of the starting checkpoint
+  # (run strongest.py for the same N first), paired against the control and the start
+  "$PY" experiments/arms_eval.py "$OUT" --acts "$act" --rows "${rows// /,}" --n "$N" --device "$DEVICE" \
+    ${THREADS:+--threads "$THREADS"}
   if [[ " $ARMS " == *" control "* ]]; then
     ms sweep --model "$OUT/runs/$act-control/best" --data cifar10-jpg --device "$DEVICE" \
       --out "$OUT/sweep/$act-control"

@@ -155,3 +155,35 @@ def test_strongest_table_names_one_command_per_set_of_runs():
                {"alpha": 0.2, "command": "python experiments/strongest.py --models relu-pgd --alphas 0.2"}]
     assert strongest._commands(results, "unused") == [
         f"{base} --alphas 0.35,0.2,0", "python experiments/strongest.py --models relu-pgd --alphas 0.2"]
+
+
+def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path, monkeypatch):
+    """The arms' table: each row's worst case with paired intervals against the control and the starting
+    checkpoint (strongest.py's record), the rows not evaluated yet named; bad arguments are one error line."""
+    arms = _module("arms_eval")
+    strongest_out = tmp_path / "strongest"
+    strongest_out.mkdir()
+    monkeypatch.setattr(arms, "STRONGEST", strongest_out)
+    start = [True, True, False, False]
+    (strongest_out / "results-relu-pgd-0-n4.json").write_text(json.dumps(
+        {"clean": 0.75, "new": start, "converged": True, "ladder": [], "command": "python strongest.py"}))
+    out = tmp_path / "out"
+    out.mkdir()
+    for row, robust in {"control": [True, False, False, False], "ms": [True, True, True, False]}.items():
+        (out / f"results-relu-{row}-n4.json").write_text(json.dumps(
+            {"alpha": 0.15 if row == "ms" else 0.0, "n": 4, "clean": 1.0, "robust": robust, "converged": row == "ms",
+             "ladder": [], "command": f"python arms_eval.py {row}"}))
+    assert arms.main([str(tmp_path / "runs"), "--acts", "relu", "--n", "4", "--out", str(out), "--report"]) == 0
+    md = (out / "eval-n4.md").read_text()
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| relu")}
+    control, ms_row = rows[arms.ROWS["control"][0]], rows[arms.ROWS["ms"][0]]
+    assert control.endswith("| 25.0 | no | - | -25.0 [-74.0, +24.0] |")
+    assert ms_row.startswith("| relu | (b) MeanSparse in the loop")
+    assert "| 0.15 | 100.0 | 75.0 | yes | +50.0 [" in ms_row
+    assert "not yet evaluated: post, ms-alpha0, ms-exact" in md  # ReLU's held-out α is 0.2: no record at n = 4
+    assert "`python arms_eval.py control`, `python arms_eval.py ms`, `python strongest.py`" in md
+    assert (out / "eval-n4.png").stat().st_size > 0
+    for bad in (["--rows", "nope"], ["--acts", "tanh"], ["--rows", "ms"]):  # the last: no finished arm
+        with pytest.raises(SystemExit) as e:
+            arms.main([str(tmp_path / "runs"), "--n", "4", "--out", str(out), *bad])
+        assert e.value.code == 2
