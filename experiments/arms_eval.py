@@ -63,9 +63,9 @@ def chosen_alpha(act: str) -> float:
     return float(json.loads((RESULTS / f"sweep-{act}-pgd" / "sweep.json").read_text())["chosen"]["alpha"])
 
 
-def reference_record(act: str, alpha: float, n: int) -> dict[str, Any]:
+def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[str, Any]:
     """strongest.py's new-default verdicts for the starting checkpoint at ``alpha`` on the same n images."""
-    path = STRONGEST / f"results-{act}-pgd-{alpha:g}-n{n}.json"
+    path = strongest / f"results-{act}-pgd-{alpha:g}-n{n}.json"
     if not path.exists():
         raise SystemExit(f"arms_eval: no {path}: run `python experiments/strongest.py --models {act}-pgd "
                          f"--alphas {alpha:g} --n {n}` first (the starting checkpoint's rows)")
@@ -94,7 +94,7 @@ def evaluate_row(root: Path, act: str, row: str, n: int, batch: int, device: tor
             "checkpoint": str(ckpt), "seconds": time.time() - t0}
 
 
-def load_rows(out: Path, act: str, n: int) -> dict[str, dict[str, Any]]:
+def load_rows(out: Path, act: str, n: int, strongest: Path) -> dict[str, dict[str, Any]]:
     """The rows of one checkpoint that have a record (the evaluated arms) or a strongest.py record."""
     rows: dict[str, dict[str, Any]] = {}
     for row in EVALUATED:
@@ -102,8 +102,8 @@ def load_rows(out: Path, act: str, n: int) -> dict[str, dict[str, Any]]:
         if path.exists():
             rows[row] = json.loads(path.read_text())
     for row, alpha in (("start", 0.0), ("post", chosen_alpha(act))):
-        if (STRONGEST / f"results-{act}-pgd-{alpha:g}-n{n}.json").exists():
-            rows[row] = reference_record(act, alpha, n)
+        if (strongest / f"results-{act}-pgd-{alpha:g}-n{n}.json").exists():
+            rows[row] = reference_record(act, alpha, n, strongest)
     return rows
 
 
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--strongest", type=Path, default=STRONGEST,
+                   help="folder of experiments/strongest.py's records (its --out; default: the committed one)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot from the records")
     args = p.parse_args(argv)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / f"results-{act}-{row}-n{args.n}.json").write_text(json.dumps(r) + "\n")
             print(f"[{act} {row}] clean {_pct(r['clean'])} worst {_pct(sum(r['robust']) / args.n)} "
                   f"({r['seconds']:.0f} s)", flush=True)
-    by_act = {act: load_rows(args.out, act, args.n) for act in acts}
+    by_act = {act: load_rows(args.out, act, args.n, args.strongest) for act in acts}
     commands = sorted({r["command"] for rows_ in by_act.values() for r in rows_.values() if "command" in r})
     md = table(by_act, args.n, "`, `".join(commands) or command)
     if plot(by_act, args.out / f"eval-n{args.n}.png"):

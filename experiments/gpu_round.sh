@@ -9,6 +9,8 @@
 #   strongest-relu  issue #25 item 4: experiments/strongest.py, ReLU PGD-AT, α 0.35, 0.2, 0 on N images
 #   strongest-gelu  the same on the GELU PGD-AT checkpoint
 #   ablations       the paper's ablations with the MeanSparse-aware honest columns (--attack-set aware)
+#   arms            issue #24 item 4: experiments/arms_eval.py, the finished fine-tuning arms under ARMS_ROOT
+#                   (default runs/arms: carry it) on the same N images as the strongest-* records
 # The lent machines have their own CUDA torch and no internet: put meansparse's src and the pure-Python
 # dependencies on PYTHONPATH and point MEANSPARSE_CIFAR10_JPG at a copy of the CIFAR-10 archive, e.g.
 #   export PYTHONPATH=$PWD/src:$PWD/.devdata/site MEANSPARSE_CIFAR10_JPG=$PWD/.devdata/cifar10-jpg.tar.gz
@@ -16,15 +18,16 @@ set -uo pipefail
 OUT=${1:?usage: gpu_round.sh OUT_DIR}
 DEVICE=${DEVICE:-cuda}
 SCALE=${STEP_LIMIT_SCALE:-1}
-STEPS=${STEPS:-strongest-relu strongest-gelu ablations}
+STEPS=${STEPS:-strongest-relu strongest-gelu arms ablations}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 if [ -n "${QUICK:-}" ]; then  # tables into OUT, not over the committed ones
   N=${N:-4}; BS=4; ABL=(a1 --n 4 --steps 2 --queries 10 --out "$OUT/ablations"); SOUT=(--out "$OUT/strongest")
+  AOUT=(--strongest "$OUT/strongest" --out "$OUT/arms")
 else
-  N=${N:-1000}; BS=500; ABL=(per-layer a10 a1 a3 a4 a5 a6 a7 a2 a8 a9 --n 1000 --steps 20); SOUT=()
+  N=${N:-1000}; BS=500; ABL=(per-layer a10 a1 a3 a4 a5 a6 a7 a2 a8 a9 --n 1000 --steps 20); SOUT=(); AOUT=()
 fi
 step() {  # name, limit s, command...: output to OUT/name.txt; a failing or timed-out step does not stop the round
   local name=$1 limit=$2; shift 2
@@ -41,10 +44,12 @@ for key in relu gelu; do
   step "strongest-$key" "$([ $key = relu ] && echo 300 || echo 240)" "$PY" "${S[@]}" --batch-size "$BS" --device "$DEVICE"
   selected "strongest-$key" && "$PY" "${S[@]}" --partial > "$OUT/strongest-$key-partial.txt" 2>&1  # unfinished too
 done
+step arms 300 "$PY" experiments/arms_eval.py "${ARMS_ROOT:-runs/arms}" --n "$N" --batch-size "$BS" \
+  --device "$DEVICE" "${AOUT[@]}"
 step ablations 300 "$PY" experiments/ablations.py "${ABL[@]}" --batch-size "$BS" --device "$DEVICE"
 # what comes back (at most 8 files, 2 folders down): the resumable states and every table in two archives
 tar -czf "$OUT/states.tar.gz" experiments/results/cache/state 2>/dev/null
-if [ -n "${QUICK:-}" ]; then tar -czf "$OUT/tables.tar.gz" -C "$OUT" strongest ablations 2>/dev/null
-else tar -czf "$OUT/tables.tar.gz" experiments/results/strongest experiments/results/a*-* experiments/results/per-layer-alpha \
-  2>/dev/null; fi
+if [ -n "${QUICK:-}" ]; then tar -czf "$OUT/tables.tar.gz" -C "$OUT" strongest arms ablations 2>/dev/null
+else tar -czf "$OUT/tables.tar.gz" experiments/results/strongest experiments/results/finetune-arms experiments/results/a*-* \
+  experiments/results/per-layer-alpha 2>/dev/null; fi
 ls -la "$OUT"

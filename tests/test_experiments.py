@@ -157,13 +157,12 @@ def test_strongest_table_names_one_command_per_set_of_runs():
         f"{base} --alphas 0.35,0.2,0", "python experiments/strongest.py --models relu-pgd --alphas 0.2"]
 
 
-def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path, monkeypatch):
+def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     """The arms' table: each row's worst case with paired intervals against the control and the starting
     checkpoint (strongest.py's record), the rows not evaluated yet named; bad arguments are one error line."""
     arms = _module("arms_eval")
     strongest_out = tmp_path / "strongest"
     strongest_out.mkdir()
-    monkeypatch.setattr(arms, "STRONGEST", strongest_out)
     start = [True, True, False, False]
     (strongest_out / "results-relu-pgd-0-n4.json").write_text(json.dumps(
         {"clean": 0.75, "new": start, "converged": True, "ladder": [], "command": "python strongest.py"}))
@@ -173,7 +172,8 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path, monk
         (out / f"results-relu-{row}-n4.json").write_text(json.dumps(
             {"alpha": 0.15 if row == "ms" else 0.0, "n": 4, "clean": 1.0, "robust": robust, "converged": row == "ms",
              "ladder": [], "command": f"python arms_eval.py {row}"}))
-    assert arms.main([str(tmp_path / "runs"), "--acts", "relu", "--n", "4", "--out", str(out), "--report"]) == 0
+    assert arms.main([str(tmp_path / "runs"), "--acts", "relu", "--n", "4", "--out", str(out), "--report",
+                      "--strongest", str(strongest_out)]) == 0
     md = (out / "eval-n4.md").read_text()
     rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| relu")}
     control, ms_row = rows[arms.ROWS["control"][0]], rows[arms.ROWS["ms"][0]]
