@@ -39,6 +39,7 @@ from meansparse.zoo import load_model_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import RESULTS, test_images  # noqa: E402
+from paired_ci import paired  # noqa: E402
 from strongest import OUT as STRONGEST  # noqa: E402
 from strongest import _ci, _pct  # noqa: E402
 
@@ -130,23 +131,39 @@ def table(by_act: dict[str, dict[str, dict[str, Any]]], n: int, command: str) ->
 
 
 def plot(by_act: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:
-    """Worst-case and clean accuracy per row, one panel per checkpoint."""
+    """Per checkpoint: worst-case and clean accuracy per row (top), and each row's paired difference in worst
+    case against the starting checkpoint and the control with its 95 % interval (bottom: the comparison the
+    per-row error bars overstate, since every row sees the same images)."""
     acts = [a for a, rows in by_act.items() if rows]
     if not acts:
         return False
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(acts), figsize=(6 * len(acts), 4.2), squeeze=False)
-    for ax, act in zip(axes[0], acts):
+    fig, axes = plt.subplots(2, len(acts), figsize=(6 * len(acts), 7.5), squeeze=False, sharex="col")
+    for col, act in enumerate(acts):
         rows = sorted(by_act[act].items(), key=lambda kv: list(ROWS).index(kv[0]))
         xs = range(len(rows))
+        top, bottom = axes[0][col], axes[1][col]
         for key, shift, label in (("robust", -0.18, "worst case"), ("clean", 0.18, "clean")):
             acc = [sum(r["robust"]) / len(r["robust"]) if key == "robust" else r["clean"] for _, r in rows]
             err = [100 * binomial_se(a, r["n"]) for a, (_, r) in zip(acc, rows)]
-            ax.bar([x + shift for x in xs], [100 * a for a in acc], width=0.36, yerr=err, capsize=3, label=label)
-        ax.set_xticks(list(xs), [row for row, _ in rows], rotation=20)
-        ax.set(title=f"{act} PGD-AT: fine-tuning arms", ylabel="accuracy %")
-        ax.grid(axis="y", alpha=0.3)
+            top.bar([x + shift for x in xs], [100 * a for a in acc], width=0.36, yerr=err, capsize=3, label=label)
+        for ref, shift in (("start", -0.12), ("control", 0.12)):
+            if ref not in by_act[act]:
+                continue
+            pts = [(x, paired([int(v) for v in r["robust"]], [int(v) for v in by_act[act][ref]["robust"]]))
+                   for x, (row, r) in zip(xs, rows) if row != ref]
+            bottom.errorbar([x + shift for x, _ in pts], [100 * d["delta"] for _, d in pts],
+                            yerr=[[100 * (d["delta"] - d["low"]) for _, d in pts],
+                                  [100 * (d["high"] - d["delta"]) for _, d in pts]],
+                            fmt="o", capsize=3, label=f"vs {ref}")
+        bottom.axhline(0, color="gray", lw=0.8)
+        top.set(title=f"{act} PGD-AT: fine-tuning arms", ylabel="accuracy %")
+        bottom.set(ylabel="Δ worst case, points (95 % CI)")
+        bottom.set_xticks(list(xs), [row for row, _ in rows], rotation=20)
+        for ax in (top, bottom):
+            ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    axes[1][0].legend(fontsize=8)
     save_figure(fig, path)
     return True
 
@@ -198,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = sorted({r["command"] for rows_ in by_act.values() for r in rows_.values() if "command" in r})
     md = table(by_act, args.n, "`, `".join(commands) or command)
     if plot(by_act, args.out / f"eval-n{args.n}.png"):
-        md += f"\n![arms: worst case and clean accuracy](eval-n{args.n}.png)\n\nBars: ±1 binomial standard error.\n"
+        md += (f"\n![arms: worst case and clean accuracy](eval-n{args.n}.png)\n\nTop: ±1 binomial standard error "
+               "of each number alone; bottom: paired differences in worst case with their 95 % intervals.\n")
     (args.out / f"eval-n{args.n}.md").write_text(md)
     print(md)
     return 0
