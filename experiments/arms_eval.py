@@ -127,7 +127,10 @@ def table(by_act: dict[str, dict[str, dict[str, Any]]], n: int, command: str) ->
         missing = [row for row in ROWS if row not in rows and row not in OPTIONAL]
         if missing:
             lines.append(f"| {act} | not yet evaluated: {', '.join(missing)} | | | | | | |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {act}: the band itself, on the in-loop arm's own weights (ms − ms-alpha0, paired): "
+             f"{_ci(rows['ms']['robust'], rows['ms-alpha0']['robust'])}"
+             for act, rows in by_act.items() if "ms" in rows and "ms-alpha0" in rows]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def plot(by_act: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:

@@ -168,7 +168,9 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
         {"clean": 0.75, "new": start, "converged": True, "ladder": [], "command": "python strongest.py"}))
     out = tmp_path / "out"
     out.mkdir()
-    for row, robust in {"control": [True, False, False, False], "ms": [True, True, True, False]}.items():
+    arm_rows = {"control": [True, False, False, False], "ms": [True, True, True, False],
+                "ms-alpha0": [True, True, True, True]}
+    for row, robust in arm_rows.items():
         (out / f"results-relu-{row}-n4.json").write_text(json.dumps(
             {"alpha": 0.15 if row == "ms" else 0.0, "n": 4, "clean": 1.0, "robust": robust, "converged": row == "ms",
              "ladder": [], "command": f"python arms_eval.py {row}"}))
@@ -180,8 +182,9 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     assert control.endswith("| 25.0 | no | - | -25.0 [-74.0, +24.0] |")
     assert ms_row.startswith("| relu | (b) MeanSparse in the loop")
     assert "| 0.15 | 100.0 | 75.0 | yes | +50.0 [" in ms_row
-    assert "not yet evaluated: post, ms-alpha0, ms-exact" in md  # ReLU's held-out α is 0.2: no record at n = 4
-    assert "`python arms_eval.py control`, `python arms_eval.py ms`, `python strongest.py`" in md
+    assert "not yet evaluated: post, ms-exact" in md  # ReLU's held-out α is 0.2: no record at n = 4
+    assert "(ms − ms-alpha0, paired): -25.0 [-74.0, +24.0]" in md  # the band alone on the same weights
+    assert "`python arms_eval.py control`, `python arms_eval.py ms`, `python arms_eval.py ms-alpha0`, " in md
     assert (out / "eval-n4.png").stat().st_size > 0
     for bad in (["--rows", "nope"], ["--acts", "tanh"], ["--rows", "ms"]):  # the last: no finished arm
         with pytest.raises(SystemExit) as e:
