@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[st
                          f"--alphas {alpha:g} --n {n}` first (the starting checkpoint's rows)")
     r = json.loads(path.read_text())
     return {"alpha": alpha, "n": n, "clean": r["clean"], "robust": r["new"], "converged": r["converged"],
-            "ladder": r["ladder"], "command": r["command"]}
+            "ladder": r["ladder"], "command": re.sub(r" --out \S+", "", r["command"])}  # where files went: no number
 
 
 def evaluate_row(root: Path, act: str, row: str, n: int, batch: int, device: torch.device,
