@@ -164,8 +164,9 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     strongest_out = tmp_path / "strongest"
     strongest_out.mkdir()
     start = [True, True, False, False]
-    (strongest_out / "results-relu-pgd-0-n4.json").write_text(json.dumps(
-        {"clean": 0.75, "new": start, "converged": True, "ladder": [], "command": "python strongest.py"}))
+    (strongest_out / "results-relu-pgd-0-n4.json").write_text(json.dumps(  # plain: 3 clean-correct, 1 broken
+        {"clean": 0.75, "new": start, "converged": True, "ladder": [], "command": "python strongest.py --out /x",
+         "broke": {"apgd-ce": [3]}}))
     out = tmp_path / "out"
     out.mkdir()
     arm_rows = {"control": [True, False, False, False], "ms": [True, True, True, False],
@@ -173,7 +174,7 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     for row, robust in arm_rows.items():
         (out / f"results-relu-{row}-n4.json").write_text(json.dumps(
             {"alpha": 0.15 if row == "ms" else 0.0, "n": 4, "clean": 1.0, "robust": robust, "converged": row == "ms",
-             "ladder": [], "command": f"python arms_eval.py {row}"}))
+             "ladder": [], "command": f"python arms_eval.py {row}", **({"plain": 1.0} if row == "ms" else {})}))
     assert arms.main([str(tmp_path / "runs"), "--acts", "relu", "--n", "4", "--out", str(out), "--report",
                       "--strongest", str(strongest_out)]) == 0
     md = (out / "eval-n4.md").read_text()
@@ -181,7 +182,8 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     control, ms_row = rows[arms.ROWS["control"][0]], rows[arms.ROWS["ms"][0]]
     assert control.endswith("| 25.0 | no | - | -25.0 [-74.0, +24.0] |")
     assert ms_row.startswith("| relu | (b) MeanSparse in the loop")
-    assert "| 0.15 | 100.0 | 75.0 | yes | +50.0 [" in ms_row
+    assert "| 0.15 | 100.0 | 100.0 | 75.0 | yes | +50.0 [" in ms_row  # plain APGD-CE beside the worst case
+    assert rows[arms.ROWS["start"][0]].startswith("| relu | starting checkpoint (α = 0) | 0 | 75.0 | 50.0 | 50.0 |")
     assert "not yet evaluated: post, ms-exact" in md  # ReLU's held-out α is 0.2: no record at n = 4
     assert "(ms − ms-alpha0, paired): -25.0 [-74.0, +24.0]" in md  # the band alone on the same weights
     assert "`python arms_eval.py control`, `python arms_eval.py ms`, `python arms_eval.py ms-alpha0`, " in md
