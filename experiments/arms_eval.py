@@ -65,12 +65,12 @@ def chosen_alpha(act: str) -> float:
     return float(json.loads((RESULTS / f"sweep-{act}-pgd" / "sweep.json").read_text())["chosen"]["alpha"])
 
 
-def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[str, Any]:
-    """strongest.py's new-default verdicts for the starting checkpoint at ``alpha`` on the same n images."""
+def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[str, Any] | None:
+    """strongest.py's new-default verdicts for the starting checkpoint at ``alpha`` on the same n images (None
+    until strongest.py has run for this n)."""
     path = strongest / f"results-{act}-pgd-{alpha:g}-n{n}.json"
     if not path.exists():
-        raise SystemExit(f"arms_eval: no {path}: run `python experiments/strongest.py --models {act}-pgd "
-                         f"--alphas {alpha:g} --n {n}` first (the starting checkpoint's rows)")
+        return None
     r = json.loads(path.read_text())
     plain = (round(r["clean"] * n) - len(r["broke"]["apgd-ce"])) / n if "apgd-ce" in r.get("broke", {}) else None
     return {"alpha": alpha, "n": n, "clean": r["clean"], "plain": plain, "robust": r["new"],
@@ -78,7 +78,7 @@ def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[st
             "command": re.sub(r" --out \S+", "", r["command"])}  # where its files went changes no number
 
 
-def evaluate_row(root: Path, act: str, row: str, n: int, batch: int, device: torch.device,
+def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device: torch.device,
                  progress: bool) -> dict[str, Any]:
     """One fine-tuned arm (at its own α or the row's) under the default worst case; resumable."""
     _, arm, alpha = ROWS[row]
@@ -88,7 +88,7 @@ def evaluate_row(root: Path, act: str, row: str, n: int, batch: int, device: tor
         ms.set_alpha(model, alpha)
     ops = ms.operators(model)
     alpha = float(ops[0].alpha) if ops else 0.0
-    images = test_images(n)
+    n = len(images)
     STATE.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rep = ms.evaluate(model, images.float(), images.labels, batch_size=batch, seed=0, progress=progress,
@@ -106,19 +106,10 @@ def load_rows(out: Path, act: str, n: int, strongest: Path) -> dict[str, dict[st
         path = out / f"results-{act}-{row}-n{n}.json"
         if path.exists():
             rows[row] = json.loads(path.read_text())
-            rows[row].setdefault("plain", _plain_from_state(STATE / f"{act}-{row}-n{n}.json", n))
     for row, alpha in (("start", 0.0), ("post", chosen_alpha(act))):
-        if (strongest / f"results-{act}-pgd-{alpha:g}-n{n}.json").exists():
-            rows[row] = reference_record(act, alpha, n, strongest)
+        if (record := reference_record(act, alpha, n, strongest)) is not None:
+            rows[row] = record
     return rows
-
-
-def _plain_from_state(path: Path, n: int) -> float | None:
-    """Plain APGD-CE's robust accuracy from an evaluation state (records written before they kept it)."""
-    if not path.exists():
-        return None
-    per = json.loads(path.read_text())["batches"].get("apgd-ce", {})
-    return sum(sum(rec["robust"]) for rec in per.values()) / n if per else None
 
 
 def table(by_act: dict[str, dict[str, dict[str, Any]]], n: int, command: str) -> str:
@@ -141,8 +132,9 @@ def table(by_act: dict[str, dict[str, dict[str, Any]]], n: int, command: str) ->
             lines.append(f"| {act} | {ROWS[row][0]} | {r['alpha']:g} | {_pct(r['clean'])} | {plain} | "
                          f"{_pct(sum(rob) / len(rob))} | {'yes' if r['converged'] else 'no'} | {vs_c} | {vs_s} |")
         missing = [row for row in ROWS if row not in rows and row not in OPTIONAL]
+        hint = " (start, post: run experiments/strongest.py for this n)" if {"start", "post"} & set(missing) else ""
         if missing:
-            lines.append(f"| {act} | not yet evaluated: {', '.join(missing)} | | | | | | | |")
+            lines.append(f"| {act} | not yet evaluated: {', '.join(missing)}{hint} | | | | | | | |")
     notes = [f"- {act}: the band itself, on the in-loop arm's own weights (ms − ms-alpha0, paired): "
              f"{_ci(rows['ms']['robust'], rows['ms-alpha0']['robust'])}"
              for act, rows in by_act.items() if "ms" in rows and "ms-alpha0" in rows]
@@ -224,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
+        images = test_images(args.n) if todo else None  # decoded once for every row
         for act, row in todo:
-            r = evaluate_row(args.root, act, row, args.n, args.batch_size, device, args.progress)
+            r = evaluate_row(args.root, act, row, images, args.batch_size, device, args.progress)
             r["command"] = command
             (args.out / f"results-{act}-{row}-n{args.n}.json").write_text(json.dumps(r) + "\n")
             print(f"[{act} {row}] clean {_pct(r['clean'])} worst {_pct(sum(r['robust']) / args.n)} "
