@@ -14,11 +14,13 @@ Rows per reference checkpoint (ReLU / GELU PGD-AT):
   ms-alpha0  the same weights without the band (α = 0): what the fine-tuning did to the network itself;
   ms-exact   (d) fine-tuned with the exact inner gradient (the masking arm), at its best epoch's α;
   ms-surrogate  the optional arm whose inner attack back-propagates the soft threshold.
-``start`` and ``post`` are experiments/strongest.py's new-default records (run that first for the same --n);
-the other rows are evaluated here with ``ms.evaluate``'s defaults (attack list, budget ladder, indicators;
-transfer from the arm's own network at α = 0), resumable per batch (state files under
-results/cache/state/arms/).  Writes results-<act>-<row>-n<N>.json, eval-n<N>.md and eval-n<N>.png to
-experiments/results/finetune-arms/.  The images are those of every experiment here (ablations.test_images).
+``start`` and ``post`` are experiments/strongest.py's new-default records where it has run for the same --n;
+where it has not, they are evaluated here as its part A (``strongest.new_default``, on its state files: either
+script resumes the other's work when both use the same --batch-size; strongest.py's default is 250).  The other
+rows are evaluated with ``ms.evaluate``'s defaults (attack list, budget ladder, indicators; transfer from the
+arm's own network at α = 0), resumable per batch (state files under results/cache/state/arms/).  Writes
+results-<act>-<row>-n<N>.json, eval-n<N>.md and eval-n<N>.png to experiments/results/finetune-arms/.  The
+images are those of every experiment here (ablations.test_images).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import RESULTS, test_images  # noqa: E402
 from paired_ci import paired  # noqa: E402
 from strongest import OUT as STRONGEST  # noqa: E402
-from strongest import _ci, _pct  # noqa: E402
+from strongest import _ci, _pct, context, new_default  # noqa: E402
 
 OUT = RESULTS / "finetune-arms"
 STATE = RESULTS / "cache" / "state" / "arms"
@@ -56,7 +58,8 @@ ROWS: dict[str, tuple[str, str | None, float | None]] = {
     "ms-exact": ("(d) MeanSparse, exact inner gradient (masking)", "ms-exact", None),
     "ms-surrogate": ("MeanSparse, surrogate inner gradient", "ms-surrogate", None),
 }
-EVALUATED = [r for r, (_, arm, _) in ROWS.items() if arm is not None]
+EVALUATED = list(ROWS)
+REFERENCE = ("start", "post")  # rows of the starting checkpoint itself
 OPTIONAL = ("ms-surrogate",)  # an arm finetune_arms.sh trains only when asked
 
 
@@ -76,6 +79,20 @@ def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[st
     return {"alpha": alpha, "n": n, "clean": r["clean"], "plain": plain, "robust": r["new"],
             "converged": r["converged"], "ladder": r["ladder"],
             "command": re.sub(r" --out \S+", "", r["command"])}  # where its files went changes no number
+
+
+def reference_alpha(act: str, row: str) -> float:
+    return 0.0 if row == "start" else chosen_alpha(act)
+
+
+def evaluate_reference(ctx: Any, act: str, row: str, progress: bool) -> dict[str, Any]:
+    """``start`` / ``post`` as strongest.py's part A (the same model, images, seed and state file)."""
+    alpha = reference_alpha(act, row)
+    t0 = time.time()
+    rep = new_default(ctx, f"{act}-pgd", alpha, progress)
+    return {"alpha": alpha, "n": ctx.n, "clean": rep.clean_accuracy, "plain": rep.robust_accuracy.get("apgd-ce"),
+            "robust": list(rep.worst_case_robust), "converged": rep.converged, "ladder": rep.ladder,
+            "warnings": rep.warnings, "checkpoint": f"{act}-pgd", "seconds": time.time() - t0}
 
 
 def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device: torch.device,
@@ -100,15 +117,16 @@ def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device
 
 
 def load_rows(out: Path, act: str, n: int, strongest: Path) -> dict[str, dict[str, Any]]:
-    """The rows of one checkpoint that have a record (the evaluated arms) or a strongest.py record."""
+    """The rows of one checkpoint that have a record here, start and post from strongest.py's where it has one
+    (the same state file behind both where they share a batch size)."""
     rows: dict[str, dict[str, Any]] = {}
     for row in EVALUATED:
         path = out / f"results-{act}-{row}-n{n}.json"
-        if path.exists():
-            rows[row] = json.loads(path.read_text())
-    for row, alpha in (("start", 0.0), ("post", chosen_alpha(act))):
-        if (record := reference_record(act, alpha, n, strongest)) is not None:
+        record = reference_record(act, reference_alpha(act, row), n, strongest) if row in REFERENCE else None
+        if record is not None:
             rows[row] = record
+        elif path.exists():
+            rows[row] = json.loads(path.read_text())
     return rows
 
 
@@ -132,9 +150,8 @@ def table(by_act: dict[str, dict[str, dict[str, Any]]], n: int, command: str) ->
             lines.append(f"| {act} | {ROWS[row][0]} | {r['alpha']:g} | {_pct(r['clean'])} | {plain} | "
                          f"{_pct(sum(rob) / len(rob))} | {'yes' if r['converged'] else 'no'} | {vs_c} | {vs_s} |")
         missing = [row for row in ROWS if row not in rows and row not in OPTIONAL]
-        hint = " (start, post: run experiments/strongest.py for this n)" if {"start", "post"} & set(missing) else ""
         if missing:
-            lines.append(f"| {act} | not yet evaluated: {', '.join(missing)}{hint} | | | | | | | |")
+            lines.append(f"| {act} | not yet evaluated: {', '.join(missing)} | | | | | | | |")
     notes = [f"- {act}: the band itself, on the in-loop arm's own weights (ms − ms-alpha0, paired): "
              f"{_ci(rows['ms']['robust'], rows['ms-alpha0']['robust'])}"
              for act, rows in by_act.items() if "ms" in rows and "ms-alpha0" in rows]
@@ -184,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", type=Path, help="the OUT folder given to experiments/finetune_arms.sh")
     p.add_argument("--acts", default="relu,gelu", help="comma list of relu, gelu")
     p.add_argument("--rows", default=None,
-                   help=f"rows to evaluate: any of {', '.join(EVALUATED)} (default: those whose arm has finished)")
+                   help=f"rows to evaluate, in this order: any of {', '.join(EVALUATED)} (default: every arm "
+                        "that has finished, start and post where strongest.py has no record for this --n)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
@@ -203,10 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error("--n must be a positive integer")
 
-    def finished(act: str, row: str) -> bool:
-        return (args.root / "runs" / f"{act}-{ROWS[row][1]}" / "best.json").exists()
+    def finished(act: str, row: str) -> bool:  # the arm's training ended (the starting checkpoint always has)
+        return row in REFERENCE or (args.root / "runs" / f"{act}-{ROWS[row][1]}" / "best.json").exists()
 
-    todo = [(act, row) for act in acts for row in (rows or EVALUATED) if args.rows or finished(act, row)]
+    def wanted(act: str, row: str) -> bool:  # by default: every finished arm, start / post where strongest.py's
+        if row in REFERENCE:                 # record is missing
+            return args.rows is not None or reference_record(act, reference_alpha(act, row), args.n,
+                                                             args.strongest) is None
+        return args.rows is not None or finished(act, row)
+
+    todo = [(act, row) for act in acts for row in (rows or EVALUATED) if wanted(act, row)]
     missing = sorted({f"{act}-{ROWS[row][1]}" for act, row in todo if not finished(act, row)})
     if missing and not args.report:
         p.error(f"no finished arm (best.json) under {args.root}/runs for: {', '.join(missing)}")
@@ -216,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
-        images = test_images(args.n) if todo else None  # decoded once for every row
+        ctx = (context(args.n, args.batch_size, str(device), args.progress)
+               if any(row in REFERENCE for _, row in todo) else None)
+        images = ctx.test if ctx else test_images(args.n) if todo else None  # decoded once for every row
         for act, row in todo:
-            r = evaluate_row(args.root, act, row, images, args.batch_size, device, args.progress)
+            r = (evaluate_reference(ctx, act, row, args.progress) if row in REFERENCE else
+                 evaluate_row(args.root, act, row, images, args.batch_size, device, args.progress))
             r["command"] = command
             (args.out / f"results-{act}-{row}-n{args.n}.json").write_text(json.dumps(r) + "\n")
             print(f"[{act} {row}] clean {_pct(r['clean'])} worst {_pct(sum(r['robust']) / args.n)} "

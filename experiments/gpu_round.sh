@@ -11,7 +11,8 @@
 #   ablations       the paper's ablations with the MeanSparse-aware honest columns (--attack-set aware)
 #   arms            issue #24 item 4: experiments/arms_eval.py, the finished fine-tuning arms under ARMS_ROOT
 #                   (default runs/arms: carry it; only runs/<act>-<arm>/best.* are read, about 2.7 MB an arm)
-#                   on the same N images as the strongest-* records
+#                   on the same N images as the strongest-* records (start and post evaluated there, as
+#                   strongest.py's part A on its state files, where those records are missing)
 # The lent machines have their own CUDA torch and no internet: put meansparse's src and the pure-Python
 # dependencies on PYTHONPATH and point MEANSPARSE_CIFAR10_JPG at a copy of the CIFAR-10 archive, e.g.
 #   export PYTHONPATH=$PWD/src:$PWD/.devdata/site MEANSPARSE_CIFAR10_JPG=$PWD/.devdata/cifar10-jpg.tar.gz

@@ -41,6 +41,8 @@ from paired_ci import paired  # noqa: E402
 
 OUT = RESULTS / "strongest"
 STATE = RESULTS / "cache" / "state" / "strongest"
+#: the default batch size: part of every state file's configuration (another size starts the setting anew)
+BATCH = 250
 #: the default attack list before issue #25
 OLD_DEFAULT = ("aa", "bpda-apgd-ce", "bpda-apgd-t", "transfer", "square")
 #: the large-budget extras of the union (name, options); each runs individually on what A and B leave robust
@@ -181,6 +183,24 @@ def _rung1_robust(state: Path, names: tuple[str, ...], n: int) -> list[bool] | N
     return [all(found[name][i] for name in names) for i in range(n)]
 
 
+def context(n: int, batch_size: int = BATCH, device: str = "cpu", progress: bool = False) -> Ctx:
+    """The images, calibration and attack options of every run of this script (and of arms_eval.py's start
+    and post rows, which share its state files)."""
+    return Ctx(argparse.Namespace(n=n, batch_size=batch_size, device=device, steps=100, queries=5000,
+                                  progress=progress, attack_set="aware", out=str(RESULTS)))
+
+
+def new_default(ctx: Ctx, key: str, alpha: float, progress: bool, **kw: Any) -> ms.Report:
+    """Part A: ``ms.evaluate``'s defaults (attack list, ladder, indicators) on the checkpoint at ``alpha``,
+    resumable on its state file."""
+    _, model, tag, common = _setting(ctx, key, alpha, progress)
+    return _part_a(ctx, model, tag, common, **kw)
+
+
+def _part_a(ctx: Ctx, model: torch.nn.Module, tag: str, common: dict[str, Any], **kw: Any) -> ms.Report:
+    return ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common, **kw)
+
+
 def _setting(ctx: Ctx, key: str, alpha: float, progress: bool
              ) -> tuple[torch.nn.Module, torch.nn.Module, str, dict[str, Any]]:
     """(base model, MeanSparse model at ``alpha``, state tag, the keywords every evaluation of it shares)."""
@@ -200,7 +220,7 @@ def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all")
     b = ms.evaluate(model, ctx.x, ctx.y, attacks=missing, individual=True, ladder=False, indicators=False,
                     state_path=STATE / f"{tag}-B.json", **common) if missing and part in ("all", "B", "C") else None
     if part == "A":  # the new default alone (its ladder included): the number a MeanSparse-vs-base comparison needs
-        ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common)
+        _part_a(ctx, model, tag, common)
         return None
     if part == "B":
         return None
@@ -208,7 +228,7 @@ def run_one(ctx: Ctx, key: str, alpha: float, progress: bool, part: str = "all")
     a = None
     if part == "all" or first is None:
         t0 = time.time()
-        a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", **common)
+        a = _part_a(ctx, model, tag, common)
         t_a = time.time() - t0
         first = _rung1_robust(STATE / f"{tag}-A.json", ms.evaluation.DEFAULT_ATTACKS, ctx.n)
     b_robust = _robust_vector(b) if b is not None else [True] * ctx.n
@@ -255,10 +275,9 @@ def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path,
     the default ladder did not converge, how far the worst case still falls; where one model's ladder stopped
     earlier than the other's, the same rungs for both.  The record keeps the default ladder's number; the rungs
     go to ladder-<tag>.md."""
-    _, model, tag, common = _setting(ctx, key, alpha, progress)
     ladder = ms.evaluation.Ladder(factors=factors, min_rungs=len(factors))
-    a = ms.evaluate(model, ctx.x, ctx.y, state_path=STATE / f"{tag}-A.json", ladder=ladder, indicators=False,
-                    **common)
+    a = new_default(ctx, key, alpha, progress, ladder=ladder, indicators=False)
+    tag = f"{key}-{alpha:g}-n{ctx.n}"
     command = (f"python experiments/strongest.py --models {key} --alphas {alpha:g} --n {ctx.n} --batch-size "
                f"{ctx.batch} --part A --climb {','.join(map(str, factors))}")
     path = out / f"ladder-{tag}.md"
@@ -371,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="relu-pgd", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--alphas", default="0.35,0.2,0")
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=BATCH)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the same images and seeds; state files are "
                                                    "shared, so a run resumes on either)")
@@ -410,8 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        ctx = Ctx(argparse.Namespace(n=args.n, batch_size=args.batch_size, device=str(device), steps=100,
-                                     queries=5000, progress=args.progress, attack_set="aware", out=str(RESULTS)))
+        ctx = context(args.n, args.batch_size, str(device), args.progress)
         for key in args.models.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
                 t0 = time.time()

@@ -171,6 +171,8 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     out.mkdir()
     arm_rows = {"control": [True, False, False, False], "ms": [True, True, True, False],
                 "ms-alpha0": [True, True, True, True]}
+    arm_rows["start"] = [False] * 4  # strongest.py's record of the same row wins (the fuller record)
+    arm_rows["post"] = [True, False, True, False]  # evaluated here: strongest.py has no record of α 0.2 at n = 4
     for row, robust in arm_rows.items():
         (out / f"results-relu-{row}-n4.json").write_text(json.dumps(
             {"alpha": 0.15 if row == "ms" else 0.0, "n": 4, "clean": 1.0, "robust": robust, "converged": row == "ms",
@@ -184,7 +186,8 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     assert ms_row.startswith("| relu | (b) MeanSparse in the loop")
     assert "| 0.15 | 100.0 | 100.0 | 75.0 | yes | +50.0 [" in ms_row  # plain APGD-CE beside the worst case
     assert rows[arms.ROWS["start"][0]].startswith("| relu | starting checkpoint (α = 0) | 0 | 75.0 | 50.0 | 50.0 |")
-    assert "not yet evaluated: post, ms-exact" in md  # ReLU's held-out α is 0.2: no record at n = 4
+    assert rows[arms.ROWS["post"][0]].endswith("| 50.0 | no | +25.0 [-24.0, +74.0] | +0.0 [-80.0, +80.0] |")
+    assert "not yet evaluated: ms-exact |" in md
     assert "(ms − ms-alpha0, paired): -25.0 [-74.0, +24.0]" in md  # the band alone on the same weights
     assert "`python arms_eval.py control`, `python arms_eval.py ms`, `python arms_eval.py ms-alpha0`, " in md
     assert (out / "eval-n4.png").stat().st_size > 0
