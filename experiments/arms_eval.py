@@ -7,7 +7,7 @@ paired against the matched control and against the starting checkpoint.
 
 Rows per reference checkpoint (ReLU / GELU PGD-AT):
   start      the starting checkpoint, α = 0;
-  post       post-training MeanSparse at the α its held-out sweep chose (experiments/results/sweep-<act>-pgd;
+  post       post-training MeanSparse at the α its held-out sweep chose (experiments/results/sweep-<act>-pgd-aware;
              the same model as ``start`` where that α is 0);
   control    (c) fine-tuned without operators;
   ms         (b) fine-tuned with MeanSparse in the loop (straight-through inner attack), at its best epoch's α;
@@ -64,8 +64,9 @@ OPTIONAL = ("ms-surrogate",)  # an arm finetune_arms.sh trains only when asked
 
 
 def chosen_alpha(act: str) -> float:
-    """The α the held-out sweep of the starting checkpoint chose (docs/results.md, "First honest α sweeps")."""
-    return float(json.loads((RESULTS / f"sweep-{act}-pgd" / "sweep.json").read_text())["chosen"]["alpha"])
+    """The α the held-out sweep of the starting checkpoint chose with the search's MeanSparse-aware default
+    attacks (docs/results.md, "First honest α sweeps"; the older sweep-<act>-pgd used BPDA and chose higher)."""
+    return float(json.loads((RESULTS / f"sweep-{act}-pgd-aware" / "sweep.json").read_text())["chosen"]["alpha"])
 
 
 def reference_record(act: str, alpha: float, n: int, strongest: Path) -> dict[str, Any] | None:

@@ -157,10 +157,11 @@ def test_strongest_table_names_one_command_per_set_of_runs():
         f"{base} --alphas 0.35,0.2,0", "python experiments/strongest.py --models relu-pgd --alphas 0.2"]
 
 
-def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
+def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path, monkeypatch):
     """The arms' table: each row's worst case with paired intervals against the control and the starting
     checkpoint (strongest.py's record), the rows not evaluated yet named; bad arguments are one error line."""
     arms = _module("arms_eval")
+    monkeypatch.setattr(arms, "chosen_alpha", lambda act: 0.2)  # post: a held-out α strongest.py has no record of
     strongest_out = tmp_path / "strongest"
     strongest_out.mkdir()
     start = [True, True, False, False]
@@ -172,7 +173,7 @@ def test_arms_eval_pairs_every_row_with_the_control_and_the_start(tmp_path):
     arm_rows = {"control": [True, False, False, False], "ms": [True, True, True, False],
                 "ms-alpha0": [True, True, True, True]}
     arm_rows["start"] = [False] * 4  # strongest.py's record of the same row wins (the fuller record)
-    arm_rows["post"] = [True, False, True, False]  # evaluated here: strongest.py has no record of α 0.2 at n = 4
+    arm_rows["post"] = [True, False, True, False]  # evaluated here
     for row, robust in arm_rows.items():
         (out / f"results-relu-{row}-n4.json").write_text(json.dumps(
             {"alpha": 0.15 if row == "ms" else 0.0, "n": 4, "clean": 1.0, "robust": robust, "converged": row == "ms",
