@@ -90,10 +90,15 @@ def evaluate_reference(ctx: Any, act: str, row: str, progress: bool) -> dict[str
     """``start`` / ``post`` as strongest.py's part A (the same model, images, seed and state file)."""
     alpha = reference_alpha(act, row)
     t0 = time.time()
-    rep = new_default(ctx, f"{act}-pgd", alpha, progress)
-    return {"alpha": alpha, "n": ctx.n, "clean": rep.clean_accuracy, "plain": rep.robust_accuracy.get("apgd-ce"),
-            "robust": list(rep.worst_case_robust), "converged": rep.converged, "ladder": rep.ladder,
-            "warnings": rep.warnings, "checkpoint": f"{act}-pgd", "seconds": time.time() - t0}
+    return _record(new_default(ctx, f"{act}-pgd", alpha, progress), alpha, f"{act}-pgd", t0)
+
+
+def _record(rep: ms.Report, alpha: float, checkpoint: str, t0: float) -> dict[str, Any]:
+    """One row's record (what load_rows and the table read back)."""
+    return {"alpha": round(alpha, 6), "n": rep.n_examples, "clean": rep.clean_accuracy,
+            "plain": rep.robust_accuracy.get("apgd-ce"), "robust": list(rep.worst_case_robust),
+            "converged": rep.converged, "ladder": rep.ladder, "warnings": rep.warnings,
+            "checkpoint": checkpoint, "seconds": time.time() - t0}
 
 
 def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device: torch.device,
@@ -106,15 +111,11 @@ def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device
         ms.set_alpha(model, alpha)
     ops = ms.operators(model)
     alpha = float(ops[0].alpha) if ops else 0.0
-    n = len(images)
     STATE.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rep = ms.evaluate(model, images.float(), images.labels, batch_size=batch, seed=0, progress=progress,
-                      state_path=STATE / f"{act}-{row}-n{n}.json")
-    return {"alpha": round(alpha, 6), "n": n, "clean": rep.clean_accuracy,
-            "plain": rep.robust_accuracy.get("apgd-ce"), "robust": list(rep.worst_case_robust),
-            "converged": rep.converged, "ladder": rep.ladder, "warnings": rep.warnings,
-            "checkpoint": str(ckpt), "seconds": time.time() - t0}
+                      state_path=STATE / f"{act}-{row}-n{len(images)}.json")
+    return _record(rep, alpha, str(ckpt), t0)
 
 
 def load_rows(out: Path, act: str, n: int, strongest: Path) -> dict[str, dict[str, Any]]:
@@ -226,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         return row in REFERENCE or (args.root / "runs" / f"{act}-{ROWS[row][1]}" / "best.json").exists()
 
     def wanted(act: str, row: str) -> bool:  # by default: every finished arm, start / post where strongest.py's
-        if row in REFERENCE:                 # record is missing
-            return args.rows is not None or reference_record(act, reference_alpha(act, row), args.n,
-                                                             args.strongest) is None
-        return args.rows is not None or finished(act, row)
+        if args.rows is not None:            # record is missing
+            return True
+        if row in REFERENCE:
+            return reference_record(act, reference_alpha(act, row), args.n, args.strongest) is None
+        return finished(act, row)
 
     todo = [(act, row) for act in acts for row in (rows or EVALUATED) if wanted(act, row)]
     missing = sorted({f"{act}-{ROWS[row][1]}" for act, row in todo if not finished(act, row)})

@@ -190,11 +190,11 @@ def context(n: int, batch_size: int = BATCH, device: str = "cpu", progress: bool
                                   progress=progress, attack_set="aware", out=str(RESULTS)))
 
 
-def new_default(ctx: Ctx, key: str, alpha: float, progress: bool, **kw: Any) -> ms.Report:
+def new_default(ctx: Ctx, key: str, alpha: float, progress: bool) -> ms.Report:
     """Part A: ``ms.evaluate``'s defaults (attack list, ladder, indicators) on the checkpoint at ``alpha``,
     resumable on its state file."""
     _, model, tag, common = _setting(ctx, key, alpha, progress)
-    return _part_a(ctx, model, tag, common, **kw)
+    return _part_a(ctx, model, tag, common)
 
 
 def _part_a(ctx: Ctx, model: torch.nn.Module, tag: str, common: dict[str, Any], **kw: Any) -> ms.Report:
@@ -275,9 +275,9 @@ def climb(ctx: Ctx, key: str, alpha: float, factors: tuple[int, ...], out: Path,
     the default ladder did not converge, how far the worst case still falls; where one model's ladder stopped
     earlier than the other's, the same rungs for both.  The record keeps the default ladder's number; the rungs
     go to ladder-<tag>.md."""
+    _, model, tag, common = _setting(ctx, key, alpha, progress)
     ladder = ms.evaluation.Ladder(factors=factors, min_rungs=len(factors))
-    a = new_default(ctx, key, alpha, progress, ladder=ladder, indicators=False)
-    tag = f"{key}-{alpha:g}-n{ctx.n}"
+    a = _part_a(ctx, model, tag, common, ladder=ladder, indicators=False)
     command = (f"python experiments/strongest.py --models {key} --alphas {alpha:g} --n {ctx.n} --batch-size "
                f"{ctx.batch} --part A --climb {','.join(map(str, factors))}")
     path = out / f"ladder-{tag}.md"
