@@ -48,8 +48,12 @@ class PGD(Attack):
         return loss_fn
 
     def _run(self, model, x, y, seed):
+        return self._descend(model, x, y, seed, self._loss)
+
+    def _descend(self, model, x, y, seed, make_loss: Callable) -> torch.Tensor:
+        """PGD on the loss ``make_loss(model, x, tracker)`` returns (subclasses bring their own loss)."""
         tracker = SuccessTracker(x)
         gen = torch.Generator().manual_seed(seed)
-        final = pgd(self._loss(model, x, tracker), x, y, eps=self.eps, step_size=self.step_size,
+        final = pgd(make_loss(model, x, tracker), x, y, eps=self.eps, step_size=self.step_size,
                     steps=self.steps, norm=self.norm, rand_init=self.random_start, generator=gen)
         return tracker.merge(model, final, y)
