@@ -18,6 +18,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -36,6 +37,9 @@ from ablation_plots import plot_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+#: the experiments' resumable evaluation state (per attack × batch).  MEANSPARSE_EXPERIMENT_STATE moves it, e.g. into
+#: a tracked folder, so that a round of many core-hours keeps its finished batches across a lost checkout
+STATE = Path(os.environ.get("MEANSPARSE_EXPERIMENT_STATE", RESULTS / "cache" / "state"))
 CKPT = ROOT.parent / "checkpoints"
 MODELS = {
     "gelu-pgd": "cifar10-resnet18-gelu-pgd",
@@ -98,7 +102,7 @@ class Ctx:
 
     def evaluate(self, model, attacks, base=None, norm="Linf", eps=None, tag="", individual=True,
                  options=None) -> ms.Report:
-        state = RESULTS / "cache" / "state" / self.device.type / f"{tag}.json" if tag else None
+        state = STATE / self.device.type / f"{tag}.json" if tag else None
         if state:
             state.parent.mkdir(parents=True, exist_ok=True)
         # one rung, no indicators: the tables name their attack sets (as they were run before the budget ladder)

@@ -18,9 +18,9 @@ Rows per reference checkpoint (ReLU / GELU PGD-AT):
 where it has not, they are evaluated here as its part A (``strongest.new_default``, on its state files: either
 script resumes the other's work when both use the same --batch-size; strongest.py's default is 250).  The other
 rows are evaluated with ``ms.evaluate``'s defaults (attack list, budget ladder, indicators; transfer from the
-arm's own network at α = 0), resumable per batch (state files under results/cache/state/arms/).  Writes
-results-<act>-<row>-n<N>.json, eval-n<N>.md and eval-n<N>.png to experiments/results/finetune-arms/.  The
-images are those of every experiment here (ablations.test_images).
+arm's own network at α = 0), resumable per batch (state files under results/cache/state/arms/, or
+$MEANSPARSE_EXPERIMENT_STATE/arms).  Writes results-<act>-<row>-n<N>.json, eval-n<N>.md and eval-n<N>.png to
+experiments/results/finetune-arms/.  The images are those of every experiment here (ablations.test_images).
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ from meansparse.zoo import load_model_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import RESULTS, test_images  # noqa: E402
+from ablations import STATE as STATE_ROOT  # noqa: E402
 from paired_ci import paired  # noqa: E402
 from strongest import OUT as STRONGEST  # noqa: E402
 from strongest import _ci, _pct, context, new_default  # noqa: E402
 
 OUT = RESULTS / "finetune-arms"
-STATE = RESULTS / "cache" / "state" / "arms"
+STATE = STATE_ROOT / "arms"
 #: row -> (what it is, the arm folder it evaluates or None for strongest.py's records, α override)
 ROWS: dict[str, tuple[str, str | None, float | None]] = {
     "start": ("starting checkpoint (α = 0)", None, None),

@@ -3,11 +3,11 @@
     python experiments/paired_ci.py --device cuda     # after experiments/ablations.py ... --device cuda
 
 Reads the resumable evaluation states that experiments/ablations.py leaves under
-experiments/results/cache/state/<device>/ (one per evaluated setting, with every attacked image's result) and
-compares each setting with its α = 0 counterpart on the SAME images: per image, d = (robust under the
-setting's worst case) − (robust at α = 0), with robust = clean-correct and not broken by any attack of the
-table. Prints and writes experiments/results/PAIRED.md: the mean of d (percentage points), its 95 % normal
-interval (±1.96 · sd(d)/√n) and the counts of images that only the setting (+) or only α = 0 (−) keeps.
+experiments/results/cache/state/<device>/ (or $MEANSPARSE_EXPERIMENT_STATE/<device>; one per evaluated setting, with
+every attacked image's result) and compares each setting with its α = 0 counterpart on the SAME images: per image,
+d = (robust under the setting's worst case) − (robust at α = 0), with robust = clean-correct and not broken by any
+attack of the table. Prints and writes experiments/results/PAIRED.md: the mean of d (percentage points), its 95 %
+normal interval (±1.96 · sd(d)/√n) and the counts of images that only the setting (+) or only α = 0 (−) keeps.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="the --device the ablations ran with (cpu or cuda)")
     args = p.parse_args(argv)
-    state_dir = RESULTS / "cache" / "state" / args.device.split(":")[0]
+    from ablations import STATE  # the ablations' state folder (imported here: ablations imports this module)
+
+    state_dir = STATE / args.device.split(":")[0]
     if not state_dir.is_dir():
         p.error(f"no evaluation states under {state_dir}: run experiments/ablations.py with --device {args.device}")
     rows = collect(state_dir)

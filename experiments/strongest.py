@@ -13,8 +13,9 @@ union = A ∧ B ∧ C (per image: robust only if nothing broke it).
 C attacks what A's first rung and B leave robust (a superset of what the whole of A leaves), so ``--part B`` and
 ``--part C`` can run in other processes while A climbs its ladder (``--part A`` runs the new default alone, for a
 first answer; ``--part A --climb 2,4,8`` climbs one rung more where the default ladder did not converge). Every run
-is resumable (state files under results/cache/state/strongest/); the per-image verdicts go to
-experiments/results/strongest/results-*.json and the table to table.md. ``--report`` only rebuilds the table.
+is resumable (state files under results/cache/state/strongest/, or $MEANSPARSE_EXPERIMENT_STATE/strongest); the
+per-image verdicts go to experiments/results/strongest/results-*.json and the table to table.md. ``--report`` only
+rebuilds the table.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from meansparse.plots import binomial_se, pyplot, save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablations import MODELS, RESULTS, Ctx  # noqa: E402
+from ablations import STATE as STATE_ROOT  # noqa: E402
 from paired_ci import paired  # noqa: E402
 
 OUT = RESULTS / "strongest"
-STATE = RESULTS / "cache" / "state" / "strongest"
+STATE = STATE_ROOT / "strongest"
 #: the default batch size: part of every state file's configuration (another size starts the setting anew)
 BATCH = 250
 #: the default attack list before issue #25
