@@ -2,7 +2,7 @@
 # One GPU call for the measurements that are hours on 2 CPU cores (issues #25 and #24), prepared for the device
 # tool's short leases: every step has its own time limit, every run resumes from its state files, and what the
 # step left is packed into OUT (one tar of the state files, the tables), so the next call carries the states
-# back (carry: experiments/results/cache) and goes on where this one stopped.
+# back (carry: experiments/results/cache, or $MEANSPARSE_EXPERIMENT_STATE) and goes on where this one stopped.
 #   bash experiments/gpu_round.sh OUT            # on the GPU machine (DEVICE=cuda, the default)
 #   DEVICE=cpu QUICK=1 bash experiments/gpu_round.sh /tmp/round   # dry run of the same commands on a CPU
 # Steps (STEPS, default all, in this order):
@@ -10,7 +10,9 @@
 #   strongest-gelu  the same on the GELU PGD-AT checkpoint
 #   ablations       the paper's ablations with the MeanSparse-aware honest columns (--attack-set aware)
 #   arms            issue #24 item 4: experiments/arms_eval.py, the finished fine-tuning arms under ARMS_ROOT
-#                   (default runs/arms: carry it; only runs/<act>-<arm>/best.* are read, about 2.7 MB an arm)
+#                   (default checkpoints/finetune-arms, the committed MeanSparse arms; the controls' 1,000-image
+#                   records are committed; another OUT of finetune_arms.sh: carry it, only runs/<act>-<arm>/best.*
+#                   are read, about 2.7 MB an arm)
 #                   on the same N images as the strongest-* records (start and post evaluated there, as
 #                   strongest.py's part A on its state files, where those records are missing)
 # The lent machines have their own CUDA torch and no internet: put meansparse's src and the pure-Python
@@ -46,11 +48,11 @@ for key in relu gelu; do
   step "strongest-$key" "$([ $key = relu ] && echo 300 || echo 240)" "$PY" "${S[@]}" --batch-size "$BS" --device "$DEVICE"
   selected "strongest-$key" && "$PY" "${S[@]}" --partial > "$OUT/strongest-$key-partial.txt" 2>&1  # unfinished too
 done
-step arms 300 "$PY" experiments/arms_eval.py "${ARMS_ROOT:-runs/arms}" --n "$N" --batch-size "$BS" \
+step arms 300 "$PY" experiments/arms_eval.py "${ARMS_ROOT:-checkpoints/finetune-arms}" --n "$N" --batch-size "$BS" \
   --device "$DEVICE" "${AOUT[@]}"
 step ablations 300 "$PY" experiments/ablations.py "${ABL[@]}" --batch-size "$BS" --device "$DEVICE"
 # what comes back (at most 8 files, 2 folders down): the resumable states and every table in two archives
-tar -czf "$OUT/states.tar.gz" experiments/results/cache/state 2>/dev/null
+tar -czf "$OUT/states.tar.gz" "${MEANSPARSE_EXPERIMENT_STATE:-experiments/results/cache/state}" 2>/dev/null
 if [ -n "${QUICK:-}" ]; then tar -czf "$OUT/tables.tar.gz" -C "$OUT" strongest arms ablations 2>/dev/null
 else tar -czf "$OUT/tables.tar.gz" experiments/results/strongest experiments/results/finetune-arms experiments/results/a*-* \
   experiments/results/per-layer-alpha 2>/dev/null; fi
