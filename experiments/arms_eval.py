@@ -99,7 +99,9 @@ def _record(rep: ms.Report, alpha: float, checkpoint: str, t0: float) -> dict[st
     return {"alpha": round(alpha, 6), "n": rep.n_examples, "clean": rep.clean_accuracy,
             "plain": rep.robust_accuracy.get("apgd-ce"), "robust": list(rep.worst_case_robust),
             "converged": rep.converged, "ladder": rep.ladder, "warnings": rep.warnings,
-            "checkpoint": checkpoint, "seconds": time.time() - t0}
+            "checkpoint": checkpoint, "seconds": time.time() - t0,
+            # the attacks' compute over every session that resumed this row (their batches keep their times)
+            "attack_seconds": sum(rep.metadata.get("run", {}).get("attack_seconds", {}).values())}
 
 
 def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device: torch.device,
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             r["command"] = command
             (args.out / f"results-{act}-{row}-n{args.n}.json").write_text(json.dumps(r) + "\n")
             print(f"[{act} {row}] clean {_pct(r['clean'])} worst {_pct(sum(r['robust']) / args.n)} "
-                  f"({r['seconds']:.0f} s)", flush=True)
+                  f"({r['seconds']:.0f} s here, {r['attack_seconds'] / 3600:.1f} attack-hours in all)", flush=True)
     by_act = {act: load_rows(args.out, act, args.n, args.strongest) for act in acts}
     commands = sorted({r["command"] for rows_ in by_act.values() for r in rows_.values() if "command" in r})
     md = table(by_act, args.n, "`, `".join(commands) or command)
