@@ -101,7 +101,7 @@ def _record(rep: ms.Report, alpha: float, checkpoint: str, t0: float) -> dict[st
             "converged": rep.converged, "ladder": rep.ladder, "warnings": rep.warnings,
             "checkpoint": checkpoint, "seconds": time.time() - t0,
             # the attacks' compute over every session that resumed this row (their batches keep their times)
-            "attack_seconds": sum(rep.metadata.get("run", {}).get("attack_seconds", {}).values())}
+            "attack_seconds": sum(rep.metadata["run"]["attack_seconds"].values())}
 
 
 def evaluate_row(root: Path, act: str, row: str, images: Any, batch: int, device: torch.device,
