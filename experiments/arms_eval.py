@@ -180,7 +180,7 @@ def plot(by_act: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:
             acc = [sum(r["robust"]) / len(r["robust"]) if key == "robust" else r["clean"] for _, r in rows]
             err = [100 * binomial_se(a, r["n"]) for a, (_, r) in zip(acc, rows)]
             top.bar([x + shift for x in xs], [100 * a for a in acc], width=0.36, yerr=err, capsize=3, label=label)
-        for ref, shift in (("start", -0.12), ("control", 0.12)):
+        for ref, shift, color in (("start", -0.12, "C0"), ("control", 0.12, "C1")):  # one colour per reference
             if ref not in by_act[act]:
                 continue
             pts = [(x, paired([int(v) for v in r["robust"]], [int(v) for v in by_act[act][ref]["robust"]]))
@@ -188,15 +188,16 @@ def plot(by_act: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:
             bottom.errorbar([x + shift for x, _ in pts], [100 * d["delta"] for _, d in pts],
                             yerr=[[100 * (d["delta"] - d["low"]) for _, d in pts],
                                   [100 * (d["high"] - d["delta"]) for _, d in pts]],
-                            fmt="o", capsize=3, label=f"vs {ref}")
+                            fmt="o", capsize=3, color=color, label=f"vs {ref}")
         bottom.axhline(0, color="gray", lw=0.8)
         top.set(title=f"{act} PGD-AT: fine-tuning arms", ylabel="accuracy %")
         bottom.set(ylabel="Δ worst case, points (95 % CI)")
         bottom.set_xticks(list(xs), [row for row, _ in rows], rotation=20)
         for ax in (top, bottom):
             ax.grid(axis="y", alpha=0.3)
+        if bottom.get_legend_handles_labels()[0]:  # each panel says which reference its points are against
+            bottom.legend(fontsize=8)
     axes[0][0].legend(fontsize=8)
-    axes[1][0].legend(fontsize=8)
     save_figure(fig, path)
     return True
 
